@@ -1,0 +1,7 @@
+"""skdict: sparse coding and dictionary learning on torch, with a scikit-learn API."""
+
+__version__ = "0.1.0"
+
+from .coding import SparseCoder  # noqa: E402
+
+__all__ = ["SparseCoder", "__version__"]
