@@ -3,5 +3,6 @@
 __version__ = "0.1.0"
 
 from .coding import SparseCoder  # noqa: E402
+from .lca import LCASparseCoder  # noqa: E402
 
-__all__ = ["SparseCoder", "__version__"]
+__all__ = ["LCASparseCoder", "SparseCoder", "__version__"]

@@ -50,9 +50,7 @@ def resolve_device(device) -> torch.device:
                 "'cuda', 'cuda:N' or a torch.device."
             ) from exc
     else:
-        raise ValueError(
-            f"device must be a string or a torch.device, got {type(device).__name__}."
-        )
+        raise ValueError(f"device must be a string or a torch.device, got {type(device).__name__}.")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(
@@ -66,13 +64,9 @@ def resolve_device(device) -> torch.device:
             )
     elif dev.type == "mps":
         if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise ValueError(
-                "device='mps' was requested but MPS is not available. Use 'cpu'."
-            )
+            raise ValueError("device='mps' was requested but MPS is not available. Use 'cpu'.")
     elif dev.type != "cpu":
-        raise ValueError(
-            f"device={str(dev)!r} is not supported; use 'auto', 'cpu' or 'cuda[:N]'."
-        )
+        raise ValueError(f"device={str(dev)!r} is not supported; use 'auto', 'cpu' or 'cuda[:N]'.")
     return dev
 
 

@@ -109,9 +109,7 @@ def check_input(estimator, X, *, reset, dtype_default=np.float64):
     ndim = getattr(X, "ndim", None)
     if ndim is not None and ndim not in (2,) and not sp.issparse(X):
         if ndim == 0:
-            raise ValueError(
-                f"Expected a 2-D array (n_samples, n_features), got a scalar ({X!r})."
-            )
+            raise ValueError(f"Expected a 2-D array (n_samples, n_features), got a scalar ({X!r}).")
         raise _shape_error(ndim, X.shape, name)
     X = validate_data(
         estimator,
@@ -218,9 +216,7 @@ class CSRBuilder:
         self._counts.append(counts.detach().cpu().numpy())
 
     def build(self):
-        counts = (
-            np.concatenate(self._counts) if self._counts else np.zeros(0, np.int64)
-        )
+        counts = np.concatenate(self._counts) if self._counts else np.zeros(0, np.int64)
         nnz = int(counts.sum())
         idx_dtype = np.int32 if max(nnz, self.n_columns) < 2**31 - 1 else np.int64
         indptr = np.zeros(len(counts) + 1, dtype=idx_dtype)
@@ -310,7 +306,9 @@ class SparseCodingMixin(ClassNamePrefixFeaturesOutMixin, TransformerMixin):
             codes = _as_codes(self._encode(Xb, state))
             if codes.dense is None:
                 dense = torch.zeros(
-                    codes.values.shape[0], n_codes, dtype=codes.values.dtype,
+                    codes.values.shape[0],
+                    n_codes,
+                    dtype=codes.values.dtype,
                     device=codes.values.device,
                 )
                 dense.scatter_(1, codes.indices, codes.values)
@@ -368,15 +366,19 @@ class SparseCodingMixin(ClassNamePrefixFeaturesOutMixin, TransformerMixin):
             if X.dtype.kind not in "fiub":
                 raise ValueError(f"codes must be numeric, got dtype {X.dtype}.")
         if X.ndim != 2:
-            raise ValueError(
-                f"codes must be 2-D (n_samples, n_components), got shape {X.shape}."
-            )
+            raise ValueError(f"codes must be 2-D (n_samples, n_components), got shape {X.shape}.")
         if X.shape[1] != n_codes:
             raise ValueError(
                 f"codes have {X.shape[1]} columns but {name} has {n_codes} "
                 "components; pass the output of transform()."
             )
-        dtype = X.dtype if not _is_torch(X) else numpy_dtype(X.dtype) if X.is_floating_point() else np.float64
+        dtype = (
+            X.dtype
+            if not _is_torch(X)
+            else numpy_dtype(X.dtype)
+            if X.is_floating_point()
+            else np.float64
+        )
         dtype = np.dtype(dtype)
         if dtype not in (np.float32, np.float64):
             dtype = np.dtype(np.float64)
@@ -406,7 +408,9 @@ class SparseCodingMixin(ClassNamePrefixFeaturesOutMixin, TransformerMixin):
                 if _is_torch(X):
                     A = X[start:stop].to(device=device, dtype=tdtype)
                 else:
-                    A = torch.from_numpy(np.ascontiguousarray(X[start:stop], dtype=dtype)).to(device)
+                    A = torch.from_numpy(np.ascontiguousarray(X[start:stop], dtype=dtype)).to(
+                        device
+                    )
                 Xh = A @ D
             if offset is not None:
                 Xh = Xh + offset

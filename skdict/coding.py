@@ -56,18 +56,41 @@ def encode_batch(
         return lasso_exact(C, G, alpha, xnorm2=xnorm2, L=L, a0=init, positive=positive)
     if algorithm == "fista":
         return fista(
-            C, G, alpha, xnorm2=xnorm2, L=L, a0=init, positive=positive,
-            max_iter=max_iter, tol=tol,
+            C,
+            G,
+            alpha,
+            xnorm2=xnorm2,
+            L=L,
+            a0=init,
+            positive=positive,
+            max_iter=max_iter,
+            tol=tol,
         )
     if algorithm == "ista":
         return ista(
-            C, G, alpha, xnorm2=xnorm2, L=L, a0=init, positive=positive,
-            max_iter=max_iter, tol=tol,
+            C,
+            G,
+            alpha,
+            xnorm2=xnorm2,
+            L=L,
+            a0=init,
+            positive=positive,
+            max_iter=max_iter,
+            tol=tol,
         )
     if algorithm == "lca":
         return lca(
-            C, G, alpha, xnorm2=xnorm2, tau=tau, L=L, threshold=threshold,
-            positive=positive, max_iter=max_iter, tol=tol, u0=init,
+            C,
+            G,
+            alpha,
+            xnorm2=xnorm2,
+            tau=tau,
+            L=L,
+            threshold=threshold,
+            positive=positive,
+            max_iter=max_iter,
+            tol=tol,
+            u0=init,
         )
     if algorithm == "omp":
         k = n_nonzero_coefs if n_nonzero_coefs is not None else max(1, D.shape[1] // 10)
@@ -80,9 +103,7 @@ def _check_dictionary(dictionary):
         dictionary = dictionary.detach().cpu().numpy()
     D = np.asarray(dictionary)
     if D.ndim != 2:
-        raise ValueError(
-            f"dictionary must be 2-D (n_components, n_features), got shape {D.shape}."
-        )
+        raise ValueError(f"dictionary must be 2-D (n_components, n_features), got shape {D.shape}.")
     if D.shape[0] < 1 or D.shape[1] < 1:
         raise ValueError(f"dictionary must be non-empty, got shape {D.shape}.")
     if D.dtype.kind not in "fiu":

@@ -66,15 +66,11 @@ def _sparse_coder_checks():
         for _, check in estimator_checks_generator(base, legacy=True):
             name = getattr(check, "func", check).__name__
             width = _SPARSE_CODER_WIDTH.get(name, 3)
-            est = SparseCoder(
-                _rng.normal(size=(5, width)), algorithm=algorithm, device="cpu"
-            )
+            est = SparseCoder(_rng.normal(size=(5, width)), algorithm=algorithm, device="cpu")
             marks = []
             if name in _SPARSE_CODER_XFAIL:
                 marks = [pytest.mark.xfail(reason=_SPARSE_CODER_XFAIL[name], strict=True)]
-            yield pytest.param(
-                est, check, id=f"SparseCoder-{algorithm}-{name}", marks=marks
-            )
+            yield pytest.param(est, check, id=f"SparseCoder-{algorithm}-{name}", marks=marks)
 
 
 @pytest.mark.parametrize("estimator, check", list(_sparse_coder_checks()))

@@ -42,9 +42,7 @@ def topk_decode(indices: torch.Tensor, values: torch.Tensor, D: torch.Tensor):
     n, s = indices.shape
     if s == 0:
         return torch.zeros(n, D.shape[1], dtype=D.dtype, device=D.device)
-    return F.embedding_bag(
-        indices, D, mode="sum", per_sample_weights=values.to(D.dtype)
-    )
+    return F.embedding_bag(indices, D, mode="sum", per_sample_weights=values.to(D.dtype))
 
 
 def dense_decode(indices: torch.Tensor, values: torch.Tensor, D: torch.Tensor):

@@ -12,9 +12,7 @@ def gram(D: torch.Tensor) -> torch.Tensor:
     return D @ D.T
 
 
-def power_iteration(
-    G: torch.Tensor, n_iter: int = 100, tol: float = 1e-6, generator=None
-) -> float:
+def power_iteration(G: torch.Tensor, n_iter: int = 100, tol: float = 1e-6, generator=None) -> float:
     """Largest eigenvalue of the symmetric PSD matrix ``G`` (the Lipschitz constant
     of the lasso's smooth part), by power iteration.
 
@@ -23,6 +21,8 @@ def power_iteration(
     K = G.shape[0]
     if K == 0:
         return 1.0
+    if generator is None:  # deterministic start: same G -> same L
+        generator = torch.Generator(device=G.device).manual_seed(0)
     v = torch.randn(K, dtype=G.dtype, device=G.device, generator=generator)
     v = v / v.norm().clamp_min(torch.finfo(G.dtype).tiny)
     lam = 0.0
