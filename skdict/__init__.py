@@ -4,5 +4,7 @@ __version__ = "0.1.0"
 
 from .coding import SparseCoder  # noqa: E402
 from .lca import LCASparseCoder  # noqa: E402
+from .large import CollapsedDictionaryLearner  # noqa: E402
+from .selection import SparseTokenSelector  # noqa: E402
 
-__all__ = ["LCASparseCoder", "SparseCoder", "__version__"]
+__all__ = ["CollapsedDictionaryLearner", "LCASparseCoder", "SparseCoder", "SparseTokenSelector", "__version__"]

@@ -1,0 +1,587 @@
+"""Sparse attention: budgeted selection of keys instead of a dense softmax.
+
+* :func:`sparse_weights` -- attention weights from scores by ``"topk"``
+  (softmax over the ``k`` best), ``"threshold"`` (soft threshold at
+  ``alpha * mean|s|``, renormalised) or ``"sparsemax"`` (projection onto the
+  simplex), with an optional budget of ``k`` keys per query.
+* :func:`sparse_attention` -- the functional form, with the calling convention
+  of :func:`torch.nn.functional.scaled_dot_product_attention`.
+* :class:`SparseAttention` -- a drop-in for :class:`torch.nn.MultiheadAttention`
+  (same parameter names, so ``load_state_dict`` of a trained MHA works).
+* :func:`hierarchical_select` -- coarse-to-fine selection (regions -> patches ->
+  tokens) that scores only the children of selected parents, with
+  :func:`mean_pool_levels` to build the levels from token embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ..solvers.simplex import (
+    adaptive_lambda,
+    sparsemax,
+    threshold_weights,
+    topk_softmax,
+)
+
+__all__ = [
+    "METHODS",
+    "budget_size",
+    "sparse_weights",
+    "sparse_attention",
+    "SparseAttention",
+    "HierarchicalSelection",
+    "hierarchical_select",
+    "mean_pool_levels",
+]
+
+METHODS = ("topk", "threshold", "sparsemax")
+
+
+def budget_size(n, keep_ratio=None, max_tokens=None):
+    """Keys kept per query out of ``n``: ``min(ceil(keep_ratio * n), max_tokens)``.
+
+    None when neither is given (no cap). Always between 1 and ``n``.
+    """
+    k = None
+    if keep_ratio is not None:
+        if not (0 < float(keep_ratio) <= 1):
+            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}.")
+        k = max(1, math.ceil(float(keep_ratio) * n - 1e-9))
+    if max_tokens is not None:
+        if int(max_tokens) < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}.")
+        k = int(max_tokens) if k is None else min(k, int(max_tokens))
+    if k is not None:
+        k = min(k, n)
+    return k
+
+
+def _check_method(method):
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+
+
+def candidate_weights(vals, method, *, alpha=1.0, lam=None, empty="argmax"):
+    """Weights over candidate scores ``vals`` (``-inf`` = padding / masked).
+
+    For ``"threshold"``, ``lam`` is the threshold computed over the full row
+    (the candidates may be only its top-k).
+    """
+    if method == "topk":
+        return topk_softmax(vals)
+    if method == "sparsemax":
+        return sparsemax(vals)
+    if method == "threshold":
+        return threshold_weights(vals, alpha, lam=lam, empty=empty)
+    _check_method(method)
+
+
+def sparse_weights(scores, method="topk", *, alpha=1.0, k=None, empty="argmax"):
+    """Sparse attention weights along the last dim of ``scores``.
+
+    Parameters
+    ----------
+    scores : Tensor (..., S)
+        Scaled scores; ``-inf`` marks keys a query may not attend to.
+    method : {"topk", "threshold", "sparsemax"}
+        ``"topk"``: softmax over the ``k`` best scores (``k=None``: all, which is
+        the dense softmax). ``"threshold"``: ``max(s - alpha * mean|s|, 0)``
+        renormalised (mean over the allowed keys of the full row), restricted
+        to the ``k`` best when ``k`` is given. ``"sparsemax"``: projection onto
+        the simplex (of the ``k`` best scores when ``k`` is given; identical to
+        the full sparsemax whenever its support has at most ``k`` keys).
+    alpha : float
+        Threshold multiplier for ``"threshold"``.
+    k : int or None
+        Budget: at most ``k`` non-zeros per row.
+    empty : {"argmax", "zero"}
+        What ``"threshold"`` does with a row where nothing passes the threshold.
+
+    Returns
+    -------
+    Tensor of the shape of ``scores``: non-negative, each row sums to one (or
+    is zero when all its keys are masked), at most ``k`` non-zeros per row.
+    """
+    _check_method(method)
+    n = scores.shape[-1]
+    lam = adaptive_lambda(scores, alpha) if method == "threshold" else None
+    if k is None or k >= n:
+        return candidate_weights(scores, method, alpha=alpha, lam=lam, empty=empty)
+    vals, idx = torch.topk(scores, int(k), dim=-1)
+    w = candidate_weights(vals, method, alpha=alpha, lam=lam, empty=empty)
+    return torch.zeros_like(scores).scatter(-1, idx, w)
+
+
+def sparse_attention(
+    query,
+    key,
+    value,
+    attn_mask=None,
+    *,
+    method="topk",
+    alpha=1.0,
+    keep_ratio=None,
+    max_tokens=None,
+    is_causal=False,
+    scale=None,
+    empty="argmax",
+    chunk_size=None,
+    need_weights=False,
+):
+    """Attention with sparse weights, called like ``F.scaled_dot_product_attention``.
+
+    Parameters
+    ----------
+    query : Tensor (..., L, E)
+    key : Tensor (..., S, E)
+    value : Tensor (..., S, Ev)
+    attn_mask : Tensor, optional
+        Broadcastable to ``(..., L, S)``. Boolean: True where a query may attend
+        (the convention of ``scaled_dot_product_attention``); float: added to
+        the scores.
+    method, alpha, empty
+        See :func:`sparse_weights`.
+    keep_ratio, max_tokens
+        The budget: at most ``min(ceil(keep_ratio * S), max_tokens)`` keys per
+        query (None and None: no cap; ``"topk"`` then equals dense softmax).
+    is_causal : bool
+        Query ``i`` attends to keys ``j <= i`` (top-left aligned, as in
+        ``scaled_dot_product_attention``).
+    scale : float, optional
+        Score scale; default ``1 / sqrt(E)``.
+    chunk_size : int, optional
+        Queries processed at a time (bounds the dense ``(..., chunk, S)`` score
+        block); default keeps the block near 64 MB.
+    need_weights : bool
+        Also return the dense (sparse-valued) weights in ``info["weights"]``.
+
+    Returns
+    -------
+    output : Tensor (..., L, Ev)
+        Rows of fully masked queries are zero (dense softmax would give NaN).
+    info : dict
+        ``nnz_mean`` / ``nnz_max`` (keys per query), ``density`` (kept keys over
+        allowed keys), ``sparsity`` (``1 - density``), ``budget`` (k or None).
+    """
+    _check_method(method)
+    L, E = query.shape[-2], query.shape[-1]
+    S = key.shape[-2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(E)
+    k = budget_size(S, keep_ratio, max_tokens)
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask.to(query.dtype)
+    batch_numel = max(1, query[..., 0, 0].numel())
+    if chunk_size is None:
+        chunk_size = max(1, (16 * 2**20) // max(1, batch_numel * S))
+    kT = key.transpose(-2, -1)
+    outs, weights = [], []
+    nnz_sum = torch.zeros((), dtype=torch.float64)
+    allowed_sum = torch.zeros((), dtype=torch.float64)
+    nnz_max = 0
+    for c0 in range(0, L, chunk_size):
+        c1 = min(L, c0 + chunk_size)
+        s = (query[..., c0:c1, :] @ kT) * scale
+        allowed = None
+        if attn_mask is not None:
+            m = attn_mask[..., c0:c1, :] if attn_mask.shape[-2] == L else attn_mask
+            if m.dtype == torch.bool:
+                allowed = m
+            else:
+                s = s + m
+        if is_causal:
+            rows = torch.arange(c0, c1, device=query.device)[:, None]
+            causal = torch.arange(S, device=query.device)[None, :] <= rows
+            allowed = causal if allowed is None else (allowed & causal)
+        if allowed is not None:
+            s = s.masked_fill(~allowed, float("-inf"))
+        w = sparse_weights(s, method, alpha=alpha, k=k, empty=empty)
+        outs.append(w @ value)
+        with torch.no_grad():
+            nz = (w != 0).sum(-1)
+            nnz_sum += nz.sum().double().cpu()
+            nnz_max = max(nnz_max, int(nz.max()) if nz.numel() else 0)
+            allowed_sum += torch.isfinite(s).sum().double().cpu()
+        if need_weights:
+            weights.append(w)
+    out = torch.cat(outs, dim=-2)
+    n_rows = max(1, out[..., 0].numel())
+    density = float(nnz_sum / allowed_sum) if float(allowed_sum) > 0 else 0.0
+    info = {
+        "nnz_mean": float(nnz_sum) / n_rows,
+        "nnz_max": nnz_max,
+        "density": density,
+        "sparsity": 1.0 - density,
+        "budget": k,
+    }
+    if need_weights:
+        info["weights"] = torch.cat(weights, dim=-2)
+    return out, info
+
+
+class SparseAttention(nn.Module):
+    """Multi-head attention whose weights are sparse: a drop-in for
+    :class:`torch.nn.MultiheadAttention`.
+
+    The projections have the names and shapes of ``nn.MultiheadAttention``
+    (``in_proj_weight``, ``in_proj_bias``, ``out_proj``; ``kdim = vdim =
+    embed_dim``), so a trained MHA's ``state_dict`` loads as is. Each head's
+    softmax is replaced by :func:`sparse_weights`.
+
+    Parameters
+    ----------
+    embed_dim : int
+    num_heads : int
+        ``embed_dim`` must be divisible by ``num_heads``.
+    method : {"topk", "threshold", "sparsemax"}, default="topk"
+        See :func:`sparse_weights`. All three are differentiable almost
+        everywhere (top-k through the kept scores).
+    alpha : float, default=1.0
+        Threshold multiplier for ``"threshold"`` (``lambda = alpha * mean|s|``).
+    keep_ratio : float in (0, 1], default=None
+        Budget as a share of the keys: ``ceil(keep_ratio * S)`` per query.
+    max_tokens : int, default=None
+        Budget as a count. With both None there is no cap (``"topk"`` is then
+        exactly dense softmax attention).
+    bias : bool, default=True
+    batch_first : bool, default=True
+        Inputs are ``(batch, seq, feature)``; False: ``(seq, batch, feature)``.
+    scale : float, default=None
+        Score scale; None is ``1 / sqrt(head_dim)`` as in MHA.
+    empty : {"argmax", "zero"}, default="argmax"
+        Rows the threshold leaves empty: all weight on the best key, or zero.
+    chunk_size : int, default=None
+        Queries per score block (memory bound); see :func:`sparse_attention`.
+    device, dtype : optional
+        Factory arguments for the parameters.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skdict.nn import SparseAttention
+    >>> attn = SparseAttention(16, 2, method="topk", keep_ratio=0.25)
+    >>> x = torch.randn(2, 8, 16)
+    >>> out, info = attn(x, is_causal=True)
+    >>> out.shape, info["nnz_max"] <= 2
+    (torch.Size([2, 8, 16]), True)
+    """
+
+    def __init__(
+        self,
+        embed_dim,
+        num_heads,
+        method="topk",
+        *,
+        alpha=1.0,
+        keep_ratio=None,
+        max_tokens=None,
+        bias=True,
+        batch_first=True,
+        scale=None,
+        empty="argmax",
+        chunk_size=None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        _check_method(method)
+        if embed_dim % num_heads != 0:
+            raise ValueError(
+                f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}."
+            )
+        budget_size(1, keep_ratio, max_tokens)  # validates the budget
+        if alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}.")
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.method = method
+        self.alpha = alpha
+        self.keep_ratio = keep_ratio
+        self.max_tokens = max_tokens
+        self.batch_first = batch_first
+        self.scale = scale
+        self.empty = empty
+        self.chunk_size = chunk_size
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        if self.in_proj_bias is not None:
+            nn.init.zeros_(self.in_proj_bias)
+            nn.init.zeros_(self.out_proj.bias)
+
+    def extra_repr(self):
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+            f"method={self.method!r}, alpha={self.alpha}, keep_ratio={self.keep_ratio}, "
+            f"max_tokens={self.max_tokens}"
+        )
+
+    def forward(
+        self,
+        query,
+        key=None,
+        value=None,
+        key_padding_mask=None,
+        need_weights=False,
+        attn_mask=None,
+        is_causal=False,
+    ):
+        """Attend.
+
+        Parameters
+        ----------
+        query : Tensor (B, L, E) (``(L, B, E)`` if not batch_first)
+        key, value : Tensor (B, S, E), optional
+            Default to ``query`` (self-attention).
+        key_padding_mask : BoolTensor (B, S), optional
+            True marks padding keys to ignore (MHA convention).
+        need_weights : bool
+            Put the head-averaged weights ``(B, L, S)`` in ``info["weights"]``.
+        attn_mask : Tensor (L, S) or (B * num_heads, L, S), optional
+            Boolean: True where attention is NOT allowed (MHA convention);
+            float: added to the scores.
+        is_causal : bool
+            Causal mask (query ``i`` sees keys ``j <= i``); no ``attn_mask``
+            needed.
+
+        Returns
+        -------
+        output : Tensor of the shape of ``query``
+        info : dict
+            Achieved sparsity: see :func:`sparse_attention`.
+        """
+        if key is None:
+            key = query
+        if value is None:
+            value = key
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        B, L, E = query.shape
+        S = key.shape[1]
+        H, dh = self.num_heads, self.head_dim
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        if self.in_proj_bias is not None:
+            b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        else:
+            b_q = b_k = b_v = None
+        q = nn.functional.linear(query, w_q, b_q).view(B, L, H, dh).transpose(1, 2)
+        k = nn.functional.linear(key, w_k, b_k).view(B, S, H, dh).transpose(1, 2)
+        v = nn.functional.linear(value, w_v, b_v).view(B, S, H, dh).transpose(1, 2)
+        mask = None
+        if key_padding_mask is not None:
+            if key_padding_mask.dtype != torch.bool:
+                raise ValueError("key_padding_mask must be a boolean tensor (True = pad).")
+            if tuple(key_padding_mask.shape) != (B, S):
+                raise ValueError(
+                    f"key_padding_mask must have shape {(B, S)}, got "
+                    f"{tuple(key_padding_mask.shape)}."
+                )
+            mask = (~key_padding_mask)[:, None, None, :]
+        if attn_mask is not None:
+            am = attn_mask
+            if am.dim() == 3:
+                am = am.view(B, H, L, S)
+            if am.dtype == torch.bool:
+                am = ~am
+                mask = am if mask is None else (mask & am)
+            elif mask is not None:
+                pad = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
+                mask = pad.masked_fill(~mask, float("-inf")) + am
+            else:
+                mask = am
+        out, info = sparse_attention(
+            q, k, v, mask,
+            method=self.method, alpha=self.alpha, keep_ratio=self.keep_ratio,
+            max_tokens=self.max_tokens, is_causal=is_causal, scale=self.scale,
+            empty=self.empty, chunk_size=self.chunk_size, need_weights=need_weights,
+        )
+        out = out.transpose(1, 2).reshape(B, L, E)
+        out = self.out_proj(out)
+        if need_weights:
+            info["weights"] = info["weights"].mean(1)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, info
+
+
+# --------------------------------------------------------------------------------------
+# hierarchical selection
+# --------------------------------------------------------------------------------------
+
+
+class HierarchicalSelection(NamedTuple):
+    """Result of :func:`hierarchical_select` (``-1`` pads ragged rows).
+
+    Attributes
+    ----------
+    indices : LongTensor (n_queries, k_leaf)
+        Selected leaves, best score first.
+    scores : Tensor (n_queries, k_leaf)
+        Their scores (``-inf`` on padding).
+    path : list of LongTensor
+        Selected node indices at each level, coarse to fine (``path[-1]`` is
+        ``indices``).
+    scored : list of LongTensor
+        The nodes whose scores were computed at each level: all of level 0,
+        then only children of ``path[l - 1]``.
+    """
+
+    indices: torch.Tensor
+    scores: torch.Tensor
+    path: list
+    scored: list
+
+
+def _children_table(parent, n_parents):
+    parent = parent.long()
+    counts = torch.bincount(parent, minlength=n_parents)
+    width = max(1, int(counts.max()) if counts.numel() else 1)
+    order = torch.argsort(parent, stable=True)
+    start = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(parent.numel(), device=parent.device) - start[parent[order]]
+    table = torch.full((n_parents, width), -1, dtype=torch.long, device=parent.device)
+    table[parent[order], pos] = order
+    return table
+
+
+def mean_pool_levels(leaves, branching):
+    """Build coarse levels by mean-pooling contiguous groups of nodes.
+
+    Parameters
+    ----------
+    leaves : Tensor (n, d)
+        Token embeddings (the finest level).
+    branching : sequence of int
+        Children per parent, from the finest level up: ``(8, 4)`` makes
+        patches of 8 tokens and regions of 4 patches.
+
+    Returns
+    -------
+    levels : list of Tensor, coarse to fine (the last is ``leaves``)
+    parents : list of LongTensor; ``parents[l]`` maps each node of
+        ``levels[l + 1]`` to its parent in ``levels[l]``.
+    """
+    levels, parents = [leaves], []
+    cur = leaves
+    for b in branching:
+        n = cur.shape[0]
+        parent = torch.arange(n, device=cur.device) // int(b)
+        m = int(parent[-1]) + 1
+        pooled = torch.zeros(m, cur.shape[1], dtype=cur.dtype, device=cur.device)
+        pooled.index_add_(0, parent, cur)
+        pooled = pooled / torch.bincount(parent, minlength=m).to(cur.dtype)[:, None]
+        levels.append(pooled)
+        parents.append(parent)
+        cur = pooled
+    return levels[::-1], parents[::-1]
+
+
+def hierarchical_select(query, levels, keep_ratios, *, parents=None, scale=None):
+    """Coarse-to-fine selection: regions -> patches -> tokens.
+
+    At level 0 every node is scored (``scale * <q, node>``) and the best
+    ``ceil(keep_ratios[0] * n_0)`` are kept; at each finer level only the
+    children of the kept parents are scored, and the best
+    ``ceil(keep_ratios[l] * n_candidates)`` of them are kept. With every keep
+    ratio equal to 1 except the last, the leaves selected are exactly the flat
+    top-``ceil(keep_ratios[-1] * n_leaves)``.
+
+    Parameters
+    ----------
+    query : Tensor (d,) or (n_queries, d)
+    levels : sequence of Tensor
+        Node embeddings per level, coarse to fine, each ``(n_l, d)``.
+    keep_ratios : sequence of float in (0, 1]
+        One per level.
+    parents : sequence of LongTensor, optional
+        ``parents[l]`` (shape ``(n_{l+1},)``) gives the parent in level ``l``
+        of every node of level ``l + 1``. Default: contiguous groups of
+        ``ceil(n_{l+1} / n_l)`` (what :func:`mean_pool_levels` builds).
+    scale : float, optional
+        Score scale (does not change the selection; reported scores use it).
+        Default ``1 / sqrt(d)``.
+
+    Returns
+    -------
+    HierarchicalSelection
+        ``(indices, scores, path, scored)``; squeezed to 1-D for a 1-D query.
+    """
+    levels = list(levels)
+    keep_ratios = list(keep_ratios)
+    if len(levels) == 0 or len(keep_ratios) != len(levels):
+        raise ValueError(
+            f"need one keep ratio per level: got {len(levels)} levels and "
+            f"{len(keep_ratios)} keep_ratios."
+        )
+    for r in keep_ratios:
+        if not (0 < float(r) <= 1):
+            raise ValueError(f"keep_ratios must be in (0, 1], got {r}.")
+    single = query.dim() == 1
+    q = query[None] if single else query
+    d = q.shape[1]
+    for lev in levels:
+        if lev.dim() != 2 or lev.shape[1] != d:
+            raise ValueError(
+                f"every level must have shape (n_l, {d}), got {tuple(lev.shape)}."
+            )
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    if parents is None:
+        parents = []
+        for lo, hi in zip(levels[:-1], levels[1:], strict=True):
+            b = math.ceil(hi.shape[0] / lo.shape[0])
+            parents.append(torch.arange(hi.shape[0], device=hi.device) // b)
+    if len(parents) != len(levels) - 1:
+        raise ValueError("parents must have one entry per level after the first.")
+    nq = q.shape[0]
+    path, scored = [], []
+    sel = None
+    vals = None
+    for lvl, (E, r) in enumerate(zip(levels, keep_ratios, strict=True)):
+        if lvl == 0:
+            cand = torch.arange(E.shape[0], device=E.device).expand(nq, -1)
+            s = (q @ E.T) * scale
+            valid = torch.ones_like(cand, dtype=torch.bool)
+        else:
+            par = parents[lvl - 1].to(E.device)
+            if par.shape[0] != E.shape[0] or int(par.max()) >= levels[lvl - 1].shape[0]:
+                raise ValueError(f"parents[{lvl - 1}] does not match the level sizes.")
+            table = _children_table(par, levels[lvl - 1].shape[0])
+            cand = table[sel.clamp(min=0)]  # (nq, s, width)
+            cand = cand.masked_fill((sel < 0)[:, :, None], -1).reshape(nq, -1)
+            valid = cand >= 0
+            emb = E[cand.clamp(min=0)]  # only the candidates' embeddings
+            s = torch.einsum("qmd,qd->qm", emb, q) * scale
+            s = s.masked_fill(~valid, float("-inf"))
+        n_valid = valid.sum(1)
+        k_row = torch.ceil(n_valid.double() * float(r) - 1e-9).long().clamp(min=1)
+        k_row = torch.minimum(k_row, n_valid)
+        kmax = max(1, int(k_row.max()))
+        vals, pos = torch.topk(s, kmax, dim=1)
+        chosen = cand.gather(1, pos)
+        keep = torch.arange(kmax, device=s.device)[None, :] < k_row[:, None]
+        keep = keep & torch.isfinite(vals)
+        chosen = chosen.masked_fill(~keep, -1)
+        vals = vals.masked_fill(~keep, float("-inf"))
+        scored.append(cand.masked_fill(~valid, -1))
+        path.append(chosen)
+        sel = chosen
+    if single:
+        return HierarchicalSelection(
+            path[-1][0], vals[0], [p[0] for p in path], [c[0] for c in scored]
+        )
+    return HierarchicalSelection(path[-1], vals, path, scored)

@@ -1,0 +1,594 @@
+"""Budgeted relevance selection of tokens: :class:`SparseTokenSelector`.
+
+Instead of softmax attention, which gives every token some weight, each query
+selects a few relevant tokens with hard sparsity. The fitted token embeddings
+play the role of a dictionary; ``transform(queries)`` returns the selection
+weights as CSR ``(n_queries, n_tokens)`` and ``inverse_transform(W)`` the
+attended output ``W @ values``.
+
+Scale: scores are computed tile by tile over the tokens (``tile_size`` tokens
+at a time) with a running top-k merge, so no dense ``(batch, n_tokens)`` block
+beyond one tile is held when a budget is set, and a million tokens work on one
+machine.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.base import BaseEstimator, _fit_context
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+
+from ._torch_utils import torch_dtype
+from .base import (
+    BaseSparseCoder,
+    SparseCodingMixin,
+    check_input,
+    iter_batches,
+    n_samples_of,
+)
+from .nn.attention import budget_size, candidate_weights
+from .solvers import lasso_exact, power_iteration, topk_decode
+from .solvers.simplex import topk_softmax
+
+__all__ = ["SparseTokenSelector"]
+
+METHODS = ("lasso", "threshold", "sparsemax", "topk")
+
+# Above this many tokens the lasso no longer forms the full (n_tokens, n_tokens)
+# Gram matrix: it screens candidates and certifies with a tiled KKT check.
+_LASSO_GRAM_MAX = 4096
+# Rounds of "add KKT violators and re-solve" before giving up on certification.
+_LASSO_MAX_ROUNDS = 20
+
+
+def _merge_topk(best_v, best_i, vals, idx, k):
+    """Running top-k merge: keep the k largest of the union of two candidate sets."""
+    if best_v is None:
+        kk = min(k, vals.shape[1])
+        v, p = torch.topk(vals, kk, dim=1)
+        return v, idx.gather(1, p) if idx.dim() == 2 else idx[p]
+    v = torch.cat([best_v, vals], dim=1)
+    i = torch.cat([best_i, idx.expand(vals.shape[0], -1) if idx.dim() == 1 else idx], 1)
+    kk = min(k, v.shape[1])
+    v, p = torch.topk(v, kk, dim=1)
+    return v, i.gather(1, p)
+
+
+class SparseTokenSelector(SparseCodingMixin, BaseEstimator):
+    """Select, for each query, a few relevant tokens with a hard budget.
+
+    ``fit(tokens)`` stores the token embeddings (and optionally their
+    ``values``); ``transform(queries)`` returns CSR selection weights of shape
+    ``(n_queries, n_tokens)``. Scores are ``s = scale * <q, t>`` with ``t`` the
+    token embedding (unit-normalised when ``normalize=True``).
+
+    Methods (``method``):
+
+    * ``"lasso"``: each query ``q`` is sparse-coded over the token embeddings,
+      ``argmin_a 0.5 ||q - a T||^2 + alpha ||a||_1`` (exact active-set solver
+      :func:`skdict.solvers.lasso_exact`); the tokens with non-zero
+      coefficients are the selection ("the most relevant tokens are those that
+      would have non-zero coefficients in a sparse reconstruction of the
+      information need"). Their weights are the softmax of their scores
+      renormalised over the selection, so rows sum to one like attention. Up to
+      ``4096`` tokens the full Gram matrix is used; beyond, candidates are
+      screened (per query the ``max(256, 2 * n_features)`` largest ``|<q, t>|``
+      plus its best score, pooled over a few queries), the lasso is solved
+      exactly on the candidates, and the KKT condition ``|<r, t>| <= alpha`` is
+      checked against every token tile by tile; violators are added and the
+      lasso re-solved until it holds, so the result is the exact lasso over all
+      tokens.
+    * ``"threshold"``: the seed's adaptive soft threshold: weights
+      ``max(s - lam, 0)`` with ``lam = alpha * mean|s|`` (mean over all tokens),
+      renormalised to sum to one.
+    * ``"sparsemax"``: the Euclidean projection of the scores onto the simplex
+      (exact, sort-based); the budget-1 case of soft thresholding.
+    * ``"topk"``: the ``k`` best scores, softmax-renormalised over the kept
+      ones (no budget: the dense softmax).
+
+    The budget caps the non-zeros of every row for every method:
+    ``k = min(ceil(keep_ratio * n_tokens), max_tokens)``. ``"threshold"`` and
+    ``"sparsemax"`` are then computed on the ``k`` best scores (sparsemax on
+    them equals the full sparsemax whenever its support has at most ``k``
+    tokens); ``"lasso"`` keeps the ``k`` largest ``|coefficients|`` of the exact
+    solution.
+
+    Empty rows: a lasso solution with no non-zero (``alpha >= max|<q, t>|``)
+    or a threshold that no score passes selects nothing. With
+    ``empty="argmax"`` (default) the row then puts all its weight on its best
+    scoring token; with ``empty="zero"`` it stays empty (an all-zero row,
+    attended output zero). Sparsemax and top-k never produce empty rows.
+
+    Parameters
+    ----------
+    method : {"lasso", "threshold", "sparsemax", "topk"}, default="lasso"
+    alpha : float, default=1.0
+        ``"lasso"``: the L1 weight. ``"threshold"``: the multiplier of the
+        adaptive threshold ``alpha * mean|s|``. Unused by the other methods.
+    keep_ratio : float in (0, 1], default=None
+        Budget as a share of the tokens.
+    max_tokens : int, default=None
+        Budget as a count (must not exceed the number of tokens).
+    scale : float, default=None
+        Score scale (inverse temperature); None is ``1 / sqrt(n_features)``,
+        the scale of dot-product attention.
+    normalize : bool, default=True
+        Unit-normalise the token embeddings for scoring and coding (unit-norm
+        atoms, as everywhere in skdict). ``values`` (for ``inverse_transform``)
+        are never normalised.
+    empty : {"argmax", "zero"}, default="argmax"
+        What an empty row becomes; see above.
+    compute_cost : float, default=1.0
+        Weight of the compute penalty in :meth:`score`.
+    tile_size : int, default=65536
+        Tokens scored at a time.
+    device : str or torch.device, default="auto"
+    sparse_output : bool, default=True
+        CSR output (``csr_matrix``, or ``csr_array`` under scikit-learn's
+        ``sparse_interface="sparray"``); dense ndarray otherwise.
+    batch_size : int, default=None
+        Queries processed at a time; None picks ~64 MB of scores per batch.
+
+    Attributes
+    ----------
+    tokens_ : ndarray of shape (n_tokens, n_features)
+        The fitted token embeddings (not normalised).
+    values_ : ndarray of shape (n_tokens, n_values)
+        What :meth:`inverse_transform` mixes (``tokens_`` unless ``values`` was
+        passed to :meth:`fit`).
+    n_tokens_ : int
+    n_features_in_ : int
+
+    See Also
+    --------
+    skdict.nn.SparseAttention : the differentiable multi-head module.
+    skdict.metrics.attention_mass_captured, skdict.metrics.output_fidelity
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skdict import SparseTokenSelector
+    >>> rng = np.random.default_rng(0)
+    >>> tokens = rng.standard_normal((50, 8))
+    >>> sel = SparseTokenSelector(method="topk", keep_ratio=0.1, device="cpu")
+    >>> W = sel.fit(tokens).transform(tokens[:3])
+    >>> W.shape, W.getnnz(axis=1).tolist()
+    ((3, 50), [5, 5, 5])
+    >>> np.allclose(W.sum(axis=1), 1)
+    True
+    """
+
+    _parameter_constraints: dict = {
+        **BaseSparseCoder._parameter_constraints,
+        "method": [StrOptions(set(METHODS))],
+        "alpha": [Interval(numbers.Real, 0, None, closed="left")],
+        "keep_ratio": [Interval(numbers.Real, 0, 1, closed="right"), None],
+        "max_tokens": [Interval(numbers.Integral, 1, None, closed="left"), None],
+        "scale": [Interval(numbers.Real, 0, None, closed="neither"), None],
+        "normalize": ["boolean"],
+        "empty": [StrOptions({"argmax", "zero"})],
+        "compute_cost": [Interval(numbers.Real, 0, None, closed="left")],
+        "tile_size": [Interval(numbers.Integral, 1, None, closed="left")],
+    }
+
+    def __init__(
+        self,
+        *,
+        method="lasso",
+        alpha=1.0,
+        keep_ratio=None,
+        max_tokens=None,
+        scale=None,
+        normalize=True,
+        empty="argmax",
+        compute_cost=1.0,
+        tile_size=65536,
+        device="auto",
+        sparse_output=True,
+        batch_size=None,
+    ):
+        self.method = method
+        self.alpha = alpha
+        self.keep_ratio = keep_ratio
+        self.max_tokens = max_tokens
+        self.scale = scale
+        self.normalize = normalize
+        self.empty = empty
+        self.compute_cost = compute_cost
+        self.tile_size = tile_size
+        self.device = device
+        self.sparse_output = sparse_output
+        self.batch_size = batch_size
+
+    # ------------------------------------------------------------------ fit
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None, values=None):
+        """Store the token embeddings (and optionally their values).
+
+        Parameters
+        ----------
+        X : array-like, sparse matrix or torch.Tensor of shape (n_tokens, n_features)
+            Token embeddings: the dictionary the queries select from.
+        y : Ignored
+        values : array-like of shape (n_tokens, n_values), default=None
+            What :meth:`inverse_transform` mixes; default: the embeddings.
+
+        Returns
+        -------
+        self
+        """
+        self._device()
+        X, dtype = check_input(self, X, reset=True)
+        if isinstance(X, torch.Tensor):
+            X = X.detach().cpu().numpy()
+        elif sp.issparse(X):
+            X = X.toarray()
+        n = X.shape[0]
+        if self.max_tokens is not None and self.max_tokens > n:
+            raise ValueError(
+                f"max_tokens={self.max_tokens} exceeds the {n} fitted tokens; "
+                "use a smaller max_tokens or keep_ratio."
+            )
+        if values is not None:
+            if isinstance(values, torch.Tensor):
+                values = values.detach().cpu().numpy()
+            values = np.asarray(values)
+            if values.ndim == 1:
+                values = values[:, None]
+            if values.ndim != 2 or values.shape[0] != n:
+                raise ValueError(
+                    f"values must have shape ({n}, n_values) (one row per token), "
+                    f"got {values.shape}."
+                )
+            if values.dtype.kind not in "fiu" or not np.all(np.isfinite(values)):
+                raise ValueError("values must be finite numbers.")
+            values = values.astype(dtype, copy=False)
+        self.tokens_ = X
+        self.values_ = X if values is None else values
+        self.n_tokens_ = n
+        return self
+
+    def _n_codes(self):
+        return self.n_tokens_
+
+    def _check_ready(self):
+        check_is_fitted(self)
+
+    def _decoder(self, device, dtype):
+        V = torch.as_tensor(np.asarray(self.values_)).to(device, torch_dtype(dtype))
+        return V, None
+
+    def _batch_size_for(self, n_codes, dtype):
+        bs = getattr(self, "batch_size", None)
+        if bs is not None:
+            return int(bs)
+        width = min(n_codes, self.tile_size)
+        itemsize = np.dtype(dtype).itemsize
+        return int(max(16, min(4096, self._batch_target_bytes // max(1, width * itemsize))))
+
+    # ------------------------------------------------------------------ state
+    def _transform_state(self, device, dtype):
+        tdtype = torch_dtype(dtype)
+        T = torch.as_tensor(np.asarray(self.tokens_)).to(device, tdtype)
+        n, d = T.shape
+        inv = None
+        if self.normalize:
+            norms = torch.linalg.vector_norm(T, dim=1)
+            inv = torch.where(norms > 0, 1.0 / norms, torch.ones_like(norms))
+        scale = float(self.scale) if self.scale is not None else 1.0 / math.sqrt(d)
+        k = budget_size(n, self.keep_ratio, self.max_tokens)
+        state = {"T": T, "inv": inv, "scale": scale, "k": k, "n": n}
+        if self.method == "lasso" and n <= _LASSO_GRAM_MAX:
+            Tn = T if inv is None else T * inv[:, None]
+            G = Tn @ Tn.T
+            state["Tn"] = Tn
+            state["G"] = G
+            state["L"] = power_iteration(G.double())
+        return state
+
+    def _atoms(self, state, s0, s1):
+        Tt = state["T"][s0:s1]
+        return Tt if state["inv"] is None else Tt * state["inv"][s0:s1, None]
+
+    def _tile_scores(self, Qb, state, s0, s1):
+        """Scaled scores of a batch of queries against tokens ``s0:s1``."""
+        S = Qb @ state["T"][s0:s1].T
+        if state["inv"] is not None:
+            S = S * state["inv"][s0:s1]
+        return S * state["scale"]
+
+    def _tiles(self, n):
+        t = int(self.tile_size)
+        for s0 in range(0, n, t):
+            yield s0, min(n, s0 + t)
+
+    def _pass(self, Qb, state, *, m=None, cutoff=None, stats=False):
+        """One pass over the token tiles: optional running top-m, counts above
+        ``cutoff`` and row statistics (sum |s|, max s)."""
+        n = state["n"]
+        best_v = best_i = None
+        abs_sum = rowmax = counts = None
+        for s0, s1 in self._tiles(n):
+            St = self._tile_scores(Qb, state, s0, s1)
+            if stats:
+                a = St.abs().sum(1)
+                mx = St.amax(1)
+                abs_sum = a if abs_sum is None else abs_sum + a
+                rowmax = mx if rowmax is None else torch.maximum(rowmax, mx)
+            if cutoff is not None:
+                c = (St > cutoff[:, None]).sum(1)
+                counts = c if counts is None else counts + c
+            if m is not None:
+                idx = torch.arange(s0, s1, device=St.device)
+                best_v, best_i = _merge_topk(best_v, best_i, St, idx, m)
+        return {"vals": best_v, "idx": best_i, "abs_sum": abs_sum, "max": rowmax,
+                "counts": counts}
+
+    # ------------------------------------------------------------------ encode
+    def _select(self, Qb, state):
+        """Selected tokens of a batch: ``(indices, weights)``, both ``(b, m)``.
+
+        Indices are distinct within a row; unselected slots carry weight 0.
+        """
+        if self.method == "lasso":
+            return self._select_lasso(Qb, state)
+        n, k = state["n"], state["k"]
+        method = self.method
+        if method == "topk" and k is None:
+            k = n
+        lam = None
+        if k is not None:
+            out = self._pass(Qb, state, m=k, stats=method == "threshold")
+            vals, idx = out["vals"], out["idx"]
+            if method == "threshold":
+                lam = (self.alpha * out["abs_sum"] / n)[:, None]
+        elif n <= self.tile_size:
+            vals = self._tile_scores(Qb, state, 0, n)
+            idx = torch.arange(n, device=vals.device).expand(vals.shape[0], -1)
+            if method == "threshold":
+                lam = self.alpha * vals.abs().mean(1, keepdim=True)
+        else:
+            # no budget and several tiles: the support lies above a cutoff known
+            # after one pass (threshold: lam; sparsemax: max - 1, since
+            # tau >= max - 1); count it, then gather exactly that many best.
+            st = self._pass(Qb, state, stats=True)
+            if method == "threshold":
+                cut = self.alpha * st["abs_sum"] / n
+                lam = cut[:, None]
+            else:
+                cut = st["max"] - 1
+            cnt = self._pass(Qb, state, cutoff=cut)["counts"]
+            m = max(1, int(cnt.max()))
+            out = self._pass(Qb, state, m=m)
+            vals, idx = out["vals"], out["idx"]
+        w = candidate_weights(vals, method, alpha=self.alpha, lam=lam, empty=self.empty)
+        return idx, w
+
+    def _lasso_weights(self, Qb, state, key, cols, scores_at):
+        """From a ranking key over candidate columns (>0 = selected), pick at most
+        ``k`` per row and softmax their scores."""
+        k = state["k"]
+        cnt = (key > 0).sum(1)
+        m = max(1, int(cnt.max()))
+        if k is not None:
+            m = min(m, k)
+        m = min(m, key.shape[1])
+        kv, pos = torch.topk(key, m, dim=1)
+        idx = cols.gather(1, pos) if cols.dim() == 2 else cols[pos]
+        s = scores_at(idx)
+        s = s.masked_fill(kv <= 0, float("-inf"))
+        return idx, topk_softmax(s)
+
+    def _scores_at(self, Qb, state, idx):
+        emb = state["T"][idx]  # (b, m, d)
+        s = torch.einsum("bmd,bd->bm", emb, Qb)
+        if state["inv"] is not None:
+            s = s * state["inv"][idx]
+        return s * state["scale"]
+
+    def _select_lasso(self, Qb, state):
+        alpha = float(self.alpha)
+        if "G" in state:
+            C = Qb @ state["Tn"].T
+            coef = lasso_exact(C, state["G"], alpha, L=state["L"]).codes
+            key = coef.abs()
+            if self.empty == "argmax":
+                empty = ~(key > 0).any(1)
+                if bool(empty.any()):
+                    best = C.argmax(1)
+                    key[empty, best[empty]] = 1.0
+            cols = torch.arange(state["n"], device=Qb.device)
+            return self._lasso_weights(
+                Qb, state, key, cols, lambda idx: self._scores_at(Qb, state, idx)
+            )
+        idx_parts, w_parts = [], []
+        m = min(state["n"], max(256, 2 * Qb.shape[1]))
+        chunk = max(1, _LASSO_GRAM_MAX // m)
+        for q0 in range(0, Qb.shape[0], chunk):
+            i, w = self._lasso_screened(Qb[q0 : q0 + chunk], state, m, alpha)
+            idx_parts.append(i)
+            w_parts.append(w)
+        width = max(p.shape[1] for p in idx_parts)
+        return self._pad(idx_parts, w_parts, width, state["n"])
+
+    @staticmethod
+    def _pad(idx_parts, w_parts, width, n):
+        """Pad ragged chunks to a common width with distinct zero-weight columns."""
+        out_i, out_w = [], []
+        for i, w in zip(idx_parts, w_parts, strict=True):
+            extra = width - i.shape[1]
+            if extra > 0:
+                # columns not in the row: the smallest integers not used by it
+                b = i.shape[0]
+                fill = torch.empty(b, extra, dtype=i.dtype, device=i.device)
+                for r in range(b):
+                    used = set(i[r].tolist())
+                    free, c = [], 0
+                    while len(free) < extra:
+                        if c not in used:
+                            free.append(c)
+                        c += 1
+                    fill[r] = torch.as_tensor(free, dtype=i.dtype)
+                i = torch.cat([i, fill], 1)
+                w = torch.cat([w, torch.zeros(b, extra, dtype=w.dtype, device=w.device)], 1)
+            out_i.append(i)
+            out_w.append(w)
+        return torch.cat(out_i), torch.cat(out_w)
+
+    def _lasso_screened(self, Qb, state, m, alpha):
+        """Exact lasso over many tokens: screen, solve on candidates, certify by
+        a tiled KKT check over all tokens, add violators, repeat."""
+        b = Qb.shape[0]
+        n = state["n"]
+        # per query: the m largest |<q, t>| and the best score
+        best_v = best_i = None
+        top_v = top_i = None
+        for s0, s1 in self._tiles(n):
+            C = Qb @ self._atoms(state, s0, s1).T
+            idx = torch.arange(s0, s1, device=C.device)
+            best_v, best_i = _merge_topk(best_v, best_i, C.abs(), idx, m)
+            top_v, top_i = _merge_topk(top_v, top_i, C, idx, 1)
+        U = torch.unique(torch.cat([best_i.reshape(-1), top_i.reshape(-1)]))
+        kkt_tol = max(1e-6, 100 * torch.finfo(Qb.dtype).eps)
+        coef = None
+        for _ in range(_LASSO_MAX_ROUNDS):
+            Tu = state["T"][U]
+            if state["inv"] is not None:
+                Tu = Tu * state["inv"][U][:, None]
+            G = Tu @ Tu.T
+            coef = lasso_exact(Qb @ Tu.T, G, alpha, L=power_iteration(G.double())).codes
+            R = Qb - coef @ Tu
+            inU = torch.zeros(n, dtype=torch.bool, device=Qb.device)
+            inU[U] = True
+            new = []
+            for s0, s1 in self._tiles(n):
+                corr = (R @ self._atoms(state, s0, s1).T).abs()
+                viol = (corr > alpha * (1 + kkt_tol)) & ~inU[s0:s1]
+                if bool(viol.any()):
+                    # the most violating few per row
+                    score = torch.where(viol, corr, torch.zeros_like(corr))
+                    kk = min(32, score.shape[1])
+                    v, p = torch.topk(score, kk, dim=1)
+                    new.append((p[v > 0] + s0).unique())
+            if not new:
+                break
+            U = torch.unique(torch.cat([U] + new))
+        key = coef.abs()
+        if self.empty == "argmax":
+            empty = ~(key > 0).any(1)
+            if bool(empty.any()):
+                pos = torch.searchsorted(U, top_i[:, 0])
+                rows = empty.nonzero().squeeze(1)
+                key[rows, pos[rows]] = 1.0
+        cols = U.expand(b, -1)
+        return self._lasso_weights(
+            Qb, state, key, cols, lambda idx: self._scores_at(Qb, state, idx)
+        )
+
+    def _encode(self, Xb, state):
+        return self._select(Xb, state)
+
+    # ------------------------------------------------------------------ public
+    def get_support(self, X):
+        """Indices of the selected tokens of each query.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features)
+
+        Returns
+        -------
+        support : list of ndarray
+            One sorted int array per query.
+        """
+        W = sp.csr_matrix(self.transform(X))
+        return [W.indices[W.indptr[i] : W.indptr[i + 1]].copy() for i in range(W.shape[0])]
+
+    def attention_scores(self, X):
+        """Dense scaled scores ``scale * <q, t>`` (n_queries, n_tokens).
+
+        The scores the methods select from and the dense softmax reference of
+        :meth:`score` and :mod:`skdict.metrics` uses. Dense: for evaluation on
+        moderate sizes only.
+        """
+        check_is_fitted(self)
+        X, dtype = check_input(self, X, reset=False)
+        state = self._transform_state(self._device(), dtype)
+        out = np.empty((n_samples_of(X), state["n"]), dtype=dtype)
+        for a, b, Qb in iter_batches(X, self._batch_size_for(state["n"], dtype),
+                                     self._device(), dtype):
+            out[a:b] = self._tile_scores(Qb, state, 0, state["n"]).cpu().numpy()
+        return out
+
+    def score(self, X, y=None):
+        """Output fidelity minus a compute penalty (higher is better).
+
+        With ``A`` the dense softmax of the scores (the attention every token
+        would get) and ``W`` the selection weights, per query::
+
+            fidelity = 1 - ||W V - A V|| / ||A V||
+
+        and the score is ``mean(fidelity) - compute_cost * mean(nnz) / n_tokens``
+        where ``nnz`` is the number of selected tokens. Fidelity rises with the
+        budget with diminishing returns while the penalty rises linearly, so a
+        ``GridSearchCV`` over ``keep_ratio`` or ``alpha`` (without ``y``) picks
+        an interior trade-off between accuracy and compute; ``compute_cost=0``
+        scores fidelity alone (then larger budgets always win). The dense
+        reference is computed tile by tile with an online softmax.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features)
+            Queries.
+        y : Ignored
+
+        Returns
+        -------
+        score : float
+        """
+        check_is_fitted(self)
+        X, dtype = check_input(self, X, reset=False)
+        device = self._device()
+        state = self._transform_state(device, dtype)
+        V, _ = self._decoder(device, dtype)
+        n = state["n"]
+        fid_sum = 0.0
+        nnz_sum = 0.0
+        bs = self._batch_size_for(n, dtype)
+        for _, _, Qb in iter_batches(X, bs, device, dtype):
+            idx, w = self._select(Qb, state)
+            WV = topk_decode(idx, w, V)
+            mrun = lrun = acc = None
+            for s0, s1 in self._tiles(n):
+                St = self._tile_scores(Qb, state, s0, s1)
+                mt = St.amax(1)
+                mnew = mt if mrun is None else torch.maximum(mrun, mt)
+                P = torch.exp(St - mnew[:, None])
+                if mrun is None:
+                    lrun = P.sum(1)
+                    acc = P @ V[s0:s1]
+                else:
+                    f = torch.exp(mrun - mnew)
+                    lrun = lrun * f + P.sum(1)
+                    acc = acc * f[:, None] + P @ V[s0:s1]
+                mrun = mnew
+            AV = acc / lrun[:, None]
+            den = torch.linalg.vector_norm(AV, dim=1)
+            num = torch.linalg.vector_norm(WV - AV, dim=1)
+            tiny = torch.finfo(AV.dtype).tiny
+            rel = torch.where(den > tiny, num / den.clamp(min=tiny), num)
+            fid_sum += float((1 - rel).double().sum())
+            nnz_sum += float((w != 0).sum())
+        nq = n_samples_of(X)
+        return fid_sum / nq - float(self.compute_cost) * nnz_sum / (nq * n)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        return tags
