@@ -21,3 +21,14 @@ INSTANCES += [
                    transform_algorithm="exact", positive_code=True, random_state=0,
                    device="cpu"),
 ]
+
+# ---------------------------------------------------------- SparseTokenSelector
+# fit(X) stores X as the tokens; transform(X) selects among them for each row.
+from skdict import SparseTokenSelector  # noqa: E402
+
+INSTANCES += [
+    SparseTokenSelector(method="lasso", alpha=0.5, device="cpu"),
+    SparseTokenSelector(method="threshold", alpha=0.5, keep_ratio=0.5, device="cpu"),
+    SparseTokenSelector(method="sparsemax", scale=2.0, device="cpu", tile_size=7),
+    SparseTokenSelector(method="topk", keep_ratio=0.3, device="cpu", tile_size=7),
+]
