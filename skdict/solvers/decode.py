@@ -48,5 +48,5 @@ def topk_decode(indices: torch.Tensor, values: torch.Tensor, D: torch.Tensor):
 def dense_decode(indices: torch.Tensor, values: torch.Tensor, D: torch.Tensor):
     """The naive reference for :func:`topk_decode`: scatter to dense, then matmul."""
     A = torch.zeros(indices.shape[0], D.shape[0], dtype=D.dtype, device=D.device)
-    A = A.scatter(1, indices, values.to(D.dtype))
+    A = A.scatter_add(1, indices, values.to(D.dtype))
     return A @ D
