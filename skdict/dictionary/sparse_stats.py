@@ -1,0 +1,307 @@
+"""Sparse normal-equation statistics for dictionaries with many atoms.
+
+With fixed-width codes (each row uses ``s`` of ``K`` atoms) the online
+dictionary-learning statistics ``B = sum_i a_i x_i^T`` (K x P) and
+``A = sum_i a_i a_i^T`` (K x K) are accumulated without any ``(n, K)`` or dense
+``(K, K)`` object:
+
+* ``B`` is a dense ``(K, P)`` array (the size of the dictionary) updated with
+  ``index_add`` over the ``n * s`` active (row, atom) pairs;
+* ``A`` is kept as its diagonal (a ``K`` vector) plus the strictly upper
+  triangle of its off-diagonal part as a coalesced COO matrix. One batch adds
+  at most ``n * s * (s - 1) / 2`` entries; the accumulated matrix is decayed
+  and pruned to its ``max_nnz`` largest entries, so its memory is bounded
+  whatever the number of batches.
+
+The dictionary is then refreshed atom-wise by a block-coordinate (Jacobi /
+MOD) step on the touched atoms, ``d_k <- (B_k - sum_{j != k} A_kj d_j) / A_kk``,
+projected back to unit norm; atoms left unused for a window of rows are
+resampled from the rows with the largest residuals.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "SparseStats",
+    "add_rows",
+    "accumulate_B",
+    "batch_cooccurrence",
+    "decay_factor",
+    "project_unit_norm",
+    "refresh_atoms",
+    "resample_dead_atoms",
+]
+
+
+def add_rows(out, index, src):
+    """``out[index[i]] += src[i]`` (duplicates accumulate), in place.
+
+    torch's CPU ``index_add_`` is pathologically slow for small, unsorted,
+    duplicated indices when several OpenMP threads are busy (tens of
+    milliseconds for a few hundred rows), so small updates go through
+    ``index_put_(accumulate=True)`` and large ones through ``index_add_``.
+    """
+    if index.numel() == 0:
+        return out
+    if out.device.type == "cpu" and src.numel() < (1 << 20):
+        return out.index_put_((index,), src, accumulate=True)
+    return out.index_add_(0, index, src)
+
+
+def decay_factor(n_seen: int, batch_size: int) -> float:
+    """Forgetting factor of the accumulated statistics before adding a batch.
+
+    The schedule of Mairal et al. (2010), Sec. 3.4, counted in rows: with
+    ``theta = n_seen + batch`` while fewer than ``batch**2`` rows were seen and
+    ``batch**2 + n_seen / batch - batch`` after, the old statistics are scaled
+    by ``(theta + 1 - batch) / (theta + 1)``, so early statistics (computed
+    with a poor dictionary) are forgotten faster than a plain average would.
+    """
+    b = max(int(batch_size), 1)
+    step = int(n_seen) // b
+    if step < b - 1:
+        theta = (step + 1) * b
+    else:
+        theta = b * b + step + 1 - b
+    return (theta + 1 - b) / (theta + 1)
+
+
+def accumulate_B(B: torch.Tensor, X: torch.Tensor, indices: torch.Tensor,
+                 values: torch.Tensor, *, chunk: int = 1024):
+    """``B[k] += sum_i a_ik x_i`` over the active pairs, in place, via ``index_add``."""
+    n, s = indices.shape
+    P = X.shape[1]
+    for r0 in range(0, n, chunk):
+        r1 = min(n, r0 + chunk)
+        contrib = values[r0:r1, :, None].to(B.dtype) * X[r0:r1, None, :].to(B.dtype)
+        add_rows(B, indices[r0:r1].reshape(-1), contrib.reshape(-1, P))
+    return B
+
+
+def batch_cooccurrence(indices: torch.Tensor, values: torch.Tensor, n_components: int):
+    """Co-occurrence statistics of one batch of fixed-width codes.
+
+    Returns ``(diag, rows, cols, vals)``: ``diag`` is the ``(K,)`` vector
+    ``sum_i a_ik^2`` and ``(rows, cols, vals)`` the coalesced strictly upper
+    triangle of ``sum_i a_i a_i^T`` (``rows < cols``), at most ``n s (s-1) / 2``
+    entries.
+    """
+    n, s = indices.shape
+    v = values
+    diag = torch.zeros(n_components, dtype=v.dtype, device=v.device)
+    add_rows(diag, indices.reshape(-1), (v * v).reshape(-1))
+    if s < 2:
+        empty = torch.zeros(0, dtype=torch.long, device=v.device)
+        return diag, empty, empty.clone(), torch.zeros(0, dtype=v.dtype, device=v.device)
+    iu = torch.triu_indices(s, s, offset=1, device=v.device)
+    ri = indices[:, iu[0]].reshape(-1)
+    ci = indices[:, iu[1]].reshape(-1)
+    pv = (v[:, iu[0]] * v[:, iu[1]]).reshape(-1)
+    lo = torch.minimum(ri, ci)
+    hi = torch.maximum(ri, ci)
+    keep = (pv != 0) & (lo != hi)
+    lo, hi, pv = lo[keep], hi[keep], pv[keep]
+    rows, cols, vals = _coalesce(lo, hi, pv, n_components)
+    return diag, rows, cols, vals
+
+
+def _coalesce(rows, cols, vals, K):
+    if rows.numel() == 0:
+        return rows, cols, vals
+    key = rows * K + cols
+    uniq, inv = torch.unique(key, sorted=True, return_inverse=True)
+    out = torch.zeros(uniq.shape[0], dtype=vals.dtype, device=vals.device)
+    add_rows(out, inv, vals)
+    return torch.div(uniq, K, rounding_mode="floor"), uniq % K, out
+
+
+class SparseStats:
+    """Accumulated sparse normal equations of a ``K``-atom dictionary.
+
+    Parameters
+    ----------
+    n_components, n_features : int
+    max_nnz : int
+        Cap on the stored off-diagonal entries of ``A`` (upper triangle); the
+        smallest entries (in absolute value) are dropped beyond it.
+    device, dtype : torch device and dtype (float32 by default).
+
+    Attributes
+    ----------
+    B : Tensor (K, P)
+    diag : Tensor (K,)
+        Diagonal of ``A``.
+    rows, cols, vals : Tensors (nnz,)
+        Upper-triangular off-diagonal entries of ``A``.
+    last_used : LongTensor (K,)
+        Row counter at which each atom was last active.
+    n_seen : int
+        Rows accumulated so far.
+    """
+
+    def __init__(self, n_components, n_features, *, max_nnz, device="cpu",
+                 dtype=torch.float32):
+        K, P = int(n_components), int(n_features)
+        self.n_components = K
+        self.max_nnz = int(max_nnz)
+        self.B = torch.zeros((K, P), dtype=dtype, device=device)
+        self.diag = torch.zeros(K, dtype=dtype, device=device)
+        self.rows = torch.zeros(0, dtype=torch.long, device=device)
+        self.cols = torch.zeros(0, dtype=torch.long, device=device)
+        self.vals = torch.zeros(0, dtype=dtype, device=device)
+        self.last_used = torch.zeros(K, dtype=torch.long, device=device)
+        self.n_seen = 0
+
+    @property
+    def nnz(self):
+        return int(self.vals.numel())
+
+    def to_dict(self):
+        """CPU numpy copies of the state (for pickling / checkpointing)."""
+        return {
+            "B": self.B.cpu().numpy().copy(), "diag": self.diag.cpu().numpy().copy(),
+            "rows": self.rows.cpu().numpy().copy(), "cols": self.cols.cpu().numpy().copy(),
+            "vals": self.vals.cpu().numpy().copy(),
+            "last_used": self.last_used.cpu().numpy().copy(),
+            "n_seen": int(self.n_seen), "max_nnz": self.max_nnz,
+        }
+
+    @classmethod
+    def from_dict(cls, d, device, dtype=torch.float32):
+        K, P = d["B"].shape
+        st = cls(K, P, max_nnz=d["max_nnz"], device=device, dtype=dtype)
+        st.B = torch.as_tensor(d["B"]).to(device=device, dtype=dtype).clone()
+        st.diag = torch.as_tensor(d["diag"]).to(device=device, dtype=dtype).clone()
+        st.rows = torch.as_tensor(d["rows"]).to(device=device, dtype=torch.long).clone()
+        st.cols = torch.as_tensor(d["cols"]).to(device=device, dtype=torch.long).clone()
+        st.vals = torch.as_tensor(d["vals"]).to(device=device, dtype=dtype).clone()
+        st.last_used = torch.as_tensor(d["last_used"]).to(device=device, dtype=torch.long).clone()
+        st.n_seen = int(d["n_seen"])
+        return st
+
+    def update(self, X, indices, values, decay):
+        """Decay the statistics by ``decay`` and add one batch of codes."""
+        values = values.to(self.B.dtype)
+        X = X.to(self.B.dtype)
+        self.B.mul_(decay)
+        self.diag.mul_(decay)
+        self.vals.mul_(decay)
+        accumulate_B(self.B, X, indices, values)
+        d, r, c, v = batch_cooccurrence(indices, values, self.n_components)
+        self.diag.add_(d)
+        if v.numel():
+            rows = torch.cat([self.rows, r])
+            cols = torch.cat([self.cols, c])
+            vals = torch.cat([self.vals, v])
+            rows, cols, vals = _coalesce(rows, cols, vals, self.n_components)
+            if vals.numel() > self.max_nnz:
+                keep = vals.abs().topk(self.max_nnz, sorted=False).indices
+                keep = keep.sort().values
+                rows, cols, vals = rows[keep], cols[keep], vals[keep]
+            self.rows, self.cols, self.vals = rows, cols, vals
+        n = indices.shape[0]
+        used = indices.reshape(-1)[values.reshape(-1) != 0]
+        self.n_seen += n
+        self.last_used[used] = self.n_seen
+
+    def offdiag_matmul(self, D, *, chunk=16384):
+        """``(A - diag(A)) @ D`` (K x P) from the upper-triangular entries.
+
+        Processed in chunks of ``chunk`` entries, so the largest temporary is
+        ``(chunk, P)``.
+        """
+        out = torch.zeros_like(D)
+        Dv = D.to(self.vals.dtype)
+        for e0 in range(0, self.vals.numel(), chunk):
+            r = self.rows[e0:e0 + chunk]
+            c = self.cols[e0:e0 + chunk]
+            v = self.vals[e0:e0 + chunk, None]
+            add_rows(out, r, (v * Dv[c]).to(out.dtype))
+            add_rows(out, c, (v * Dv[r]).to(out.dtype))
+        return out
+
+    def reset_atoms(self, atoms):
+        """Forget every statistic of ``atoms`` (after they were resampled)."""
+        if atoms.numel() == 0:
+            return
+        self.B[atoms] = 0
+        self.diag[atoms] = 0
+        mask = torch.zeros(self.n_components, dtype=torch.bool, device=self.B.device)
+        mask[atoms] = True
+        keep = ~(mask[self.rows] | mask[self.cols])
+        self.rows, self.cols, self.vals = self.rows[keep], self.cols[keep], self.vals[keep]
+        self.last_used[atoms] = self.n_seen
+
+
+def project_unit_norm(D, *, fallback=None, eps=1e-10):
+    """Scale every atom (row) to unit norm, in place.
+
+    Atoms with norm below ``eps`` take the matching row of ``fallback`` (e.g.
+    their previous value) when given, and are otherwise left as they are.
+    """
+    norms = D.norm(dim=1)
+    small = norms < eps
+    D.div_(norms.clamp_min(eps)[:, None])
+    if bool(small.any()):
+        if fallback is not None:
+            D[small] = fallback[small]
+        else:
+            D[small] = D[small] * norms[small, None].clamp_min(eps) / eps
+    return D
+
+
+def refresh_atoms(D, stats: SparseStats, atoms=None, *, step=1.0, n_iter=1, min_diag=1e-12):
+    """Block-coordinate (Jacobi) update of ``atoms`` from the statistics, in place.
+
+    Each touched atom is set to its least-squares optimum given all the other
+    atoms, ``d_k <- (B_k - sum_{j != k} A_kj d_j) / A_kk`` (damped by ``step``
+    and repeated ``n_iter`` times: iterating to convergence is the MOD update
+    ``D = A^{-1} B`` restricted to these atoms), then projected to unit norm.
+    Atoms with ``A_kk <= min_diag`` are left unchanged.
+    """
+    K = D.shape[0]
+    if atoms is None:
+        atoms = torch.arange(K, device=D.device)
+    atoms = atoms[stats.diag[atoms] > min_diag]
+    if atoms.numel() == 0:
+        return D
+    for _ in range(int(n_iter)):
+        old = D[atoms]
+        AD = stats.offdiag_matmul(D)[atoms]
+        new = (stats.B[atoms].to(D.dtype) - AD) / stats.diag[atoms, None].to(D.dtype)
+        if step != 1.0:
+            new = (1 - step) * old + step * new
+        project_unit_norm(new, fallback=old)
+        D[atoms] = new
+    return D
+
+
+def resample_dead_atoms(D, stats: SparseStats, window, residuals, *, generator=None):
+    """Replace atoms unused for more than ``window`` rows by high-residual directions.
+
+    ``residuals`` is a ``(n, P)`` batch of reconstruction residuals; the dead
+    atoms take the normalised residuals with the largest norms (at most one
+    atom per row), and their statistics are reset. Returns the resampled atom
+    indices.
+    """
+    if window is None or window <= 0:
+        return torch.zeros(0, dtype=torch.long, device=D.device)
+    dead = (stats.n_seen - stats.last_used) > int(window)
+    dead_idx = dead.nonzero(as_tuple=True)[0]
+    if dead_idx.numel() == 0:
+        return dead_idx
+    norms = residuals.norm(dim=1)
+    valid = int((norms > 1e-12 * norms.max().clamp_min(1e-30)).sum())
+    m = min(dead_idx.numel(), valid)
+    if m == 0:
+        return dead_idx[:0]
+    if dead_idx.numel() > m:  # random subset of the dead atoms
+        perm = torch.randperm(dead_idx.numel(), generator=generator, device="cpu")[:m]
+        dead_idx = dead_idx[perm.to(D.device)].sort().values
+    top = norms.topk(m).indices
+    new = residuals[top].to(D.dtype)
+    D[dead_idx] = new / new.norm(dim=1, keepdim=True)
+    stats.reset_atoms(dead_idx)
+    return dead_idx

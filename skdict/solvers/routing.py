@@ -1,0 +1,274 @@
+"""Routing: pick the ``s`` best atoms of a large dictionary for each row.
+
+Exact routing (:func:`route_topk`) scores a batch against the dictionary one
+K-tile at a time and merges each tile's best ``s`` atoms into a running top-s,
+so the ``(batch, K)`` score matrix never exists beyond one ``(batch, tile)``
+block. Inside a tile the selection is itself two-staged and exact: the tile is
+split into strided groups of ``group`` atoms, a group's maximum is taken with
+one vectorised pass, only the best ``s`` groups are searched for the best ``s``
+atoms (the ``s`` best atoms always lie in the ``s`` groups with the largest
+maxima). This keeps the selection cost a small fraction of the GEMM.
+
+Approximate routing (:class:`ClusterIndex`, :func:`route_approx`) first scores
+a row against the centroids of a coarse spherical k-means index over the atoms
+and then scores only the atoms of its ``n_probes`` nearest clusters.
+
+The score of atom ``k`` for row ``x`` is ``|<x, d_k>|`` (or ``<x, d_k>`` when
+``positive=True``, for non-negative codes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["route_topk", "route_dense", "ClusterIndex", "route_approx"]
+
+
+def route_dense(X: torch.Tensor, D: torch.Tensor, s: int, *, positive: bool = False):
+    """Naive reference for :func:`route_topk`: full ``(n, K)`` scores then top-k.
+
+    Returns ``(scores, indices)`` of shape ``(n, s)``, sorted by decreasing score.
+    """
+    S = X @ D.T
+    if not positive:
+        S = S.abs()
+    return S.topk(s, dim=1)
+
+
+def _tile_topk(S: torch.Tensor, s: int, group: int):
+    """Exact top-``s`` (values, column indices) of each row of ``S`` (unsorted)."""
+    b, t = S.shape
+    if group <= 1 or t % group != 0 or t // group < s or t <= 4 * s:
+        k = min(s, t)
+        return S.topk(k, dim=1, sorted=False)
+    n_groups = t // group
+    V = S.view(b, group, n_groups)  # group j = columns {j, j + n_groups, ...}
+    gmax = V.amax(1)
+    _, gi = gmax.topk(s, dim=1, sorted=False)  # (b, s) best groups
+    cand = V.gather(2, gi[:, None, :].expand(b, group, s))  # (b, group, s)
+    vals, loc = cand.reshape(b, group * s).topk(s, dim=1, sorted=False)
+    r = torch.div(loc, s, rounding_mode="floor")
+    j = gi.gather(1, loc - r * s)
+    return vals, r * n_groups + j
+
+
+def route_topk(
+    X: torch.Tensor,
+    D: torch.Tensor,
+    s: int,
+    *,
+    tile_size: int = 4096,
+    positive: bool = False,
+    group: int = 16,
+):
+    """Exact top-``s`` atoms per row by a tiled scan with a running merge.
+
+    Parameters
+    ----------
+    X : Tensor of shape (n, P)
+    D : Tensor of shape (K, P)
+        Atoms as rows.
+    s : int
+        Atoms kept per row (``s <= K``).
+    tile_size : int
+        Atoms scored at a time; the only score block is ``(n, tile_size)``.
+    positive : bool
+        Score by ``<x, d>`` instead of ``|<x, d>|``.
+    group : int
+        Group size of the two-stage selection inside a tile (1 disables it).
+
+    Returns
+    -------
+    scores, indices : Tensors of shape (n, s)
+        Routing scores and atom indices, sorted by decreasing score.
+    """
+    n, _ = X.shape
+    K = D.shape[0]
+    s = int(s)
+    if not 1 <= s <= K:
+        raise ValueError(f"s={s} must be between 1 and the number of atoms {K}.")
+    tile_size = max(int(tile_size), 1)
+    best_v = torch.full((n, 0), -math.inf, dtype=X.dtype, device=X.device)
+    best_i = torch.zeros((n, 0), dtype=torch.long, device=X.device)
+    buf = None
+    for k0 in range(0, K, tile_size):
+        k1 = min(K, k0 + tile_size)
+        t = k1 - k0
+        if buf is None or buf.shape[1] != t:
+            buf = torch.empty((n, t), dtype=X.dtype, device=X.device)
+        torch.matmul(X, D[k0:k1].T, out=buf)
+        if not positive:
+            buf.abs_()
+        v, i = _tile_topk(buf, s, group)
+        i = i + k0
+        if best_v.shape[1] == 0:
+            best_v, best_i = v, i
+            continue
+        v = torch.cat([best_v, v], dim=1)
+        i = torch.cat([best_i, i], dim=1)
+        best_v, loc = v.topk(min(s, v.shape[1]), dim=1, sorted=False)
+        best_i = i.gather(1, loc)
+    best_v, order = best_v.sort(dim=1, descending=True)
+    return best_v, best_i.gather(1, order)
+
+
+class ClusterIndex:
+    """A coarse index over the atoms: spherical k-means on ``+-d`` directions.
+
+    Atoms ``d`` and ``-d`` give the same routing score ``|<x, d>|``, so the
+    similarity used for clustering is ``|<d, c>|`` and each centroid is the
+    normalised sign-aligned mean of its atoms (or the plain cosine when
+    ``positive=True``).
+
+    Parameters
+    ----------
+    D : Tensor of shape (K, P)
+    n_clusters : int
+    n_iter : int
+        Lloyd iterations.
+    generator : torch.Generator, optional
+    positive : bool
+    chunk : int
+        Atoms scored against the centroids at a time (the largest block is
+        ``(chunk, n_clusters)``).
+
+    Attributes
+    ----------
+    centroids : Tensor (n_clusters, P)
+    labels : LongTensor (K,)
+    order : LongTensor (K,)
+        Atom ids sorted by cluster.
+    offsets : LongTensor (n_clusters + 1,)
+        Cluster ``c`` holds ``order[offsets[c]:offsets[c + 1]]``.
+    """
+
+    def __init__(self, D, n_clusters, *, n_iter=8, generator=None, positive=False,
+                 chunk=8192, centroids=None):
+        K = D.shape[0]
+        C = max(1, min(int(n_clusters), K))
+        self.positive = positive
+        if centroids is None:
+            perm = torch.randperm(K, generator=generator, device="cpu")[:C].to(D.device)
+            cent = D[perm].clone()
+            n_iter = int(n_iter)
+        else:
+            cent = centroids.to(D)
+            n_iter = 0
+        labels = self._assign(D, cent, chunk)[0]
+        for _ in range(n_iter):
+            labels, sign = self._assign(D, cent, chunk)
+            new = torch.zeros_like(cent)
+            new.index_put_((labels,), D * sign[:, None], accumulate=True)
+            norms = new.norm(dim=1)
+            empty = norms == 0
+            if bool(empty.any()):  # re-seed empty clusters with random atoms
+                pick = torch.randint(K, (int(empty.sum()),), generator=generator,
+                                     device="cpu").to(D.device)
+                new[empty] = D[pick]
+                norms = new.norm(dim=1)
+            cent = new / norms.clamp_min(1e-12)[:, None]
+        if n_iter:
+            labels = self._assign(D, cent, chunk)[0]
+        self.centroids = cent
+        self.set_labels(labels, C)
+
+    def set_labels(self, labels, n_clusters):
+        self.labels = labels
+        self.order = torch.argsort(labels, stable=True)
+        counts = torch.bincount(labels, minlength=n_clusters)
+        self.offsets = torch.zeros(n_clusters + 1, dtype=torch.long, device=labels.device)
+        self.offsets[1:] = torch.cumsum(counts, 0)
+        self._offsets_list = self.offsets.tolist()
+
+    def _assign(self, D, cent, chunk):
+        labels = torch.empty(D.shape[0], dtype=torch.long, device=D.device)
+        sign = torch.ones(D.shape[0], dtype=D.dtype, device=D.device)
+        for k0 in range(0, D.shape[0], chunk):
+            S = D[k0:k0 + chunk] @ cent.T
+            if self.positive:
+                labels[k0:k0 + chunk] = S.argmax(1)
+            else:
+                lab = S.abs().argmax(1)
+                labels[k0:k0 + chunk] = lab
+                sign[k0:k0 + chunk] = torch.sign(S.gather(1, lab[:, None])[:, 0]) + (
+                    S.gather(1, lab[:, None])[:, 0] == 0
+                ).to(D.dtype)
+        return labels, sign
+
+    @property
+    def n_clusters(self):
+        return self.centroids.shape[0]
+
+    def sizes(self):
+        return self.offsets[1:] - self.offsets[:-1]
+
+
+def route_approx(
+    X: torch.Tensor,
+    D: torch.Tensor,
+    s: int,
+    index: ClusterIndex,
+    *,
+    n_probes: int = 8,
+    positive: bool = False,
+    tile_size: int = 4096,
+    Dsorted: torch.Tensor | None = None,
+):
+    """Approximate top-``s`` atoms: score only the atoms of the nearest clusters.
+
+    Each row is scored against the ``n_clusters`` centroids, its ``n_probes``
+    best clusters are searched exhaustively and the best ``s`` atoms found are
+    returned. Rows whose probed clusters hold fewer than ``s`` atoms fall back
+    to exact routing. With ``n_probes >= n_clusters`` the result equals
+    :func:`route_topk`. ``Dsorted`` (``D[index.order]``) may be passed when
+    it is reused across calls.
+
+    Returns
+    -------
+    scores, indices : Tensors of shape (n, s), sorted by decreasing score.
+    """
+    n = X.shape[0]
+    C = index.n_clusters
+    n_probes = max(1, min(int(n_probes), C))
+    Q = X @ index.centroids.T
+    if not positive:
+        Q = Q.abs()
+    _, probes = Q.topk(n_probes, dim=1, sorted=False)  # (n, n_probes)
+    V = torch.full((n, n_probes, s), -math.inf, dtype=X.dtype, device=X.device)
+    I = torch.zeros((n, n_probes, s), dtype=torch.long, device=X.device)
+    flat = probes.reshape(-1)
+    sort_idx = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=C).tolist()
+    offs = index._offsets_list
+    if Dsorted is None:
+        Dsorted = D[index.order]
+    pos = 0
+    for c in range(C):
+        cnt = counts[c]
+        if cnt == 0:
+            continue
+        a0, a1 = offs[c], offs[c + 1]
+        sel = sort_idx[pos:pos + cnt]
+        pos += cnt
+        if a1 == a0:
+            continue
+        rows = torch.div(sel, n_probes, rounding_mode="floor")
+        slot = sel - rows * n_probes
+        S = X[rows] @ Dsorted[a0:a1].T
+        if not positive:
+            S.abs_()
+        k = min(s, a1 - a0)
+        v, loc = S.topk(k, dim=1, sorted=False)
+        V[rows, slot, :k] = v
+        I[rows, slot, :k] = index.order[a0 + loc]
+    best_v, loc = V.reshape(n, -1).topk(s, dim=1)
+    best_i = I.reshape(n, -1).gather(1, loc)
+    short = torch.isinf(best_v[:, -1]) & (best_v[:, -1] < 0)
+    if bool(short.any()):
+        rows = short.nonzero(as_tuple=True)[0]
+        v, i = route_topk(X[rows], D, s, tile_size=tile_size, positive=positive)
+        best_v[rows] = v
+        best_i[rows] = i
+    return best_v, best_i
