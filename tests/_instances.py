@@ -32,3 +32,16 @@ INSTANCES += [
     SparseTokenSelector(method="sparsemax", scale=2.0, device="cpu", tile_size=7),
     SparseTokenSelector(method="topk", keep_ratio=0.3, device="cpu", tile_size=7),
 ]
+
+# ---------------------------------------------------- CollapsedDictionaryLearner
+from skdict import CollapsedDictionaryLearner  # noqa: E402
+
+# n_nonzero_coefs=1: several sklearn checks force n_components=1, and
+# n_nonzero_coefs > n_components is (deliberately) a ValueError.
+INSTANCES += [
+    CollapsedDictionaryLearner(n_components=6, n_nonzero_coefs=1, tile_size=4,
+                               batch_size=8, max_iter=2, random_state=0, device="cpu"),
+    CollapsedDictionaryLearner(n_components=6, n_nonzero_coefs=1, positive_code=True,
+                               routing="approximate", n_clusters=3, n_probes=2,
+                               batch_size=8, max_iter=2, random_state=0, device="cpu"),
+]
