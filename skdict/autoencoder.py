@@ -52,6 +52,14 @@ def _is_batch_iterable(X):
     return hasattr(X, "__iter__")
 
 
+def _to_tensor(arr, device, tdtype):
+    """numpy block -> tensor on ``device`` (copying read-only blocks first)."""
+    arr = np.ascontiguousarray(arr)
+    if not arr.flags.writeable:
+        arr = arr.copy()
+    return torch.from_numpy(arr).to(device=device, dtype=tdtype)
+
+
 def _geometric_median(X, n_iter=50, eps=1e-8):
     """Weiszfeld iterations for the geometric median of the rows of ``X``."""
     y = X.mean(0)
@@ -304,7 +312,7 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
             blk = X[np.asarray(idx)].toarray()
         else:
             blk = np.asarray(X[np.asarray(idx)])
-        return torch.from_numpy(np.ascontiguousarray(blk)).to(device=device, dtype=tdtype)
+        return _to_tensor(blk, device, tdtype)
 
     def _array_batches(self, kind, X, n_steps, bs, device, tdtype, np_rng, gen):
         """Yield training batches from an array, memmap, sparse matrix or tensor."""
@@ -324,7 +332,7 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
                             "Input X contains NaN or infinity. Remove or impute "
                             f"non-finite values before calling {type(self).__name__}."
                         )
-                    Xb = torch.from_numpy(np.ascontiguousarray(blk)).to(device, tdtype)
+                    Xb = _to_tensor(blk, device, tdtype)
                     yield Xb[torch.randperm(Xb.shape[0], generator=gen, device=device)]
                     produced += 1
             elif isinstance(X, torch.Tensor):
@@ -360,9 +368,10 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
                 if sp.issparse(Xb):
                     Xb = Xb.toarray()
                 tdtype = tdtype_fn(dtype)
-                if not isinstance(Xb, torch.Tensor):
-                    Xb = torch.from_numpy(np.ascontiguousarray(Xb))
-                Xb = Xb.to(device=device, dtype=tdtype)
+                if isinstance(Xb, torch.Tensor):
+                    Xb = Xb.to(device=device, dtype=tdtype)
+                else:
+                    Xb = _to_tensor(Xb, device, tdtype)
                 for s in range(0, Xb.shape[0], bs):
                     if n_steps is not None and produced >= n_steps:
                         return
@@ -612,7 +621,7 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
                 "Input X contains NaN or infinity. Remove or impute non-finite values "
                 f"before calling {type(self).__name__}."
             )
-        return torch.from_numpy(np.ascontiguousarray(blk)).to(device=device, dtype=tdtype)
+        return _to_tensor(blk, device, tdtype)
 
     # ------------------------------------------------------------------ one step
     def _pre(self, xc, W_enc, b_enc):

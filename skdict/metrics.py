@@ -173,3 +173,111 @@ __all__ += [
     "realized_nnz",
     "recall_at_k",
 ]
+
+
+# ======================================================================================
+# Reconstructions and codes of sparse autoencoders (KSparseAutoencoder)
+#
+# ``X`` and ``X_hat`` are (n_samples, n_features) data and reconstruction; ``codes``
+# are (n_samples, n_components) codes, CSR / dense / torch. Sums are accumulated in
+# float64.
+# ======================================================================================
+
+
+def _recon_pair(X, X_hat):
+    X = _sel_dense(X, "X")
+    X_hat = _sel_dense(X_hat, "X_hat")
+    if X.shape != X_hat.shape:
+        raise ValueError(
+            f"X has shape {X.shape} but X_hat has shape {X_hat.shape}; they must match."
+        )
+    if X.shape[0] < 1:
+        raise ValueError("X must have at least one row.")
+    return X, X_hat
+
+
+def fvu(X, X_hat):
+    """Fraction of variance unexplained ``sum ||x - x_hat||^2 / sum ||x - x_bar||^2``.
+
+    ``x_bar`` is the mean over all rows of ``X`` (not per batch), so the value
+    does not depend on how rows were batched.
+
+    Parameters
+    ----------
+    X, X_hat : array-like, sparse or torch.Tensor of shape (n_samples, n_features)
+
+    Returns
+    -------
+    float
+        0 for a perfect reconstruction, 1 for predicting the mean. ``inf`` when
+        ``X`` has no variance and the reconstruction is not exact (0 if exact).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skdict.metrics import fvu
+    >>> X = np.array([[0.0, 1.0], [2.0, 3.0]])
+    >>> fvu(X, X.mean(0, keepdims=True).repeat(2, 0))
+    1.0
+    """
+    X, X_hat = _recon_pair(X, X_hat)
+    rss = float(((X - X_hat) ** 2).sum())
+    tv = float(((X - X.mean(0)) ** 2).sum())
+    if tv == 0.0:
+        return 0.0 if rss == 0.0 else float("inf")
+    return rss / tv
+
+
+def explained_variance(X, X_hat):
+    """``1 - fvu(X, X_hat)`` (higher is better); see :func:`fvu`."""
+    return 1.0 - fvu(X, X_hat)
+
+
+def l0(codes):
+    """Mean number of non-zeros per row of ``codes``."""
+    C = _sel_csr(codes)
+    if C.shape[0] < 1:
+        raise ValueError("codes must have at least one row.")
+    return float(C.nnz) / C.shape[0]
+
+
+def dead_fraction(codes):
+    """Fraction of latents (columns) that are never non-zero in ``codes``."""
+    C = _sel_csr(codes)
+    if C.shape[1] < 1:
+        raise ValueError("codes must have at least one column.")
+    used = _np.zeros(C.shape[1], dtype=bool)
+    used[C.indices] = True
+    return float(1.0 - used.mean())
+
+
+def cosine_similarity(X, X_hat, eps=1e-12):
+    """Mean cosine similarity between the rows of ``X`` and ``X_hat``."""
+    X, X_hat = _recon_pair(X, X_hat)
+    num = (X * X_hat).sum(1)
+    den = _np.linalg.norm(X, axis=1) * _np.linalg.norm(X_hat, axis=1)
+    return float((num / _np.maximum(den, eps)).mean())
+
+
+def relative_reconstruction_bias(X, X_hat):
+    """``E ||x_hat||^2 / E <x, x_hat>``: 1 when the reconstruction is unbiased in
+    scale, below 1 when it shrinks (as L1 penalties do).
+
+    The ratio is the argmin over ``gamma`` of ``E ||x - x_hat / gamma||^2``
+    (Wright & Sharkey 2024).
+    """
+    X, X_hat = _recon_pair(X, X_hat)
+    den = float((X * X_hat).sum())
+    if den == 0.0:
+        raise ValueError("E<x, x_hat> is zero; the bias is undefined.")
+    return float((X_hat * X_hat).sum()) / den
+
+
+__all__ += [
+    "cosine_similarity",
+    "dead_fraction",
+    "explained_variance",
+    "fvu",
+    "l0",
+    "relative_reconstruction_bias",
+]

@@ -45,3 +45,17 @@ INSTANCES += [
                                routing="approximate", n_clusters=3, n_probes=2,
                                batch_size=8, max_iter=2, random_state=0, device="cpu"),
 ]
+
+# ---------------------------------------------------------- KSparseAutoencoder
+from skdict import KSparseAutoencoder  # noqa: E402
+
+# k=1: check_fit2d_1feature forces n_components=1, and k > n_components is a
+# ValueError by design.
+INSTANCES += [
+    KSparseAutoencoder(n_components=8, k=1, n_steps=3, batch_size=16, random_state=0,
+                       device="cpu"),
+    KSparseAutoencoder(n_components=8, k=1, sparsity="batchtopk", n_steps=3,
+                       batch_size=16, random_state=0, device="cpu"),
+    KSparseAutoencoder(n_components=8, k=1, sparsity="l1", n_steps=3, batch_size=16,
+                       random_state=0, device="cpu"),
+]
