@@ -4,8 +4,15 @@ __version__ = "0.1.0"
 
 from .autoencoder import KSparseAutoencoder  # noqa: E402
 from .coding import SparseCoder  # noqa: E402
-from .lca import LCASparseCoder  # noqa: E402
 from .large import CollapsedDictionaryLearner  # noqa: E402
+from .lca import LCASparseCoder  # noqa: E402
 from .selection import SparseTokenSelector  # noqa: E402
 
-__all__ = ["CollapsedDictionaryLearner", "KSparseAutoencoder", "LCASparseCoder", "SparseCoder", "SparseTokenSelector", "__version__"]
+__all__ = [
+    "CollapsedDictionaryLearner",
+    "KSparseAutoencoder",
+    "LCASparseCoder",
+    "SparseCoder",
+    "SparseTokenSelector",
+    "__version__",
+]
