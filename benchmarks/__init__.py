@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks (run by hand, not in CI)."""
