@@ -12,7 +12,9 @@ One minibatch step:
 3. **Decoder** -- sparse normal equations (:class:`skdict.dictionary.SparseStats`):
    ``B`` (K x P) via ``index_add``, the co-occurrence ``A`` as a pruned sparse
    matrix plus its diagonal, decayed as in online learning; touched atoms get a
-   block-coordinate (MOD) refresh.
+   block-coordinate (MOD) refresh (a Jacobi step; for non-negative codes, whose
+   co-occurrence matrix is not diagonally dominant, the majorised Gershgorin
+   step, which always decreases the surrogate).
 4. **Project** -- unit-norm atoms; atoms unused for a window of rows are
    resampled from high-residual rows.
 
@@ -395,7 +397,8 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
         mse = float((R.double() ** 2).mean())
         stats.update(Xb, idx, vals, decay_factor(stats.n_seen, Xb.shape[0]))
         touched = torch.unique(idx[vals != 0])
-        refresh_atoms(D, stats, touched)
+        refresh_atoms(D, stats, touched,
+                      preconditioner="gershgorin" if self.positive_code else "jacobi")
         resampled = resample_dead_atoms(D, stats, self._window(), R, generator=generator_cpu)
         return mse, int(resampled.numel())
 

@@ -222,6 +222,14 @@ class SparseStats:
             add_rows(out, c, (v * Dv[r]).to(out.dtype))
         return out
 
+    def offdiag_abs_rowsum(self):
+        """``sum_{j != k} |A_kj|`` for every atom (a ``(K,)`` vector)."""
+        out = torch.zeros_like(self.diag)
+        a = self.vals.abs()
+        add_rows(out, self.rows, a)
+        add_rows(out, self.cols, a)
+        return out
+
     def reset_atoms(self, atoms):
         """Forget every statistic of ``atoms`` (after they were resampled)."""
         if atoms.numel() == 0:
@@ -252,14 +260,23 @@ def project_unit_norm(D, *, fallback=None, eps=1e-10):
     return D
 
 
-def refresh_atoms(D, stats: SparseStats, atoms=None, *, step=1.0, n_iter=1, min_diag=1e-12):
-    """Block-coordinate (Jacobi) update of ``atoms`` from the statistics, in place.
+def refresh_atoms(D, stats: SparseStats, atoms=None, *, step=1.0, n_iter=1,
+                  preconditioner="gershgorin", min_diag=1e-12):
+    """Block-coordinate update of ``atoms`` from the statistics, in place.
 
-    Each touched atom is set to its least-squares optimum given all the other
-    atoms, ``d_k <- (B_k - sum_{j != k} A_kj d_j) / A_kk`` (damped by ``step``
-    and repeated ``n_iter`` times: iterating to convergence is the MOD update
-    ``D = A^{-1} B`` restricted to these atoms), then projected to unit norm.
-    Atoms with ``A_kk <= min_diag`` are left unchanged.
+    With ``preconditioner="jacobi"`` each touched atom is set to its
+    least-squares optimum given all the other atoms,
+    ``d_k <- (B_k - sum_{j != k} A_kj d_j) / A_kk`` (the block-coordinate step
+    of online dictionary learning, applied to all touched atoms at once).
+    Applied simultaneously this Jacobi sweep can diverge when the
+    co-occurrence matrix is not diagonally dominant (e.g. non-negative codes),
+    so the default ``"gershgorin"`` takes the majorised step
+    ``d_k <- d_k + (B_k - (A D)_k) / M_k`` with
+    ``M_k = A_kk + sum_{j != k} |A_kj|``: since ``diag(M) >= A``, every step
+    decreases the quadratic ``0.5 tr(D^T A D) - tr(D^T B)``. Both are damped by
+    ``step``, repeated ``n_iter`` times (iterating to convergence is the MOD
+    update ``D = A^{-1} B`` restricted to these atoms), then projected to unit
+    norm. Atoms with ``A_kk <= min_diag`` are left unchanged.
     """
     K = D.shape[0]
     if atoms is None:
@@ -267,10 +284,20 @@ def refresh_atoms(D, stats: SparseStats, atoms=None, *, step=1.0, n_iter=1, min_
     atoms = atoms[stats.diag[atoms] > min_diag]
     if atoms.numel() == 0:
         return D
+    diag = stats.diag[atoms, None].to(D.dtype)
+    if preconditioner == "gershgorin":
+        M = diag + stats.offdiag_abs_rowsum()[atoms, None].to(D.dtype)
+    elif preconditioner != "jacobi":
+        raise ValueError(
+            f"preconditioner must be 'jacobi' or 'gershgorin', got {preconditioner!r}."
+        )
     for _ in range(int(n_iter)):
         old = D[atoms]
         AD = stats.offdiag_matmul(D)[atoms]
-        new = (stats.B[atoms].to(D.dtype) - AD) / stats.diag[atoms, None].to(D.dtype)
+        if preconditioner == "jacobi":
+            new = (stats.B[atoms].to(D.dtype) - AD) / diag
+        else:
+            new = old + (stats.B[atoms].to(D.dtype) - AD - diag * old) / M
         if step != 1.0:
             new = (1 - step) * old + step * new
         project_unit_norm(new, fallback=old)

@@ -63,7 +63,7 @@ def active_lstsq(
     alpha: float = 0.0,
     ridge: float = 1e-7,
     max_iter: int = 200,
-    tol: float = 1e-7,
+    tol: float = 1e-6,
     G: torch.Tensor | None = None,
     c: torch.Tensor | None = None,
 ) -> SolverResult:
@@ -86,7 +86,7 @@ def active_lstsq(
     max_iter, tol : int, float
         Coordinate-descent sweeps and the stopping tolerance on the largest
         coordinate change relative to the largest coordinate (constrained /
-        L1 problems only).
+        L1 problems only), floored at ``50 * eps`` of the dtype.
     G, c : Tensors, optional
         Precomputed :func:`active_gram` output.
 
@@ -109,6 +109,7 @@ def active_lstsq(
     if positive:
         a = a.clamp_min(0)
     diag = G.diagonal(dim1=1, dim2=2).clamp_min(torch.finfo(G.dtype).tiny)
+    tol = max(float(tol), 50 * torch.finfo(a.dtype).eps)
     history = []
     converged = False
     n_iter = 0

@@ -1,0 +1,492 @@
+"""Tests of CollapsedDictionaryLearner and its solvers (routing, active-set least
+squares, sparse normal-equation statistics)."""
+
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import scipy.optimize
+import scipy.sparse as sp
+import torch
+from sklearn.linear_model import Lasso
+
+from skdict import CollapsedDictionaryLearner
+from skdict.datasets import make_sparse_data
+from skdict.dictionary.sparse_stats import (
+    SparseStats,
+    batch_cooccurrence,
+    decay_factor,
+    project_unit_norm,
+    refresh_atoms,
+    resample_dead_atoms,
+)
+from skdict.solvers.active_lstsq import active_lstsq
+from skdict.solvers.decode import topk_decode
+from skdict.solvers.routing import ClusterIndex, route_approx, route_dense, route_topk
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The suite runs on a shared 2-core machine: many tiny torch ops with two
+    # OpenMP threads under contention are ~10x slower than with one.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _dict(K, P, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    D = torch.randn(K, P, generator=g, dtype=dtype)
+    return D / D.norm(dim=1, keepdim=True)
+
+
+def _dense_codes(idx, vals, K):
+    A = torch.zeros(idx.shape[0], K, dtype=vals.dtype)
+    A.scatter_(1, idx, vals)
+    return A
+
+
+# ----------------------------------------------------------------------- routing
+@pytest.mark.parametrize("tile_size", [1, 7, 64, 100, 160, 1000])
+@pytest.mark.parametrize("positive", [False, True])
+def test_route_topk_matches_dense(tile_size, positive):
+    D = _dict(300, 12)
+    X = torch.randn(50, 12, dtype=torch.float64)
+    v, i = route_topk(X, D, 5, tile_size=tile_size, positive=positive)
+    v0, i0 = route_dense(X, D, 5, positive=positive)
+    assert torch.equal(i, i0)
+    torch.testing.assert_close(v, v0)
+
+
+def test_route_topk_group_selection_is_exact():
+    # tiles divisible by the group size take the two-stage selection path
+    D = _dict(1024, 8, seed=1)
+    X = torch.randn(200, 8, dtype=torch.float64)
+    for s in (1, 4, 16):
+        _, i = route_topk(X, D, s, tile_size=512, group=16)
+        _, i0 = route_dense(X, D, s)
+        assert torch.equal(i, i0)
+
+
+def test_route_topk_rejects_bad_s():
+    D = _dict(10, 3)
+    with pytest.raises(ValueError, match="between 1 and"):
+        route_topk(torch.randn(2, 3, dtype=torch.float64), D, 11)
+
+
+@pytest.mark.parametrize("positive", [False, True])
+def test_route_approx_all_probes_is_exact(positive):
+    D = _dict(400, 10, seed=2)
+    X = torch.randn(80, 10, dtype=torch.float64)
+    index = ClusterIndex(D, 12, generator=torch.Generator().manual_seed(0), positive=positive)
+    assert int(index.sizes().sum()) == 400
+    assert torch.equal(index.order.sort().values, torch.arange(400))
+    _, i = route_approx(X, D, 6, index, n_probes=12, positive=positive)
+    _, i0 = route_dense(X, D, 6, positive=positive)
+    assert torch.equal(i, i0)
+
+
+def test_route_approx_recall_grows_with_probes_and_falls_back():
+    D = _dict(2000, 16, seed=3)
+    # rows close to atoms: the nearest cluster should hold the best atoms
+    X = D[:300] + 0.05 * torch.randn(300, 16, dtype=torch.float64)
+    index = ClusterIndex(D, 40, generator=torch.Generator().manual_seed(0))
+    _, i0 = route_dense(X, D, 4)
+    recalls = []
+    for p in (1, 4, 40):
+        _, i = route_approx(X, D, 4, index, n_probes=p)
+        assert all(len(set(r.tolist())) == 4 for r in i)  # distinct atoms
+        recalls.append(float((i[:, :, None] == i0[:, None, :]).any(2).float().mean()))
+    assert recalls[0] <= recalls[1] <= recalls[2] == 1.0
+    assert (i[:, 0] == torch.arange(300)).all()
+    # clusters smaller than s force the exact fallback: still correct
+    tiny = ClusterIndex(D[:50], 50, n_iter=0)
+    _, i = route_approx(X, D[:50], 5, tiny, n_probes=1)
+    _, i0 = route_dense(X, D[:50], 5)
+    assert torch.equal(i, i0)
+
+
+# -------------------------------------------------------------- active lstsq
+def test_active_lstsq_matches_numpy():
+    D = _dict(50, 20, seed=4)
+    X = torch.randn(30, 20, dtype=torch.float64)
+    idx = torch.stack([torch.randperm(50)[:6] for _ in range(30)])
+    a = active_lstsq(X, D, idx, ridge=0.0).codes
+    for r in range(30):
+        ref = np.linalg.lstsq(D[idx[r]].numpy().T, X[r].numpy(), rcond=None)[0]
+        np.testing.assert_allclose(a[r].numpy(), ref, rtol=1e-9, atol=1e-10)
+
+
+def test_active_lstsq_rank_deficient_is_finite():
+    D = _dict(4, 3)
+    D[1] = D[0]
+    X = torch.randn(5, 3, dtype=torch.float64)
+    idx = torch.tensor([[0, 1, 2]] * 5)
+    a = active_lstsq(X, D, idx).codes
+    assert torch.isfinite(a).all()
+    # the fit is still the least-squares fit on span(D[0], D[2])
+    ref = np.linalg.lstsq(D[[0, 2]].numpy().T, X.numpy().T, rcond=None)[0].T
+    fit = (a[:, None, :] @ D[idx]).squeeze(1)
+    np.testing.assert_allclose(fit.numpy(), ref @ D[[0, 2]].numpy(), atol=1e-6)
+
+
+def test_active_lstsq_nnls_matches_scipy():
+    D = _dict(40, 15, seed=5)
+    X = torch.randn(25, 15, dtype=torch.float64)
+    idx = torch.stack([torch.randperm(40)[:8] for _ in range(25)])
+    res = active_lstsq(X, D, idx, positive=True, ridge=0.0, max_iter=5000, tol=1e-12)
+    assert (res.codes >= 0).all()
+    for r in range(25):
+        ref, _ = scipy.optimize.nnls(D[idx[r]].numpy().T, X[r].numpy())
+        np.testing.assert_allclose(res.codes[r].numpy(), ref, atol=1e-7)
+
+
+def test_active_lstsq_l1_matches_sklearn_lasso():
+    D = _dict(40, 15, seed=6)
+    X = torch.randn(10, 15, dtype=torch.float64)
+    idx = torch.stack([torch.randperm(40)[:6] for _ in range(10)])
+    alpha = 0.3
+    for positive in (False, True):
+        res = active_lstsq(X, D, idx, alpha=alpha, positive=positive, ridge=0.0,
+                           max_iter=5000, tol=1e-13)
+        for r in range(10):
+            # sklearn's Lasso divides the squared loss by n_samples (= P here)
+            las = Lasso(alpha=alpha / 15, fit_intercept=False, tol=1e-14,
+                        max_iter=100000, positive=positive)
+            las.fit(D[idx[r]].numpy().T, X[r].numpy())
+            np.testing.assert_allclose(res.codes[r].numpy(), las.coef_, atol=1e-7)
+
+
+# ---------------------------------------------------------- sparse statistics
+def test_batch_cooccurrence_matches_dense():
+    K = 30
+    idx = torch.stack([torch.randperm(K)[:4] for _ in range(20)])
+    vals = torch.randn(20, 4, dtype=torch.float64)
+    diag, r, c, v = batch_cooccurrence(idx, vals, K)
+    A = _dense_codes(idx, vals, K)
+    G = A.T @ A
+    torch.testing.assert_close(diag, G.diagonal())
+    assert (r < c).all() and v.numel() <= 20 * 4 * 3 // 2
+    U = torch.zeros(K, K, dtype=torch.float64)
+    U[r, c] = v
+    torch.testing.assert_close(U, torch.triu(G, 1))
+
+
+def test_sparse_stats_match_dense_online_statistics():
+    K, P = 25, 6
+    st = SparseStats(K, P, max_nnz=10**6, dtype=torch.float64)
+    A_ref = torch.zeros(K, K, dtype=torch.float64)
+    B_ref = torch.zeros(K, P, dtype=torch.float64)
+    D = _dict(K, P, seed=7)
+    for _ in range(4):
+        X = torch.randn(16, P, dtype=torch.float64)
+        idx = torch.stack([torch.randperm(K)[:3] for _ in range(16)])
+        vals = torch.randn(16, 3, dtype=torch.float64)
+        beta = decay_factor(st.n_seen, 16)
+        st.update(X, idx, vals, beta)
+        Ad = _dense_codes(idx, vals, K)
+        A_ref = beta * A_ref + Ad.T @ Ad
+        B_ref = beta * B_ref + Ad.T @ X
+    torch.testing.assert_close(st.B, B_ref)
+    torch.testing.assert_close(st.diag, A_ref.diagonal())
+    off = A_ref - torch.diag(A_ref.diagonal())
+    torch.testing.assert_close(st.offdiag_matmul(D), off @ D)
+    assert st.n_seen == 64
+    # the dense Jacobi / block-coordinate update, then unit norm
+    atoms = torch.tensor([0, 3, 5, 24])
+    expect = (B_ref[atoms] - (off @ D)[atoms]) / A_ref.diagonal()[atoms, None]
+    expect = expect / expect.norm(dim=1, keepdim=True)
+    D2 = D.clone()
+    refresh_atoms(D2, st, atoms, preconditioner="jacobi")
+    torch.testing.assert_close(D2[atoms], expect)
+    others = torch.ones(K, dtype=torch.bool)
+    others[atoms] = False
+    assert torch.equal(D2[others], D[others])
+    # the majorised (Gershgorin) step: d + (B - A d) / (A_kk + sum_j |A_kj|)
+    M = A_ref.diagonal() + off.abs().sum(1)
+    expect = D[atoms] + (B_ref[atoms] - (A_ref @ D)[atoms]) / M[atoms, None]
+    expect = expect / expect.norm(dim=1, keepdim=True)
+    D3 = D.clone()
+    refresh_atoms(D3, st, atoms, preconditioner="gershgorin")
+    torch.testing.assert_close(D3[atoms], expect)
+
+
+def test_decay_schedule():
+    assert decay_factor(0, 10) == pytest.approx(1 / 11)
+    betas = [decay_factor(n, 10) for n in range(0, 5000, 10)]
+    assert all(0 < b < 1 for b in betas)
+    assert all(b1 <= b2 for b1, b2 in zip(betas[:-1], betas[1:], strict=True))
+    assert betas[-1] > 0.98
+
+
+def test_sparse_stats_cap_keeps_largest_entries():
+    K = 40
+    st = SparseStats(K, 3, max_nnz=15, dtype=torch.float64)
+    idx = torch.stack([torch.randperm(K)[:5] for _ in range(10)])
+    vals = torch.randn(10, 5, dtype=torch.float64)
+    st.update(torch.randn(10, 3, dtype=torch.float64), idx, vals, 1.0)
+    assert st.nnz == 15
+    _, _, _, v = batch_cooccurrence(idx, vals, K)
+    kept = st.vals.abs().sort().values
+    torch.testing.assert_close(kept, v.abs().sort().values[-15:])
+
+
+def test_resample_dead_atoms_and_projection():
+    K, P = 12, 5
+    st = SparseStats(K, P, max_nnz=100, dtype=torch.float64)
+    D = _dict(K, P)
+    idx = torch.tensor([[0, 1]] * 8)
+    vals = torch.ones(8, 2, dtype=torch.float64)
+    st.update(torch.randn(8, P, dtype=torch.float64), idx, vals, 1.0)
+    R = torch.zeros(8, P, dtype=torch.float64)
+    R[3] = torch.arange(1.0, P + 1)
+    R[5] = -torch.ones(P)
+    new = resample_dead_atoms(D, st, 4, R)
+    assert new.numel() == 2  # 10 dead atoms, only 2 rows with a residual
+    assert not bool(((new == 0) | (new == 1)).any())
+    got = {tuple(np.round(D[k].numpy(), 8)) for k in new.tolist()}
+    want = {tuple(np.round((R[3] / R[3].norm()).numpy(), 8)),
+            tuple(np.round((R[5] / R[5].norm()).numpy(), 8))}
+    assert got == want
+    assert (st.last_used[new] == st.n_seen).all() and (st.diag[new] == 0).all()
+    assert resample_dead_atoms(D, st, 0, R).numel() == 0  # disabled
+    M = torch.tensor([[3.0, 4.0], [0.0, 0.0]], dtype=torch.float64)
+    project_unit_norm(M, fallback=torch.tensor([[0.0, 0.0], [1.0, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(M, torch.tensor([[0.6, 0.8], [1.0, 0.0]], dtype=torch.float64))
+
+
+# -------------------------------------------------------------------- estimator
+def _planted(n=6000, P=40, K=64, s=3, noise=0.01, seed=0, positive=False):
+    X, D, _ = make_sparse_data(n, P, K, s, noise=noise, random_state=seed,
+                               dtype=np.float32, positive=positive)
+    return X, D
+
+
+def _recovered(learned, true, thr=0.95):
+    C = np.abs(learned @ true.T).max(0)
+    return float((C >= thr).mean())
+
+
+@pytest.fixture(scope="module")
+def planted_fit():
+    X, D = _planted()
+    est = CollapsedDictionaryLearner(64, n_nonzero_coefs=3, batch_size=256, max_iter=10,
+                                     tol=0, random_state=0, device="cpu")
+    est.fit(X)
+    return est, X, D
+
+
+def test_recovers_planted_dictionary(planted_fit):
+    est, X, D = planted_fit
+    assert _recovered(est.components_, D) >= 0.95
+    np.testing.assert_allclose(np.linalg.norm(est.components_, axis=1), 1, atol=1e-5)
+    assert est.n_iter_ == 10 and est.epoch_loss_.shape == (10,)
+    assert est.loss_curve_.shape == (est.n_steps_,) and est.n_steps_ == 10 * 24
+    assert est.epoch_loss_[-1] < 0.5 * est.epoch_loss_[0]
+
+
+def test_recovers_planted_dictionary_positive_codes():
+    X, D = _planted(n=6000, positive=True, seed=1)
+    est = CollapsedDictionaryLearner(64, n_nonzero_coefs=3, batch_size=256, max_iter=4,
+                                     tol=0, positive_code=True, random_state=0, device="cpu")
+    codes = est.fit_transform(X)
+    assert codes.data.min() >= 0
+    assert _recovered(est.components_, D) >= 0.95
+
+
+def test_approximate_routing_fit():
+    X, D = _planted(seed=1)
+    est = CollapsedDictionaryLearner(64, n_nonzero_coefs=3, batch_size=256, max_iter=4,
+                                     tol=0, routing="approximate", n_clusters=8,
+                                     n_probes=4, random_state=0, device="cpu").fit(X)
+    assert _recovered(est.components_, D) >= 0.85
+    assert est.cluster_centers_.shape == (8, 40) and est.atom_clusters_.shape == (64,)
+    # transform uses the fitted index; with every cluster probed it is exact routing
+    exact = CollapsedDictionaryLearner(64, n_nonzero_coefs=3, device="cpu")
+    exact.components_, exact.n_features_in_ = est.components_, 40
+    est.set_params(n_probes=8)
+    np.testing.assert_allclose(est.transform(X[:300]).toarray(),
+                               exact.transform(X[:300]).toarray(), atol=1e-5)
+    est.set_params(n_probes=1)
+    assert est.score(X[:300]) <= exact.score(X[:300]) + 1e-7
+
+
+def test_transform_inverse_transform_score(planted_fit):
+    est, X, _ = planted_fit
+    codes = est.transform(X[:500])
+    assert sp.issparse(codes) and codes.shape == (500, 64) and codes.dtype == np.float32
+    assert codes.getnnz(axis=1).max() <= 3
+    np.testing.assert_array_equal(codes.indptr, 3 * np.arange(501))  # no exact zeros here
+    Xh = est.inverse_transform(codes)
+    mse = float(np.mean((X[:500].astype(np.float64) - Xh) ** 2))
+    assert est.score(X[:500]) == pytest.approx(-mse, rel=1e-5)
+    # matches the naive decode of the fixed-width codes
+    idx = torch.from_numpy(codes.indices.reshape(500, 3).astype(np.int64))
+    vals = torch.from_numpy(codes.data.reshape(500, 3))
+    ref = topk_decode(idx, vals, torch.from_numpy(est.components_))
+    np.testing.assert_allclose(Xh, ref.numpy(), rtol=1e-5, atol=1e-6)
+    dense = est.set_params(sparse_output=False).transform(X[:50])
+    est.set_params(sparse_output=True)
+    np.testing.assert_allclose(dense, codes[:50].toarray())
+    # the codes are the least-squares fit on each row's active set
+    for r in range(5):
+        S = codes[r].indices
+        ref = np.linalg.lstsq(est.components_[S].T.astype(np.float64), X[r], rcond=None)[0]
+        np.testing.assert_allclose(codes[r].data, ref, rtol=1e-3, atol=1e-4)
+    # float64 in -> float64 out
+    assert est.transform(X[:10].astype(np.float64)).dtype == np.float64
+
+
+def test_memmap_torch_and_minibatch_inputs_give_the_same_fit(tmp_path):
+    X, _ = _planted(n=1200, K=32, P=16)
+    kw = dict(n_components=32, n_nonzero_coefs=3, batch_size=200, max_iter=2, tol=0,
+              random_state=0, device="cpu", shuffle=False)
+    ref = CollapsedDictionaryLearner(**kw).fit(X)
+    path = tmp_path / "X.dat"
+    mm = np.memmap(path, dtype=np.float32, mode="w+", shape=X.shape)
+    mm[:] = X
+    mm.flush()
+    mm = np.memmap(path, dtype=np.float32, mode="r", shape=X.shape)
+    for data in (mm, torch.from_numpy(X)):
+        est = CollapsedDictionaryLearner(**kw).fit(data)
+        np.testing.assert_allclose(est.components_, ref.components_, atol=1e-6)
+    # a list of minibatches is re-read each epoch; with dict_init the result
+    # equals the array fit started from the same dictionary
+    kw_init = dict(kw, dict_init=ref.components_)
+    a = CollapsedDictionaryLearner(**kw_init).fit(X)
+    b = CollapsedDictionaryLearner(**kw_init).fit([X[i:i + 200] for i in range(0, 1200, 200)])
+    np.testing.assert_allclose(a.components_, b.components_, atol=1e-6)
+    assert b.n_iter_ == 2
+    # a generator is a one-shot stream: a single epoch
+    c = CollapsedDictionaryLearner(**kw_init).fit(X[i:i + 200] for i in range(0, 1200, 200))
+    assert c.n_iter_ == 1 and c.n_steps_ == 6
+    np.testing.assert_allclose(c.transform(X[:5]).toarray(),
+                               c.transform(torch.from_numpy(X[:5])).toarray())
+
+
+def test_partial_fit_continues_and_failure_keeps_state():
+    X, _ = _planted(n=800, K=32, P=16)
+    est = CollapsedDictionaryLearner(32, n_nonzero_coefs=3, batch_size=100, random_state=0,
+                                     device="cpu")
+    est.partial_fit(X[:400])
+    D1 = est.components_.copy()
+    steps = est.n_steps_
+    bad = X[400:].copy()
+    bad[250, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        est.partial_fit(bad)
+    np.testing.assert_array_equal(est.components_, D1)
+    assert est.n_steps_ == steps
+    with pytest.raises(ValueError, match="features"):
+        est.partial_fit(X[:, :5])
+    np.testing.assert_array_equal(est.components_, D1)
+    est.partial_fit(X[400:])
+    assert est.n_steps_ == steps + 4 and est.loss_curve_.shape == (steps + 4,)
+    assert not np.allclose(est.components_, D1)
+    est2 = pickle.loads(pickle.dumps(est))
+    np.testing.assert_array_equal(est2.transform(X[:20]).toarray(),
+                                  est.transform(X[:20]).toarray())
+    est2.partial_fit(X[:100])  # the pickled learner keeps its statistics
+    est.partial_fit(X[:100])
+    np.testing.assert_allclose(est2.components_, est.components_, atol=1e-6)
+
+
+def test_fit_is_reproducible_and_tol_stops_early():
+    X, _ = _planted(n=1000, K=32, P=16)
+    kw = dict(n_components=32, n_nonzero_coefs=3, batch_size=100, random_state=3,
+              device="cpu")
+    a = CollapsedDictionaryLearner(max_iter=3, tol=0, **kw).fit(X)
+    b = CollapsedDictionaryLearner(max_iter=3, tol=0, **kw).fit(X)
+    np.testing.assert_array_equal(a.components_, b.components_)
+    c = CollapsedDictionaryLearner(max_iter=50, tol=0.5, **kw).fit(X)
+    assert c.n_iter_ < 50
+
+
+def test_parameter_errors():
+    X = np.random.default_rng(0).standard_normal((50, 6)).astype(np.float32)
+    with pytest.raises(ValueError, match="n_nonzero_coefs=5 exceeds n_components=4"):
+        CollapsedDictionaryLearner(4, n_nonzero_coefs=5, device="cpu").fit(X)
+    with pytest.raises(ValueError, match="dict_init has shape"):
+        CollapsedDictionaryLearner(4, n_nonzero_coefs=2, dict_init=np.ones((3, 6)),
+                                   device="cpu").fit(X)
+    with pytest.raises(ValueError, match="routing"):
+        CollapsedDictionaryLearner(4, routing="fast", device="cpu").fit(X)
+    with pytest.raises(ValueError, match="empty"):
+        CollapsedDictionaryLearner(4, n_nonzero_coefs=2, device="cpu").fit(iter([]))
+    est = CollapsedDictionaryLearner(4, n_nonzero_coefs=2, max_iter=1, device="cpu").fit(X)
+    with pytest.raises(ValueError, match="components"):
+        est.inverse_transform(np.zeros((2, 5)))
+
+
+def test_l1_codes_are_shrunk(planted_fit):
+    est, X, _ = planted_fit
+    l1 = CollapsedDictionaryLearner(64, n_nonzero_coefs=3, alpha=0.5, device="cpu")
+    l1.components_ = est.components_
+    l1.n_features_in_ = est.n_features_in_
+    c0 = est.transform(X[:200])
+    c1 = l1.transform(X[:200])
+    assert abs(c1).sum() < abs(c0).sum()
+    assert c1.getnnz(axis=1).max() <= 3
+
+
+# ---------------------------------------------------------------- memory contract
+_MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys
+    import numpy as np, torch
+    torch.set_num_threads(1)
+    from skdict import CollapsedDictionaryLearner
+
+    K, P, N, s = 16384, 16, 16384, 4
+    budget = 640 * 2**20          # bytes of address space allowed beyond the baseline
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((N, P)).astype(np.float32)
+    # warm up every code path (threads, allocator arenas, lazy imports) on a
+    # tiny problem before the limit is set
+    CollapsedDictionaryLearner(64, n_nonzero_coefs=s, batch_size=256, max_iter=1,
+                               device="cpu").fit(X[:512]).transform(X[:10])
+    def vmsize():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    limit = vmsize() + budget
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    # the contract: K x K float32 (1 GiB) and N x K float32 (1 GiB) exceed the budget
+    for shape in ((K, K), (N, K)):
+        try:
+            torch.empty(shape, dtype=torch.float32).fill_(0)
+        except (RuntimeError, MemoryError):
+            pass
+        else:
+            sys.exit("the budget does not exclude a %s block" % (shape,))
+    est = CollapsedDictionaryLearner(K, n_nonzero_coefs=s, tile_size=2048,
+                                     batch_size=1024, max_iter=1, random_state=0,
+                                     device="cpu")
+    est.fit(X)
+    codes = est.transform(X)
+    assert codes.shape == (N, K) and codes.nnz <= N * s
+    Xh = est.inverse_transform(codes)
+    score = est.score(X)
+    assert np.isfinite(score) and Xh.shape == (N, P)
+    print("OK", est.n_steps_, codes.nnz, score)
+    """
+)
+
+
+def test_memory_contract_no_dense_K_by_K_or_N_by_K():
+    """Fit / transform / inverse_transform / score with K = N = 16,384 under an
+    address-space limit of baseline + 640 MiB, set with ``RLIMIT_AS`` in a fresh
+    subprocess. Any dense K x K or N x K float32 block (1 GiB each) would fail
+    to allocate; the script first checks that such blocks are indeed refused.
+    """
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.startswith("OK")
