@@ -34,17 +34,15 @@ from .base import (
 )
 from .nn.attention import budget_size, candidate_weights
 from .solvers import lasso_exact, power_iteration, topk_decode
-from .solvers.simplex import topk_softmax
 
 __all__ = ["SparseTokenSelector"]
 
 METHODS = ("lasso", "threshold", "sparsemax", "topk")
 
-# Above this many tokens the lasso no longer forms the full (n_tokens, n_tokens)
-# Gram matrix: it screens candidates and certifies with a tiled KKT check.
-_LASSO_GRAM_MAX = 4096
-# Rounds of "add KKT violators and re-solve" before giving up on certification.
-_LASSO_MAX_ROUNDS = 20
+# Working set of the lasso: initial candidates per query and KKT violators added
+# per query and round.
+_LASSO_INIT = 16
+_LASSO_ADD = 16
 
 
 def _merge_topk(best_v, best_i, vals, idx, k):
@@ -284,12 +282,6 @@ class SparseTokenSelector(SparseCodingMixin, BaseEstimator):
         scale = float(self.scale) if self.scale is not None else 1.0 / math.sqrt(d)
         k = budget_size(n, self.keep_ratio, self.max_tokens)
         state = {"T": T, "inv": inv, "scale": scale, "k": k, "n": n}
-        if self.method == "lasso" and n <= _LASSO_GRAM_MAX:
-            Tn = T if inv is None else T * inv[:, None]
-            G = Tn @ Tn.T
-            state["Tn"] = Tn
-            state["G"] = G
-            state["L"] = power_iteration(G.double())
         return state
 
     def _atoms(self, state, s0, s1):
@@ -370,21 +362,6 @@ class SparseTokenSelector(SparseCodingMixin, BaseEstimator):
         w = candidate_weights(vals, method, alpha=self.alpha, lam=lam, empty=self.empty)
         return idx, w
 
-    def _lasso_weights(self, Qb, state, key, cols, scores_at):
-        """From a ranking key over candidate columns (>0 = selected), pick at most
-        ``k`` per row and softmax their scores."""
-        k = state["k"]
-        cnt = (key > 0).sum(1)
-        m = max(1, int(cnt.max()))
-        if k is not None:
-            m = min(m, k)
-        m = min(m, key.shape[1])
-        kv, pos = torch.topk(key, m, dim=1)
-        idx = cols.gather(1, pos) if cols.dim() == 2 else cols[pos]
-        s = scores_at(idx)
-        s = s.masked_fill(kv <= 0, float("-inf"))
-        return idx, topk_softmax(s)
-
     def _scores_at(self, Qb, state, idx):
         emb = state["T"][idx]  # (b, m, d)
         s = torch.einsum("bmd,bd->bm", emb, Qb)
@@ -392,104 +369,112 @@ class SparseTokenSelector(SparseCodingMixin, BaseEstimator):
             s = s * state["inv"][idx]
         return s * state["scale"]
 
+    def _atoms_at(self, state, idx):
+        Tt = state["T"][idx]
+        return Tt if state["inv"] is None else Tt * state["inv"][idx][:, None]
+
     def _select_lasso(self, Qb, state):
+        """Exact lasso selection of a batch of queries over all tokens.
+
+        Per query, a working set starts from its ``_LASSO_INIT`` largest
+        ``|<q, t>|`` and its best score; the lasso is solved exactly on it
+        (:func:`lasso_exact`, warm-started from the previous round), the KKT
+        condition ``|<r, t>| <= alpha`` is checked for every token outside it,
+        tile by tile and batched over queries, and the ``_LASSO_ADD`` worst
+        violators are added, until none is left: the solution is then the exact
+        lasso over all tokens, whatever their number.
+        """
         alpha = float(self.alpha)
-        if "G" in state:
-            C = Qb @ state["Tn"].T
-            coef = lasso_exact(C, state["G"], alpha, L=state["L"]).codes
-            key = coef.abs()
-            if self.empty == "argmax":
-                empty = ~(key > 0).any(1)
-                if bool(empty.any()):
-                    best = C.argmax(1)
-                    key[empty, best[empty]] = 1.0
-            cols = torch.arange(state["n"], device=Qb.device)
-            return self._lasso_weights(
-                Qb, state, key, cols, lambda idx: self._scores_at(Qb, state, idx)
-            )
-        idx_parts, w_parts = [], []
-        m = min(state["n"], max(256, 2 * Qb.shape[1]))
-        chunk = max(1, _LASSO_GRAM_MAX // m)
-        for q0 in range(0, Qb.shape[0], chunk):
-            i, w = self._lasso_screened(Qb[q0 : q0 + chunk], state, m, alpha)
-            idx_parts.append(i)
-            w_parts.append(w)
-        width = max(p.shape[1] for p in idx_parts)
-        return self._pad(idx_parts, w_parts, width, state["n"])
-
-    @staticmethod
-    def _pad(idx_parts, w_parts, width, n):
-        """Pad ragged chunks to a common width with distinct zero-weight columns."""
-        out_i, out_w = [], []
-        for i, w in zip(idx_parts, w_parts, strict=True):
-            extra = width - i.shape[1]
-            if extra > 0:
-                # columns not in the row: the smallest integers not used by it
-                b = i.shape[0]
-                fill = torch.empty(b, extra, dtype=i.dtype, device=i.device)
-                for r in range(b):
-                    used = set(i[r].tolist())
-                    free, c = [], 0
-                    while len(free) < extra:
-                        if c not in used:
-                            free.append(c)
-                        c += 1
-                    fill[r] = torch.as_tensor(free, dtype=i.dtype)
-                i = torch.cat([i, fill], 1)
-                w = torch.cat([w, torch.zeros(b, extra, dtype=w.dtype, device=w.device)], 1)
-            out_i.append(i)
-            out_w.append(w)
-        return torch.cat(out_i), torch.cat(out_w)
-
-    def _lasso_screened(self, Qb, state, m, alpha):
-        """Exact lasso over many tokens: screen, solve on candidates, certify by
-        a tiled KKT check over all tokens, add violators, repeat."""
-        b = Qb.shape[0]
-        n = state["n"]
-        # per query: the m largest |<q, t>| and the best score
-        best_v = best_i = None
-        top_v = top_i = None
+        b, n = Qb.shape[0], state["n"]
+        dev = Qb.device
+        m0 = min(n, _LASSO_INIT)
+        best_v = best_i = top_v = top_i = None
         for s0, s1 in self._tiles(n):
             C = Qb @ self._atoms(state, s0, s1).T
-            idx = torch.arange(s0, s1, device=C.device)
-            best_v, best_i = _merge_topk(best_v, best_i, C.abs(), idx, m)
+            idx = torch.arange(s0, s1, device=dev)
+            best_v, best_i = _merge_topk(best_v, best_i, C.abs(), idx, m0)
             top_v, top_i = _merge_topk(top_v, top_i, C, idx, 1)
-        U = torch.unique(torch.cat([best_i.reshape(-1), top_i.reshape(-1)]))
+        sets = [torch.unique(torch.cat([best_i[r], top_i[r]])) for r in range(b)]
+        coefs = [None] * b
         kkt_tol = max(1e-6, 100 * torch.finfo(Qb.dtype).eps)
-        coef = None
-        for _ in range(_LASSO_MAX_ROUNDS):
-            Tu = state["T"][U]
-            if state["inv"] is not None:
-                Tu = Tu * state["inv"][U][:, None]
-            G = Tu @ Tu.T
-            coef = lasso_exact(Qb @ Tu.T, G, alpha, L=power_iteration(G.double())).codes
-            R = Qb - coef @ Tu
-            inU = torch.zeros(n, dtype=torch.bool, device=Qb.device)
-            inU[U] = True
-            new = []
+        active = list(range(b))
+        while active:
+            R = torch.empty(len(active), Qb.shape[1], dtype=Qb.dtype, device=dev)
+            for j, r in enumerate(active):
+                U = sets[r]
+                Tu = self._atoms_at(state, U)
+                G = Tu @ Tu.T
+                a0 = None
+                if coefs[r] is not None:
+                    prevU, prev = coefs[r]
+                    a0 = torch.zeros(1, U.numel(), dtype=Qb.dtype, device=dev)
+                    a0[0, torch.searchsorted(U, prevU)] = prev
+                res = lasso_exact(
+                    (Qb[r] @ Tu.T)[None], G, alpha, L=power_iteration(G.double()), a0=a0
+                )
+                coefs[r] = (U, res.codes[0])
+                R[j] = Qb[r] - res.codes[0] @ Tu
+            member = torch.zeros(len(active), n, dtype=torch.bool, device=dev)
+            for j, r in enumerate(active):
+                member[j, sets[r]] = True
+            added = [[] for _ in active]
             for s0, s1 in self._tiles(n):
                 corr = (R @ self._atoms(state, s0, s1).T).abs()
-                viol = (corr > alpha * (1 + kkt_tol)) & ~inU[s0:s1]
+                viol = (corr > alpha * (1 + kkt_tol)) & ~member[:, s0:s1]
                 if bool(viol.any()):
-                    # the most violating few per row
                     score = torch.where(viol, corr, torch.zeros_like(corr))
-                    kk = min(32, score.shape[1])
-                    v, p = torch.topk(score, kk, dim=1)
-                    new.append((p[v > 0] + s0).unique())
-            if not new:
-                break
-            U = torch.unique(torch.cat([U] + new))
-        key = coef.abs()
-        if self.empty == "argmax":
-            empty = ~(key > 0).any(1)
-            if bool(empty.any()):
-                pos = torch.searchsorted(U, top_i[:, 0])
-                rows = empty.nonzero().squeeze(1)
-                key[rows, pos[rows]] = 1.0
-        cols = U.expand(b, -1)
-        return self._lasso_weights(
-            Qb, state, key, cols, lambda idx: self._scores_at(Qb, state, idx)
-        )
+                    v, p = torch.topk(score, min(_LASSO_ADD, score.shape[1]), dim=1)
+                    for j in viol.any(1).nonzero().squeeze(1).tolist():
+                        added[j].append(p[j][v[j] > 0] + s0)
+            still = []
+            for j, r in enumerate(active):
+                if added[j]:
+                    cand = torch.cat(added[j])
+                    if cand.numel() > _LASSO_ADD:  # the worst violators over all tiles
+                        cc = (R[j] @ self._atoms_at(state, cand).T).abs()
+                        cand = cand[torch.topk(cc, _LASSO_ADD).indices]
+                    sets[r] = torch.unique(torch.cat([sets[r], cand]))
+                    still.append(r)
+            active = still
+        k = state["k"]
+        idx_rows, w_rows = [], []
+        for r in range(b):
+            U, coef = coefs[r]
+            nz = (coef != 0).nonzero().squeeze(1)
+            if k is not None and nz.numel() > k:
+                nz = nz[torch.topk(coef[nz].abs(), k).indices]
+            sel = U[nz]
+            if sel.numel() == 0 and self.empty == "argmax":
+                sel = top_i[r]
+            if sel.numel():
+                w = torch.softmax(self._scores_at(Qb[r : r + 1], state, sel[None])[0], 0)
+            else:
+                w = torch.zeros(0, dtype=Qb.dtype, device=dev)
+            idx_rows.append(sel)
+            w_rows.append(w)
+        return self._pad_rows(idx_rows, w_rows, n)
+
+    @staticmethod
+    def _pad_rows(idx_rows, w_rows, n):
+        """Stack ragged rows, padding with distinct zero-weight columns."""
+        width = max(1, max(i.numel() for i in idx_rows))
+        b = len(idx_rows)
+        dev = w_rows[0].device
+        idx = torch.empty(b, width, dtype=torch.long, device=dev)
+        wts = torch.zeros(b, width, dtype=w_rows[0].dtype, device=dev)
+        for r, (i, w) in enumerate(zip(idx_rows, w_rows, strict=True)):
+            m = i.numel()
+            idx[r, :m] = i
+            wts[r, :m] = w
+            if m < width:
+                used = set(i.tolist())
+                free, c = [], 0
+                while len(free) < width - m:
+                    if c not in used:
+                        free.append(c)
+                    c += 1
+                idx[r, m:] = torch.as_tensor(free, dtype=torch.long, device=dev)
+        return idx, wts
 
     def _encode(self, Xb, state):
         return self._select(Xb, state)
