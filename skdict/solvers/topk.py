@@ -54,6 +54,7 @@ class SparsePairs:
         self._crow = None
         self._by_col = None
         self.pre_values = None  # selected pre-activations, when the selection has them
+        self.width = None  # pairs per row when every row has the same number
 
     @property
     def nnz(self):
@@ -99,12 +100,29 @@ class SparsePairs:
         )
 
     def pair_dot(self, A, B, chunk=8192):
-        """``(A[row] * B[col]).sum(1)`` for every pair, in chunks (bounded memory)."""
+        """``(A[row] * B[col]).sum(1)`` for every pair, in chunks (bounded memory).
+
+        Fixed-width selections (``width`` set, e.g. top-k) gather only the rows of
+        ``B``: each chunk of rows of ``A`` is used in place.
+        """
         out = A.new_empty(self.nnz)
+        w = self.width
+        if w:
+            rows = max(1, chunk // w)
+            o2 = out.view(self.n_rows, w)
+            c2 = self.col.view(self.n_rows, w)
+            for s in range(0, self.n_rows, rows):
+                e = min(self.n_rows, s + rows)
+                Bg = torch.index_select(B, 0, c2[s:e].reshape(-1)).view(e - s, w, -1)
+                torch.linalg.vecdot(Bg, A[s:e].unsqueeze(1), out=o2[s:e])
+            return out
         for s in range(0, self.nnz, chunk):
             r = self.row[s : s + chunk]
             c = self.col[s : s + chunk]
-            torch.sum(A[r] * B[c], dim=1, out=out[s : s + chunk])
+            torch.linalg.vecdot(
+                torch.index_select(A, 0, r), torch.index_select(B, 0, c),
+                out=out[s : s + chunk],
+            )
         return out
 
     def to_dense(self, vals):
@@ -117,7 +135,9 @@ class SparsePairs:
 def _pairs_from_fixed_width(indices, n_cols):
     b, s = indices.shape
     row = torch.arange(b, device=indices.device).repeat_interleave(s)
-    return SparsePairs(row, indices.reshape(-1), b, n_cols)
+    pairs = SparsePairs(row, indices.reshape(-1), b, n_cols)
+    pairs.width = s
+    return pairs
 
 
 def select_topk(pre, k):

@@ -1,0 +1,372 @@
+import json
+import pickle
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from sklearn.model_selection import GridSearchCV
+
+from skdict import KSparseAutoencoder
+from skdict.losses import AdaptiveSparsityScheduler
+from skdict.metrics import fvu
+from skdict.solvers import dense_decode, topk_decode
+from skdict.solvers.topk import (
+    dense_decode_reference,
+    dense_encode_reference,
+    select_batch_topk,
+    select_lifetime,
+    select_threshold,
+    select_topk,
+    sparse_decode_pairs,
+    sparse_encode,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny problems: OpenMP barriers only cost time on a shared machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _planted(n=3000, K=16, d=24, s=2, seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    D = rng.normal(size=(K, d))
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    Z = np.zeros((n, K))
+    for i in range(n):
+        idx = rng.choice(K, s, replace=False)
+        Z[i, idx] = rng.uniform(1.0, 2.0, s)
+    return (Z @ D).astype(dtype), D, Z
+
+
+def _small(**kw):
+    params = dict(n_components=16, k=2, n_steps=30, batch_size=64, random_state=0,
+                  device="cpu")
+    params.update(kw)
+    return KSparseAutoencoder(**params)
+
+
+# ------------------------------------------------------------------ sparse kernels
+SELECTIONS = {
+    "topk": lambda pre: select_topk(pre, 3),
+    "batchtopk": lambda pre: select_batch_topk(pre, 3),
+    "lifetime": lambda pre: select_lifetime(pre, 0.3),
+    "threshold": lambda pre: select_threshold(pre, 0.5),
+}
+
+
+@pytest.mark.parametrize("name", list(SELECTIONS))
+def test_sparse_encode_decode_gradcheck(name):
+    g = torch.Generator().manual_seed(0)
+    B, K, d = 6, 9, 5
+    xc = torch.randn(B, d, dtype=torch.float64, generator=g, requires_grad=True)
+    W_enc = torch.randn(K, d, dtype=torch.float64, generator=g, requires_grad=True)
+    b_enc = torch.randn(K, dtype=torch.float64, generator=g, requires_grad=True)
+    W_dec = torch.randn(K, d, dtype=torch.float64, generator=g, requires_grad=True)
+    with torch.no_grad():
+        pre = xc @ W_enc.T + b_enc
+    pairs = SELECTIONS[name](pre)
+    pairs.pre_values = None  # recompute the selected pre-activations from the inputs
+    assert pairs.nnz > 0
+
+    def f(xc, W_enc, b_enc, W_dec):
+        vals = sparse_encode(xc, W_enc, b_enc, pairs)
+        return sparse_decode_pairs(vals, W_dec, pairs)
+
+    assert torch.autograd.gradcheck(f, (xc, W_enc, b_enc, W_dec), eps=1e-6, atol=1e-7)
+    vals = torch.randn(pairs.nnz, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda v, W: sparse_decode_pairs(v, W, pairs), (vals, W_dec), eps=1e-6, atol=1e-7
+    )
+
+
+@pytest.mark.parametrize("name", list(SELECTIONS))
+def test_sparse_kernels_match_dense_float32(name):
+    g = torch.Generator().manual_seed(1)
+    B, K, d = 64, 40, 12
+    xc = torch.randn(B, d, generator=g)
+    W_enc = torch.randn(K, d, generator=g)
+    b_enc = torch.randn(K, generator=g) * 0.1
+    W_dec = torch.randn(K, d, generator=g)
+    with torch.no_grad():
+        pre = xc @ W_enc.T + b_enc
+    pairs = SELECTIONS[name](pre)
+    G = torch.randn(B, d, generator=g)
+    grads = []
+    for enc, dec, use_pre in (
+        (sparse_encode, sparse_decode_pairs, True),
+        (sparse_encode, sparse_decode_pairs, False),
+        (dense_encode_reference, dense_decode_reference, False),
+    ):
+        ts = [t.clone().requires_grad_(True) for t in (xc, W_enc, b_enc, W_dec)]
+        if enc is sparse_encode:
+            saved = pairs.pre_values
+            if not use_pre:
+                pairs.pre_values = None
+            vals = enc(ts[0], ts[1], ts[2], pairs, pre if use_pre else None)
+            pairs.pre_values = saved
+        else:
+            vals = enc(ts[0], ts[1], ts[2], pairs)
+        out = dec(vals, ts[3], pairs)
+        (out * G).sum().backward()
+        grads.append([out.detach()] + [t.grad for t in ts])
+    for a, b in zip(grads[0], grads[2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads[1], grads[2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_selections():
+    pre = torch.tensor([[3.0, -1.0, 2.0, 0.5], [0.1, 0.2, 5.0, 4.0]])
+    p = select_topk(pre, 2)
+    assert sorted(zip(p.row.tolist(), p.col.tolist(), strict=True)) == [
+        (0, 0), (0, 2), (1, 2), (1, 3)
+    ]
+    p = select_batch_topk(pre, 2)  # 4 largest of the batch
+    assert sorted(zip(p.row.tolist(), p.col.tolist(), strict=True)) == [
+        (0, 0), (0, 2), (1, 2), (1, 3)
+    ]
+    p = select_batch_topk(torch.tensor([[9.0, 8.0, 7.0], [0.0, 1.0, 0.5]]), 1)
+    assert p.row.tolist() == [0, 0]  # rows may get more or fewer than k
+    p = select_lifetime(pre, 0.5)  # each column keeps its top 1 of 2 rows
+    assert sorted(zip(p.col.tolist(), p.row.tolist(), strict=True)) == [
+        (0, 0), (1, 1), (2, 1), (3, 1)
+    ]
+    assert (p.row[1:] >= p.row[:-1]).all()  # sorted by row
+
+
+def test_topk_decode_matches_dense():
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 50, (30, 4), generator=g)
+    val = torch.randn(30, 4, generator=g)
+    D = torch.randn(50, 7, generator=g)
+    torch.testing.assert_close(topk_decode(idx, val, D), dense_decode(idx, val, D))
+
+
+# ------------------------------------------------------------------ learning
+def test_recovers_planted_dictionary():
+    X, D, _ = _planted(n=4000, K=16, d=24, s=2)
+    sae = KSparseAutoencoder(
+        n_components=32, k=2, n_steps=1500, batch_size=256, lr=3e-3, random_state=0,
+        device="cpu", normalize_input=False, b_dec_init="zeros",
+    ).fit(X)
+    cos = np.abs(D @ sae.components_.T).max(axis=1)
+    assert np.mean(cos > 0.95) >= 0.9, cos
+    assert sae.score(X) > 0.9
+    assert sae.history_["fvu"][-1] < sae.history_["fvu"][0]
+
+
+@pytest.mark.parametrize("sparsity", ["topk", "batchtopk", "l1", "kl", "wta", "lifetime"])
+def test_sparsity_modes_learn(sparsity):
+    X, _, _ = _planted(n=1000, K=16, d=24, s=2, dtype=np.float32)
+    sae = _small(n_components=16, sparsity=sparsity, n_steps=150, lr=3e-3).fit(X)
+    assert sae.components_.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(sae.components_, axis=1), 1, rtol=1e-5)
+    codes = sae.transform(X)
+    assert sp.issparse(codes) and codes.shape == (1000, 16)
+    assert codes.dtype == np.float32
+    if sparsity in ("topk", "wta", "lifetime"):
+        assert codes.getnnz(axis=1).max() <= 2
+    if sparsity == "batchtopk":
+        assert sae.threshold_ > 0
+        assert 0.5 < codes.getnnz(axis=1).mean() < 6
+    assert sae.score(X) > 0.3
+    for key in ("loss", "fvu", "l0", "dead_fraction", "aux_loss", "k"):
+        assert sae.history_[key].shape == (150,)
+    assert sae.n_steps_ == 150
+
+
+def test_transform_inverse_score_and_metrics():
+    X, _, _ = _planted(n=600, dtype=np.float32)
+    sae = _small(n_steps=100, lr=3e-3).fit(X)
+    codes = sae.transform(X)
+    assert codes.getnnz(axis=1).max() <= 2
+    X_hat = sae.inverse_transform(codes)
+    X_hat_dense = sae.inverse_transform(codes.toarray())
+    np.testing.assert_allclose(X_hat, X_hat_dense, rtol=1e-5, atol=1e-5)
+    # score is 1 - FVU with the global mean
+    assert sae.score(X) == pytest.approx(1 - fvu(X, X_hat), rel=1e-4, abs=1e-5)
+    dense = _small(n_steps=100, lr=3e-3, sparse_output=False).fit(X).transform(X)
+    np.testing.assert_allclose(dense, codes.toarray(), rtol=1e-6)
+
+
+def test_gridsearch_over_k():
+    X, _, _ = _planted(n=400, s=3)
+    gs = GridSearchCV(_small(n_steps=60, lr=3e-3), {"k": [1, 3]}, cv=2).fit(X)
+    assert gs.best_params_ == {"k": 3}
+
+
+# ------------------------------------------------------------------ inputs
+def test_input_kinds(tmp_path):
+    X, _, _ = _planted(n=256, dtype=np.float32)
+    ref = _small().fit(X)
+    # torch tensor (stays a tensor), sparse and memmap give working fits
+    t = _small().fit(torch.from_numpy(X))
+    assert t.components_.shape == ref.components_.shape
+    mm = np.memmap(tmp_path / "x.dat", dtype=np.float32, mode="w+", shape=X.shape)
+    mm[:] = X
+    mm.flush()
+    ro = np.memmap(tmp_path / "x.dat", dtype=np.float32, mode="r", shape=X.shape)
+    m = _small().fit(ro)
+    assert m.n_features_in_ == X.shape[1] and m.n_steps_ == 30
+    s = _small().fit(sp.csr_matrix(X))
+    assert s.score(X) > 0
+    # iterables of batches: a generator (one pass) and a list (re-iterable)
+    gen = (X[i : i + 64] for i in range(0, 256, 64))
+    g = _small(n_steps=None, max_epochs=3).fit(gen)
+    assert g.n_steps_ == 4
+    lst = [X[i : i + 64] for i in range(0, 256, 64)]
+    li = _small(n_steps=None, max_epochs=3).fit(lst)
+    assert li.n_steps_ == 12
+    lt = _small(n_steps=5).fit([torch.from_numpy(b) for b in lst])
+    assert lt.n_steps_ == 5
+    assert ref.transform(torch.from_numpy(X)).shape == (256, 16)
+
+
+def test_memmap_with_nan_is_rejected(tmp_path):
+    X, _, _ = _planted(n=128, dtype=np.float32)
+    X[100, 3] = np.nan
+    mm = np.memmap(tmp_path / "x.dat", dtype=np.float32, mode="w+", shape=X.shape)
+    mm[:] = X
+    with pytest.raises(ValueError, match="NaN"):
+        _small(n_steps=5).fit(mm)
+
+
+def test_3d_input_asks_to_reshape():
+    X = np.zeros((4, 5, 6))
+    with pytest.raises(ValueError, match="reshape"):
+        _small().fit(X)
+    with pytest.raises(ValueError, match="reshape"):
+        _small().fit(torch.zeros(4, 5, 6))
+
+
+def test_k_larger_than_n_components():
+    with pytest.raises(ValueError, match="k=20 exceeds n_components=16"):
+        _small(k=20).fit(np.ones((10, 3)))
+
+
+def test_partial_fit_continues_and_failed_call_keeps_state():
+    X, _, _ = _planted(n=256)
+    sae = _small(batch_size=64)
+    sae.partial_fit(X)
+    assert sae.n_steps_ == 4
+    W = sae.components_.copy()
+    sae.partial_fit(X)
+    assert sae.n_steps_ == 8 and sae.history_["loss"].shape == (8,)
+    assert not np.allclose(W, sae.components_)
+    W = sae.components_.copy()
+    with pytest.raises(ValueError, match="features"):
+        sae.partial_fit(X[:, :5])
+    with pytest.raises(ValueError):
+        sae.partial_fit(np.full_like(X, np.nan))
+    np.testing.assert_array_equal(W, sae.components_)
+    assert sae.n_steps_ == 8
+
+
+def test_reproducible_and_pickle():
+    X, _, _ = _planted(n=256)
+    a = _small().fit(X)
+    b = _small().fit(X)
+    np.testing.assert_array_equal(a.components_, b.components_)
+    np.testing.assert_array_equal(a.encoder_weight_, b.encoder_weight_)
+    c = pickle.loads(pickle.dumps(a))
+    np.testing.assert_array_equal(c.transform(X).toarray(), a.transform(X).toarray())
+
+
+def test_auxk_and_dead_tracking():
+    X, _, _ = _planted(n=512, K=4, s=1)  # few real atoms: many latents die
+    sae = _small(n_components=32, k=1, n_steps=40, dead_window=128, lr=3e-3).fit(X)
+    assert sae.tokens_since_fired_.shape == (32,)
+    assert sae.dead_fraction_ == pytest.approx(
+        np.mean(sae.tokens_since_fired_ >= 128)
+    )
+    dead_hist = sae.history_["dead_fraction"]
+    assert dead_hist[0] == 0.0  # nothing can be dead before 128 tokens
+    assert dead_hist.max() > 0
+    assert (sae.history_["aux_loss"][dead_hist > 0] > 0).all()
+    no_aux = _small(n_components=32, k=1, n_steps=40, dead_window=128, aux_coef=0.0,
+                    lr=3e-3).fit(X)
+    assert (no_aux.history_["aux_loss"] == 0).all()
+
+
+def test_k_schedule_anneals_k():
+    X, _, _ = _planted(n=256)
+    sched = AdaptiveSparsityScheduler(8, 2, warmup_steps=20)
+    sae = _small(k=2, n_steps=30, k_schedule=sched).fit(X)
+    ks = sae.history_["k"]
+    assert ks[0] == 8 and ks[-1] == 2
+    assert (np.diff(ks) <= 0).all()
+    assert sched.progress_ == 0  # the user's scheduler is not mutated
+
+
+def test_geometric_median_init_and_autocast():
+    X, _, _ = _planted(n=256, dtype=np.float32)
+    sae = _small(b_dec_init="geometric_median", autocast="bfloat16").fit(X)
+    assert np.isfinite(sae.components_).all()
+    assert sae.score(X) > -1
+
+
+# ------------------------------------------------------------------ io
+def test_save_load_roundtrip(tmp_path):
+    X, _, _ = _planted(n=256, dtype=np.float32)
+    sae = _small(sparsity="batchtopk", n_steps=20).fit(X)
+    sae.save(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["params"]["sparsity"] == "batchtopk"
+    back = KSparseAutoencoder.load(tmp_path / "m")
+    assert back.threshold_ == sae.threshold_
+    np.testing.assert_array_equal(back.transform(X).toarray(), sae.transform(X).toarray())
+    # training continues from the saved optimizer state
+    back.partial_fit(X)
+    assert back.n_steps_ == 24
+    with pytest.raises(ValueError, match="not found"):
+        KSparseAutoencoder.load(tmp_path / "nothing")
+
+
+def _write_saelens(path, W_enc, W_dec, b_enc, b_dec, cfg):
+    from safetensors.numpy import save_file
+
+    path.mkdir()
+    (path / "cfg.json").write_text(json.dumps(cfg))
+    save_file(
+        {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec},
+        str(path / "sae_weights.safetensors"),
+    )
+
+
+@pytest.mark.parametrize("apply_b_dec", [True, False])
+def test_from_saelens(tmp_path, apply_b_dec):
+    rng = np.random.default_rng(0)
+    d_in, d_sae, k = 10, 40, 4
+    W_enc = rng.normal(size=(d_in, d_sae)).astype(np.float32)
+    W_dec = rng.normal(size=(d_sae, d_in)).astype(np.float32)
+    b_enc = rng.normal(size=d_sae).astype(np.float32) * 0.1
+    b_dec = rng.normal(size=d_in).astype(np.float32)
+    cfg = {"architecture": "topk", "d_in": d_in, "d_sae": d_sae, "dtype": "float32",
+           "apply_b_dec_to_input": apply_b_dec, "k": k}
+    _write_saelens(tmp_path / "sae", W_enc, W_dec, b_enc, b_dec, cfg)
+    sae = KSparseAutoencoder.from_saelens(tmp_path / "sae", device="cpu")
+    X = rng.normal(size=(50, d_in)).astype(np.float32)
+    # reference: SAELens' TopK forward written out in numpy
+    pre = ((X - b_dec) if apply_b_dec else X) @ W_enc + b_enc
+    Z = np.zeros_like(pre)
+    top = np.argsort(-pre, axis=1)[:, :k]
+    np.put_along_axis(Z, top, np.maximum(np.take_along_axis(pre, top, 1), 0), 1)
+    codes = sae.transform(X)
+    np.testing.assert_allclose(codes.toarray(), Z, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(sae.inverse_transform(codes), Z @ W_dec + b_dec,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_from_saelens_errors(tmp_path):
+    with pytest.raises(ValueError, match="cfg.json"):
+        KSparseAutoencoder.from_saelens(tmp_path)
+    z = np.zeros((3, 5), np.float32)
+    _write_saelens(tmp_path / "j", z, z.T.copy(), np.zeros(5, np.float32),
+                   np.zeros(3, np.float32), {"architecture": "jumprelu"})
+    with pytest.raises(ValueError, match="not supported"):
+        KSparseAutoencoder.from_saelens(tmp_path / "j")
