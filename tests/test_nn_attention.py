@@ -1,0 +1,256 @@
+"""Tests of skdict.nn: sparse weights, SparseAttention, hierarchical_select."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from skdict.nn import (
+    SparseAttention,
+    hierarchical_select,
+    mean_pool_levels,
+    sparse_attention,
+    sparse_weights,
+)
+from skdict.solvers.simplex import sparsemax, threshold_weights, topk_softmax
+
+D64 = torch.float64
+
+
+def _simplex_oracle(z):
+    """Projection onto the simplex by bisection (independent of the sort)."""
+    z = np.asarray(z, dtype=np.float64)
+    fin = np.isfinite(z)
+    zf = z[fin]
+    lo, hi = zf.max() - 1.0, zf.max()
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if np.maximum(zf - mid, 0).sum() > 1:
+            lo = mid
+        else:
+            hi = mid
+    out = np.zeros_like(z)
+    out[fin] = np.maximum(zf - 0.5 * (lo + hi), 0)
+    return out
+
+
+def test_sparsemax_matches_bisection_oracle():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(50, 17, generator=g, dtype=D64) * 2
+    z[3, 5:] = float("-inf")
+    p = sparsemax(z)
+    ref = np.array([_simplex_oracle(r) for r in z.numpy()])
+    np.testing.assert_allclose(p.numpy(), ref, atol=1e-6)
+    assert torch.allclose(p.sum(1), torch.ones(50, dtype=D64))
+    # dim argument, one-hot when the gap is >= 1, masked rows are zero
+    np.testing.assert_allclose(sparsemax(z.T, dim=0).T.numpy(), ref, atol=1e-12)
+    assert sparsemax(torch.tensor([3.0, 1.0, 0.5])).tolist() == [1.0, 0.0, 0.0]
+    masked = torch.full((1, 4), float("-inf"))
+    assert sparsemax(masked).abs().sum() == 0
+    assert topk_softmax(masked).abs().sum() == 0
+    assert threshold_weights(masked).abs().sum() == 0
+
+
+def test_sparsemax_jacobian():
+    z = torch.randn(6, 9, dtype=D64, requires_grad=True)
+    assert torch.autograd.gradcheck(sparsemax, (z,))
+    p = sparsemax(z)[0]
+    J = torch.autograd.functional.jacobian(lambda x: sparsemax(x[None])[0], z[0].detach())
+    s = (p > 0).to(D64)
+    ref = torch.diag(s) - torch.outer(s, s) / s.sum()
+    assert torch.allclose(J, ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["topk", "threshold", "sparsemax"])
+def test_sparse_weights_budget_and_rows(method):
+    s = torch.randn(4, 3, 20, dtype=D64)
+    s[..., :4] = float("-inf")
+    w = sparse_weights(s, method, alpha=0.2, k=5)
+    assert ((w != 0).sum(-1) <= 5).all()
+    assert torch.allclose(w.sum(-1), torch.ones(4, 3, dtype=D64))
+    assert (w[..., :4] == 0).all() and (w >= 0).all()
+
+
+def _qkv(B=2, H=3, L=7, S=9, E=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, H, L, E, generator=g, dtype=D64),
+            torch.randn(B, H, S, E, generator=g, dtype=D64),
+            torch.randn(B, H, S, 4, generator=g, dtype=D64))
+
+
+def test_topk_full_budget_equals_sdpa():
+    q, k, v = _qkv()
+    ref = F.scaled_dot_product_attention(q, k, v)
+    out, info = sparse_attention(q, k, v, method="topk")
+    torch.testing.assert_close(out, ref)
+    out, _ = sparse_attention(q, k, v, method="topk", max_tokens=9, chunk_size=2)
+    torch.testing.assert_close(out, ref)
+    assert info["density"] == 1.0 and info["budget"] is None
+    # causal
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out, _ = sparse_attention(q, k, v, method="topk", is_causal=True, chunk_size=3)
+    torch.testing.assert_close(out, ref)
+    # boolean and float masks
+    m = torch.rand(2, 1, 7, 9) > 0.3
+    m[..., 0] = True
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+    torch.testing.assert_close(sparse_attention(q, k, v, m)[0], ref)
+    fm = torch.randn(7, 9, dtype=D64)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=fm, scale=0.3)
+    torch.testing.assert_close(sparse_attention(q, k, v, fm, scale=0.3)[0], ref)
+
+
+def test_drop_in_for_multihead_attention():
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(8, 2, batch_first=True, dtype=D64)
+    sa = SparseAttention(8, 2, method="topk", dtype=D64)
+    sa.load_state_dict(mha.state_dict())
+    x = torch.randn(3, 6, 8, dtype=D64)
+    y = torch.randn(3, 5, 8, dtype=D64)
+    kpm = torch.zeros(3, 5, dtype=torch.bool)
+    kpm[1, 3:] = True
+    a, _ = mha(x, y, y, key_padding_mask=kpm)
+    b, info = sa(x, y, y, key_padding_mask=kpm)
+    torch.testing.assert_close(a, b)
+    causal = torch.triu(torch.ones(6, 6, dtype=torch.bool), 1)
+    a, aw = mha(x, x, x, attn_mask=causal)
+    b, info = sa(x, attn_mask=causal, need_weights=True)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(aw, info["weights"])
+    b2, _ = sa(x, is_causal=True)
+    torch.testing.assert_close(a, b2)
+    # sequence-first layout
+    mha_sf = torch.nn.MultiheadAttention(8, 2, dtype=D64)
+    sa_sf = SparseAttention(8, 2, batch_first=False, dtype=D64)
+    sa_sf.load_state_dict(mha_sf.state_dict())
+    xs = x.transpose(0, 1)
+    torch.testing.assert_close(mha_sf(xs, xs, xs)[0], sa_sf(xs)[0])
+
+
+@pytest.mark.parametrize("method", ["topk", "threshold", "sparsemax"])
+def test_gradcheck_float64(method):
+    torch.manual_seed(1)
+    sa = SparseAttention(6, 2, method=method, keep_ratio=0.5, alpha=0.3, dtype=D64)
+    x = torch.randn(2, 5, 6, dtype=D64, requires_grad=True)
+    kpm = torch.zeros(2, 5, dtype=torch.bool)
+    kpm[0, 4] = True
+    assert torch.autograd.gradcheck(
+        lambda x: sa(x, key_padding_mask=kpm, is_causal=True)[0], (x,)
+    )
+    w = sa.in_proj_weight
+    out = sa(x, key_padding_mask=kpm)[0].sum()
+    (gw,) = torch.autograd.grad(out, w)
+    assert torch.isfinite(gw).all() and gw.abs().sum() > 0
+
+
+@pytest.mark.parametrize("method", ["topk", "threshold", "sparsemax"])
+def test_sparsity_budget_masks_and_info(method):
+    torch.manual_seed(0)
+    sa = SparseAttention(16, 4, method=method, keep_ratio=0.25, alpha=0.5)
+    x = torch.randn(2, 12, 16)
+    kpm = torch.zeros(2, 12, dtype=torch.bool)
+    kpm[1, 8:] = True
+    out, info = sa(x, key_padding_mask=kpm, is_causal=True, need_weights=True)
+    W = info["weights"]  # head-averaged
+    assert info["budget"] == 3 and info["nnz_max"] <= 3
+    assert 0 < info["density"] <= 1 and info["sparsity"] == pytest.approx(1 - info["density"])
+    assert (torch.triu(W, 1) == 0).all()  # causal
+    assert (W[1, :, 8:] == 0).all()  # padding
+    torch.testing.assert_close(W.sum(-1), torch.ones(2, 12))
+    # chunking does not change the result
+    out2, _ = sa(x, key_padding_mask=kpm, is_causal=True)
+    sa.chunk_size = 1
+    torch.testing.assert_close(sa(x, key_padding_mask=kpm, is_causal=True)[0], out2)
+
+
+def test_fully_masked_rows_are_zero_and_finite():
+    sa = SparseAttention(4, 1, method="sparsemax", dtype=D64)
+    x = torch.randn(1, 3, 4, dtype=D64, requires_grad=True)
+    kpm = torch.ones(1, 3, dtype=torch.bool)
+    out, _ = sa(x, key_padding_mask=kpm)
+    torch.testing.assert_close(out, sa.out_proj.bias.expand_as(out))
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_module_errors():
+    with pytest.raises(ValueError, match="divisible"):
+        SparseAttention(10, 3)
+    with pytest.raises(ValueError, match="method"):
+        SparseAttention(8, 2, method="lasso")
+    with pytest.raises(ValueError, match="keep_ratio"):
+        SparseAttention(8, 2, keep_ratio=1.5)
+    sa = SparseAttention(8, 2)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        sa(torch.randn(1, 3, 8), key_padding_mask=torch.zeros(1, 3))
+
+
+def _flat_topk(q, leaves, k):
+    return torch.topk(q @ leaves.T, k, dim=-1).indices
+
+
+def test_hierarchical_equals_flat_topk_with_unit_ratios():
+    g = torch.Generator().manual_seed(0)
+    leaves = torch.randn(96, 8, generator=g, dtype=D64)
+    levels, parents = mean_pool_levels(leaves, (4, 3))
+    assert [lv.shape[0] for lv in levels] == [8, 24, 96]
+    q = torch.randn(5, 8, generator=g, dtype=D64)
+    res = hierarchical_select(q, levels, (1, 1, 0.1), parents=parents)
+    k = math.ceil(0.1 * 96)
+    torch.testing.assert_close(res.indices, _flat_topk(q, leaves, k))
+    torch.testing.assert_close(res.scores, torch.topk(q @ leaves.T / math.sqrt(8), k).values)
+    full = hierarchical_select(q, levels, (1, 1, 1))
+    torch.testing.assert_close(full.indices, _flat_topk(q, leaves, 96))
+    one = hierarchical_select(q[0], levels, (1, 1, 0.1))
+    torch.testing.assert_close(one.indices, res.indices[0])
+
+
+def test_hierarchical_scores_only_children_of_selected_parents():
+    g = torch.Generator().manual_seed(1)
+    leaves = torch.randn(64, 6, generator=g, dtype=D64)
+    levels, parents = mean_pool_levels(leaves, (4, 4))
+    q = torch.randn(3, 6, generator=g, dtype=D64)
+    res = hierarchical_select(q, levels, (0.25, 0.5, 0.5), parents=parents)
+    assert [p.shape[1] for p in res.path] == [1, 2, 4]
+    for lvl in (1, 2):
+        for r in range(3):
+            scored = res.scored[lvl][r]
+            scored = scored[scored >= 0]
+            kids = torch.isin(parents[lvl - 1][scored], res.path[lvl - 1][r])
+            assert kids.all()
+            assert scored.numel() == 4 * res.path[lvl - 1][r].numel()
+            sel = res.path[lvl][r]
+            assert torch.isin(sel, scored).all()
+    # poison every node outside the selected subtrees: the result is unchanged
+    poisoned = [lv.clone() for lv in levels]
+    for lvl in (1, 2):
+        allowed = torch.zeros(levels[lvl].shape[0], dtype=torch.bool)
+        for r in range(3):
+            allowed |= torch.isin(parents[lvl - 1], res.path[lvl - 1][r])
+        poisoned[lvl][~allowed] = float("nan")
+    res2 = hierarchical_select(q, poisoned, (0.25, 0.5, 0.5), parents=parents)
+    torch.testing.assert_close(res2.indices, res.indices)
+    assert torch.isfinite(res2.scores).all()
+
+
+def test_hierarchical_general_parents_and_errors():
+    g = torch.Generator().manual_seed(2)
+    leaves = torch.randn(30, 4, generator=g, dtype=D64)
+    coarse = torch.randn(5, 4, generator=g, dtype=D64)
+    parent = torch.randint(0, 5, (30,), generator=g)
+    parent[:5] = torch.arange(5)
+    q = torch.randn(2, 4, generator=g, dtype=D64)
+    res = hierarchical_select(q, [coarse, leaves], (0.4, 0.5), parents=[parent])
+    for r in range(2):
+        chosen = res.path[0][r]
+        pool = torch.nonzero(torch.isin(parent, chosen)).squeeze(1)
+        k = math.ceil(0.5 * pool.numel())
+        ref = pool[torch.topk(q[r] @ leaves[pool].T, k).indices]
+        got = res.indices[r][res.indices[r] >= 0]
+        torch.testing.assert_close(got, ref)
+    with pytest.raises(ValueError, match="one keep ratio per level"):
+        hierarchical_select(q, [coarse, leaves], (0.5,))
+    with pytest.raises(ValueError, match="keep_ratios"):
+        hierarchical_select(q, [coarse, leaves], (0.5, 0.0))
