@@ -123,7 +123,7 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
         disables resampling.
     max_cooc_nnz : int, default=None
         Cap on the stored off-diagonal co-occurrence entries (upper triangle);
-        None means ``4 * batch_size * s * (s - 1) / 2``.
+        None means ``batch_size * s * (s - 1) / 2`` (so ``nnz <= batch_size * s**2``).
     shuffle : bool, default=True
         Visit minibatches (contiguous blocks of ``batch_size`` rows) in a random
         order each epoch; blocks of a memmap are still read contiguously.
@@ -268,7 +268,7 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
         if self.max_cooc_nnz is not None:
             return int(self.max_cooc_nnz)
         s = self.n_nonzero_coefs
-        return max(1, 4 * self.batch_size * s * (s - 1) // 2)
+        return max(1, self.batch_size * s * (s - 1) // 2)
 
     def _n_clusters(self, K):
         if self.n_clusters is not None:

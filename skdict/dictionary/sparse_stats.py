@@ -21,6 +21,8 @@ resampled from the rows with the largest residuals.
 
 from __future__ import annotations
 
+import numpy as np
+import scipy.sparse as sp
 import torch
 
 __all__ = [
@@ -111,6 +113,12 @@ def _coalesce(rows, cols, vals, K):
     if rows.numel() == 0:
         return rows, cols, vals
     key = rows * K + cols
+    if key.device.type == "cpu":  # numpy's unique is ~5x faster than torch's on CPU
+        uniq, inv = np.unique(key.numpy(), return_inverse=True)
+        v = vals.numpy()
+        out = np.bincount(inv.reshape(-1), weights=v, minlength=uniq.shape[0]).astype(v.dtype)
+        uniq = torch.from_numpy(uniq)
+        return uniq // K, uniq % K, torch.from_numpy(out)
     uniq, inv = torch.unique(key, sorted=True, return_inverse=True)
     out = torch.zeros(uniq.shape[0], dtype=vals.dtype, device=vals.device)
     add_rows(out, inv, vals)
@@ -213,6 +221,16 @@ class SparseStats:
         ``(chunk, P)``.
         """
         out = torch.zeros_like(D)
+        if self.vals.numel() == 0:
+            return out
+        if D.device.type == "cpu":  # scipy's CSR product: no (nnz, P) temporary
+            r, c = self.rows.numpy(), self.cols.numpy()
+            v = self.vals.numpy()
+            K = self.n_components
+            A = sp.csr_matrix((np.concatenate([v, v]), (np.concatenate([r, c]),
+                                                        np.concatenate([c, r]))), shape=(K, K))
+            return torch.from_numpy(np.asarray(A @ D.numpy()).astype(
+                D.numpy().dtype, copy=False))
         Dv = D.to(self.vals.dtype)
         for e0 in range(0, self.vals.numel(), chunk):
             r = self.rows[e0:e0 + chunk]

@@ -1,0 +1,304 @@
+"""CollapsedDictionaryLearner at large K: memory, throughput, approximate routing,
+planted recovery, and scikit-learn side by side.
+
+Run ``python -m benchmarks.large_dictionary`` (default: every part at the
+default sizes) or select parts::
+
+    python -m benchmarks.large_dictionary --parts peak,large,approx
+    python -m benchmarks.large_dictionary --parts large --n-rows 1000000 --ks 32768,65536
+
+Parts
+-----
+peak      the machine's matmul peak: a 4096^3 float32 torch GEMM, GFLOP/s.
+large     one epoch per K over MiniLM activations read from a memmap, each K in a
+          fresh subprocess: peak RSS after every epoch, rows/s, and the fraction
+          of the GEMM peak reached by the routing step (2 K P flops per row).
+approx    exact vs approximate routing on the same data and dictionary:
+          rows/s of the routing+coding step and the reconstruction MSE of both.
+recovery  planted dictionary, K = 4096: fraction of true atoms with |cos| >= 0.95.
+sklearn   vs sklearn MiniBatchDictionaryLearning at K = 1024 / 4096 (MSE at
+          equal s and equal wall time), and sklearn's time / peak RSS at
+          K = 16384 in a subprocess with a timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from skdict import CollapsedDictionaryLearner
+
+
+def _rss_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def gemm_peak(n=4096, reps=3):
+    A = torch.randn(n, n)
+    B = torch.randn(n, n)
+    A @ B
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        A @ B
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+SOURCE_ROWS = 200000  # MiniLM tokens computed once and cached (memmapped .npy)
+
+
+def load_rows(n_rows):
+    from skdict.datasets import load_minilm_activations
+
+    t = time.perf_counter()
+    X = load_minilm_activations(max(n_rows, SOURCE_ROWS), mmap_mode="r")
+    return X, time.perf_counter() - t
+
+
+def _routing_rate(est, X, n=4096):
+    """Rows/s of the routing step alone (exact), over ``n`` rows."""
+    from skdict.solvers.routing import route_topk
+
+    D = torch.from_numpy(est.components_)
+    Xb = torch.from_numpy(np.ascontiguousarray(X[:n]))
+    route_topk(Xb[:256], D, est.n_nonzero_coefs, tile_size=est.tile_size)
+    t = time.perf_counter()
+    for r0 in range(0, n, est.batch_size):
+        route_topk(Xb[r0:r0 + est.batch_size], D, 2 * est.n_nonzero_coefs,
+                   tile_size=est.tile_size)
+    return n / (time.perf_counter() - t)
+
+
+def child_large(K, n_rows, epochs, s, batch, out):
+    X, t_load = load_rows(n_rows)
+    X = X[:n_rows]
+    est = CollapsedDictionaryLearner(K, n_nonzero_coefs=s, batch_size=batch,
+                                     tile_size=4096, random_state=0, device="cpu")
+    rows = []
+    for ep in range(epochs):
+        t = time.perf_counter()
+        est.partial_fit(X)
+        dt = time.perf_counter() - t
+        rows.append({"epoch": ep + 1, "rows_per_s": n_rows / dt, "seconds": dt,
+                     "peak_rss_gb": _rss_gb(), "mse": float(est.epoch_loss_[-1])})
+    rate = _routing_rate(est, X)
+    json.dump({"K": K, "n_rows": n_rows, "epochs": rows, "routing_rows_per_s": rate,
+               "load_s": t_load}, open(out, "w"))
+
+
+def part_large(args, peak):
+    print(f"\n## large: one epoch = {args.n_rows} MiniLM rows (layer 3, 384-d) from a "
+          f"memmap, s={args.s}, batch={args.batch}")
+    print("| K | epoch | rows/s | peak RSS (GB) | batch MSE | routing-only rows/s | "
+          "routing GFLOP/s | fraction of GEMM peak |")
+    print("|---|---|---|---|---|---|---|---|")
+    for K in args.ks:
+        out = f"/tmp/_skdict_large_{K}.json"
+        cmd = [sys.executable, "-m", "benchmarks.large_dictionary", "--child-large",
+               str(K), "--n-rows", str(args.n_rows), "--epochs", str(args.epochs),
+               "--s", str(args.s), "--batch", str(args.batch), "--out", out]
+        subprocess.run(cmd, check=True, timeout=3600)
+        res = json.load(open(out))
+        flops = 2 * K * 384
+        # routing-only rate measured with 2s candidates (what fit routes)
+        gf = res["routing_rows_per_s"] * flops / 1e9
+        for e in res["epochs"]:
+            gfe = e["rows_per_s"] * flops / 1e9
+            print(f"| {K} | {e['epoch']} | {e['rows_per_s']:.0f} | {e['peak_rss_gb']:.2f} | "
+                  f"{e['mse']:.4g} | {res['routing_rows_per_s']:.0f} | {gf:.1f} | "
+                  f"{gf / peak:.0%} (whole step: {gfe / peak:.0%}) |")
+
+
+def part_approx(args):
+    X, _ = load_rows(args.n_rows)
+    K = args.approx_k
+    n_fit = min(args.n_rows, 20000)
+    Xtr = np.ascontiguousarray(X[:n_fit])
+    Xte = np.ascontiguousarray(X[-4096:])
+    est = CollapsedDictionaryLearner(K, n_nonzero_coefs=args.s, batch_size=args.batch,
+                                     max_iter=1, random_state=0, device="cpu").fit(Xtr)
+    print(f"\n## approx: K={K}, dictionary fitted on {n_fit} rows (1 epoch); "
+          f"transform of 4096 held-out rows")
+    print("| routing | n_clusters | n_probes | rows/s | MSE | MSE vs exact | speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    t = time.perf_counter()
+    mse_exact = -est.score(Xte)
+    rate_exact = len(Xte) / (time.perf_counter() - t)
+    print(f"| exact | - | - | {rate_exact:.0f} | {mse_exact:.4g} | 1.000 | 1.0x |")
+    for n_clusters, n_probes in args.approx_grid:
+        apx = CollapsedDictionaryLearner(K, n_nonzero_coefs=args.s, batch_size=args.batch,
+                                         routing="approximate", n_clusters=n_clusters,
+                                         n_probes=n_probes, device="cpu")
+        apx.components_ = est.components_
+        apx.n_features_in_ = est.n_features_in_
+        from skdict.solvers.routing import ClusterIndex
+
+        idx = ClusterIndex(torch.from_numpy(est.components_), n_clusters,
+                           generator=torch.Generator().manual_seed(0))
+        apx.cluster_centers_ = idx.centroids.numpy()
+        apx.atom_clusters_ = idx.labels.numpy()
+        apx.score(Xte[:256])
+        t = time.perf_counter()
+        mse = -apx.score(Xte)
+        rate = len(Xte) / (time.perf_counter() - t)
+        print(f"| approximate | {n_clusters} | {n_probes} | {rate:.0f} | {mse:.4g} | "
+              f"{mse / mse_exact:.3f} | {rate / rate_exact:.1f}x |")
+
+
+def part_recovery(args):
+    from skdict.datasets import make_sparse_data
+
+    K, P, s = 4096, 256, 4
+    n = args.recovery_rows
+    X, D, _ = make_sparse_data(n, P, K, s, noise=0.01, random_state=0, dtype=np.float32,
+                               sparse_codes=True)
+    t = time.perf_counter()
+    est = CollapsedDictionaryLearner(K, n_nonzero_coefs=s, batch_size=2048,
+                                     max_iter=args.recovery_epochs, tol=0, random_state=0,
+                                     device="cpu").fit(X)
+    dt = time.perf_counter() - t
+    best = np.zeros(K)
+    for k0 in range(0, K, 1024):
+        best = np.maximum(best, np.abs(D @ est.components_[k0:k0 + 1024].T).max(1))
+    print(f"\n## recovery: planted K={K}, P={P}, s={s}, noise 0.01, {n} rows, "
+          f"{args.recovery_epochs} epochs")
+    print("| fraction |cos| >= 0.95 | >= 0.9 | median best |cos| | final MSE | fit s |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {(best >= 0.95).mean():.3f} | {(best >= 0.9).mean():.3f} | "
+          f"{np.median(best):.3f} | {est.epoch_loss_[-1]:.4g} | {dt:.0f} |")
+
+
+def _sk_child(K, n_rows, s, out):
+    from sklearn.decomposition import MiniBatchDictionaryLearning
+
+    X, _ = load_rows(max(n_rows, 20000))
+    X = np.ascontiguousarray(X[:n_rows])
+    t = time.perf_counter()
+    sk = MiniBatchDictionaryLearning(K, alpha=1.0, batch_size=256, max_iter=1,
+                                     transform_algorithm="omp",
+                                     transform_n_nonzero_coefs=s, random_state=0)
+    sk.fit(X)
+    json.dump({"seconds": time.perf_counter() - t, "peak_rss_gb": _rss_gb()}, open(out, "w"))
+
+
+def part_sklearn(args):
+    from sklearn.decomposition import MiniBatchDictionaryLearning
+    from sklearn.linear_model import orthogonal_mp_gram
+
+    X, _ = load_rows(args.n_rows)
+    n = args.sk_rows
+    Xtr = np.ascontiguousarray(X[:n], dtype=np.float32)
+    Xte = np.ascontiguousarray(X[-2048:], dtype=np.float64)
+    s = args.s
+    print(f"\n## sklearn: {n} MiniLM rows, s={s}; sklearn MiniBatchDictionaryLearning "
+          "(alpha=1, batch 256, 1 epoch) then OMP with s atoms; skdict given the same "
+          "wall time (partial_fit passes until the time is used); MSE on 2048 held-out rows")
+    print("| K | sklearn fit s | sklearn MSE (OMP, s) | skdict passes in that time | "
+          "skdict MSE (s) | MSE ratio skdict/sklearn |")
+    print("|---|---|---|---|---|---|")
+    for K in args.sk_ks:
+        t = time.perf_counter()
+        sk = MiniBatchDictionaryLearning(K, alpha=1.0, batch_size=256, max_iter=1,
+                                         random_state=0).fit(Xtr)
+        t_sk = time.perf_counter() - t
+        Dsk = sk.components_.astype(np.float64)
+        codes = orthogonal_mp_gram(Dsk @ Dsk.T, Dsk @ Xte.T, n_nonzero_coefs=s).T
+        mse_sk = float(np.mean((Xte - codes @ Dsk) ** 2))
+        est = CollapsedDictionaryLearner(K, n_nonzero_coefs=s, batch_size=args.batch,
+                                         random_state=0, device="cpu")
+        t = time.perf_counter()
+        passes = 0
+        while True:
+            est.partial_fit(Xtr)
+            passes += 1
+            if time.perf_counter() - t >= t_sk:
+                break
+        mse = -est.score(Xte.astype(np.float32))
+        print(f"| {K} | {t_sk:.1f} | {mse_sk:.4g} | {passes} ({time.perf_counter() - t:.1f} s)"
+              f" | {mse:.4g} | {mse / mse_sk:.2f} |")
+    K = args.sk_big
+    out = f"/tmp/_skdict_sk_{K}.json"
+    cmd = [sys.executable, "-m", "benchmarks.large_dictionary", "--child-sklearn", str(K),
+           "--sk-rows", str(n), "--s", str(s), "--out", out]
+    t = time.perf_counter()
+    try:
+        subprocess.run(cmd, check=True, timeout=args.sk_timeout, capture_output=True)
+        res = json.load(open(out))
+        sk_txt = f"{res['seconds']:.0f} s, peak RSS {res['peak_rss_gb']:.2f} GB"
+    except subprocess.TimeoutExpired:
+        sk_txt = f"did not finish one epoch in {args.sk_timeout} s (killed)"
+    except subprocess.CalledProcessError as exc:
+        sk_txt = f"failed: {exc.stderr.decode()[-200:]!r}"
+    est = CollapsedDictionaryLearner(K, n_nonzero_coefs=s, batch_size=args.batch,
+                                     random_state=0, device="cpu")
+    t = time.perf_counter()
+    est.partial_fit(Xtr)
+    dt = time.perf_counter() - t
+    print(f"\n| K={K}, {n} rows, 1 epoch | time | memory |\n|---|---|---|")
+    print(f"| sklearn MiniBatchDictionaryLearning | {sk_txt} | (dense K x K = "
+          f"{K * K * 8 / 2**30:.1f} GiB float64 statistics) |")
+    print(f"| skdict CollapsedDictionaryLearner | {dt:.1f} s | peak RSS of this "
+          f"process so far {_rss_gb():.2f} GB |")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="peak,large,approx,recovery,sklearn")
+    p.add_argument("--n-rows", type=int, default=200000,
+                   help="MiniLM rows (memmap); an epoch of 'large' reads them all")
+    p.add_argument("--large-rows", type=int, default=16384,
+                   help="rows per epoch in 'large' (<= n-rows)")
+    p.add_argument("--ks", default="32768,65536")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--s", type=int, default=16)
+    p.add_argument("--batch", type=int, default=2048)
+    p.add_argument("--approx-k", type=int, default=32768)
+    p.add_argument("--approx-grid", default="256x4,256x8,362x8")
+    p.add_argument("--recovery-rows", type=int, default=40000)
+    p.add_argument("--recovery-epochs", type=int, default=3)
+    p.add_argument("--sk-rows", type=int, default=4096)
+    p.add_argument("--sk-ks", default="1024,4096")
+    p.add_argument("--sk-big", type=int, default=16384)
+    p.add_argument("--sk-timeout", type=int, default=120)
+    p.add_argument("--child-large", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-sklearn", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child_large is not None:
+        return child_large(args.child_large, args.n_rows, args.epochs, args.s, args.batch,
+                           args.out)
+    if args.child_sklearn is not None:
+        return _sk_child(args.child_sklearn, args.sk_rows, args.s, args.out)
+    args.ks = [int(k) for k in args.ks.split(",") if k]
+    args.sk_ks = [int(k) for k in args.sk_ks.split(",") if k]
+    args.approx_grid = [tuple(int(v) for v in g.split("x")) for g in args.approx_grid.split(",")]
+    parts = set(args.parts.split(","))
+    print("# python -m benchmarks.large_dictionary " + " ".join(sys.argv[1:]))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    peak = gemm_peak()
+    print(f"\n## peak: 4096^3 float32 torch GEMM: {peak:.1f} GFLOP/s")
+    if "large" in parts:
+        big = argparse.Namespace(**vars(args))
+        big.n_rows = args.large_rows
+        part_large(big, peak)
+    if "approx" in parts:
+        part_approx(args)
+    if "recovery" in parts:
+        part_recovery(args)
+    if "sklearn" in parts:
+        part_sklearn(args)
+
+
+if __name__ == "__main__":
+    main()
