@@ -40,6 +40,7 @@ __all__ = [
     "iter_batches",
     "n_samples_of",
     "make_csr",
+    "lasso_information_criterion",
 ]
 
 _DEVICE_CONSTRAINT = [StrOptions({"auto", "cpu", "cuda", "mps"}), str, torch.device, None]
@@ -444,26 +445,38 @@ class SparseCodingMixin(ClassNamePrefixFeaturesOutMixin, TransformerMixin):
         return state
 
 
-def lasso_information_criterion(X, codes_nnz, rss, criterion="bic"):
+def lasso_information_criterion(shape, nnz, rss, n_components, criterion="ebic"):
     """Per-sample information criterion of lasso codes (lower is better).
 
-    ``n_features * log(rss / (n_samples * n_features)) + c * nnz / n_samples``
-    with ``c = log(n_features)`` (BIC) or ``2`` (AIC): the lasso's degrees of
-    freedom are its number of non-zeros (Zou, Hastie & Tibshirani 2007), as in
-    scikit-learn's ``LassoLarsIC``, counted over rows that each have
-    ``n_features`` observations.
+    Every row is one regression with ``n_features`` observations whose degrees of
+    freedom are its number of non-zeros (Zou, Hastie & Tibshirani 2007; the
+    estimate scikit-learn's ``LassoLarsIC`` uses). Pooled over ``n`` rows::
+
+        n_features * log(rss / (n * n_features)) + c * nnz / n
+
+    with ``c = log(n_features) + 2 * log(n_components)`` for the extended BIC
+    (Chen & Chen 2008, gamma = 1: the BIC corrected for choosing the support
+    among ``n_components`` candidate atoms, needed when the dictionary is
+    overcomplete), ``log(n_features)`` for the BIC and ``2`` for the AIC.
     """
-    n, p = X
+    n, p = shape
     sigma2 = max(rss / (n * p), np.finfo(np.float64).tiny)
-    c = math.log(p) if criterion == "bic" else 2.0
-    return p * math.log(sigma2) + c * codes_nnz / n
+    if criterion == "ebic":
+        c = math.log(p) + 2 * math.log(max(n_components, 1))
+    elif criterion == "bic":
+        c = math.log(p)
+    elif criterion == "aic":
+        c = 2.0
+    else:
+        raise ValueError(f"criterion must be 'ebic', 'bic' or 'aic', got {criterion!r}.")
+    return p * math.log(sigma2) + c * nnz / n
 
 
 class BaseSparseCoder(SparseCodingMixin, BaseEstimator):
     """Base of estimators with a dictionary ``components_`` and lasso-type codes.
 
-    Provides ``score`` as minus a per-sample information criterion (BIC by
-    default) so that a ``GridSearchCV`` over ``alpha`` without ``y`` has a
+    Provides ``score`` as minus a per-sample information criterion (the
+    extended BIC) so that a ``GridSearchCV`` over ``alpha`` without ``y`` has a
     meaningful optimum; see :meth:`score`.
     """
 
@@ -481,21 +494,25 @@ class BaseSparseCoder(SparseCodingMixin, BaseEstimator):
         return D.to(device), None
 
     def score(self, X, y=None):
-        """Minus the Bayesian information criterion of the codes, per sample.
+        """Minus the extended Bayesian information criterion of the codes, per sample.
 
-        For each row the lasso code is one fit with ``n_features`` observations
-        and degrees of freedom equal to its number of non-zeros (Zou et al.
-        2007, the estimate scikit-learn's ``LassoLarsIC`` uses). Over ``n``
-        rows, with ``rss`` the total squared residual and ``nnz`` the total
-        number of non-zeros::
+        Each row's lasso code is one regression with ``n_features``
+        observations and degrees of freedom equal to its number of non-zeros
+        (Zou et al. 2007, the estimate scikit-learn's ``LassoLarsIC`` uses).
+        Over ``n`` rows, with ``rss`` the total squared residual, ``nnz`` the
+        total number of non-zeros, ``P = n_features`` and ``K = n_components``::
 
-            score = -(n_features * log(rss / (n * n_features))
-                      + log(n_features) * nnz / n)
+            score = -(P * log(rss / (n * P)) + (log(P) + 2 * log(K)) * nnz / n)
 
-        Higher is better. Unlike the lasso objective, which always prefers the
-        smallest ``alpha``, this trades reconstruction against the number of
-        active atoms, so ``GridSearchCV(est, {"alpha": grid})`` without ``y``
-        picks a sparsity level supported by the data.
+        The ``2 log K`` term is the extended BIC of Chen & Chen (2008): with an
+        overcomplete dictionary (``K >= P``) the plain BIC keeps rewarding
+        near-saturated supports whose residual vanishes, while the extended
+        BIC charges for choosing each atom among ``K`` candidates. Higher is
+        better. Unlike the lasso objective, which always prefers the smallest
+        ``alpha``, this trades reconstruction against the number of active
+        atoms, so ``GridSearchCV(est, {"alpha": grid})`` without ``y`` picks a
+        sparsity level supported by the data. See
+        :func:`skdict.base.lasso_information_criterion` for the AIC / BIC.
 
         Parameters
         ----------
@@ -508,7 +525,7 @@ class BaseSparseCoder(SparseCodingMixin, BaseEstimator):
         """
         self._check_ready()
         rss, nnz, n, p = self._rss_nnz(X)
-        return -lasso_information_criterion((n, p), nnz, rss, "bic")
+        return -lasso_information_criterion((n, p), nnz, rss, self._n_codes(), "ebic")
 
     def _rss_nnz(self, X):
         X, dtype = check_input(self, X, reset=False)

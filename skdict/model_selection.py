@@ -111,9 +111,7 @@ def alpha_for_sparsity(
             raise ValueError(f"target_density must be in (0, 1], got {target_density!r}.")
         target_l0 = float(target_density) * K
     if not (isinstance(target_l0, numbers.Real) and 0 < target_l0 <= K):
-        raise ValueError(
-            f"target_l0 must be in (0, n_components={K}], got {target_l0!r}."
-        )
+        raise ValueError(f"target_l0 must be in (0, n_components={K}], got {target_l0!r}.")
     if not hasattr(estimator, "alpha"):
         raise ValueError(f"{type(estimator).__name__} has no 'alpha' parameter to tune.")
     Xc, dtype = check_input(_Probe(D.shape[1]), X, reset=False)
@@ -174,4 +172,3 @@ class _Probe(BaseEstimator):
     def __init__(self, n_features=None):
         self.n_features = n_features
         self.n_features_in_ = n_features
-

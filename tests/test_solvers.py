@@ -50,9 +50,7 @@ def test_soft_threshold_closed_form():
     assert torch.equal(
         soft_threshold(u, 1.0, positive=True), torch.tensor([0.0, 0, 0, 0, 0, 0, 2.0])
     )
-    assert torch.equal(
-        hard_threshold(u, 0.9), torch.tensor([-3.0, -1.0, 0, 0, 0, 1.0, 3.0])
-    )
+    assert torch.equal(hard_threshold(u, 0.9), torch.tensor([-3.0, -1.0, 0, 0, 0, 1.0, 3.0]))
     assert torch.equal(
         hard_threshold(u, 0.9, positive=True), torch.tensor([0.0, 0, 0, 0, 0, 1.0, 3.0])
     )

@@ -1,0 +1,230 @@
+"""LCASparseCoder: learning, partial_fit, reproducibility, errors, pipelines."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import make_pipeline
+
+from skdict import LCASparseCoder, SparseCoder
+
+
+def _planted(n=1500, P=16, K=24, s=2, noise=0.01, seed=0):
+    rng = np.random.default_rng(seed)
+    D = rng.standard_normal((K, P))
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    A = np.zeros((n, K))
+    for i in range(n):
+        A[i, rng.choice(K, s, replace=False)] = rng.choice([-1, 1], s) * rng.uniform(1, 2, s)
+    return A @ D + noise * rng.standard_normal((n, P)), D
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return _planted(n=600)
+
+
+@pytest.fixture(scope="module")
+def fitted(planted):
+    X, _ = planted
+    return LCASparseCoder(
+        n_components=24,
+        alpha=0.1,
+        n_epochs=4,
+        batch_size=128,
+        max_iter=50,
+        random_state=0,
+        device="cpu",
+    ).fit(X)
+
+
+@pytest.mark.slow
+def test_recovers_planted_dictionary():
+    X, D = _planted(n=4000, P=16, K=12, s=2)
+    est = LCASparseCoder(
+        n_components=12,
+        alpha=0.05,
+        n_epochs=30,
+        batch_size=64,
+        max_iter=50,
+        random_state=0,
+        device="cpu",
+    ).fit(X)
+    cos = np.abs(D @ est.components_.T)
+    recovered = (cos.max(1) >= 0.95).mean()
+    assert recovered >= 0.9, f"only {recovered:.0%} of atoms recovered"
+
+
+def test_fitted_attributes(planted, fitted):
+    X, _ = planted
+    assert fitted.components_.shape == (24, 16)
+    np.testing.assert_allclose(np.linalg.norm(fitted.components_, axis=1), 1, atol=1e-10)
+    assert fitted.n_iter_ == 4
+    assert fitted.n_steps_ == 4 * int(np.ceil(len(X) / 128))
+    curve = fitted.objective_curve_
+    assert curve.shape == (4,) and curve[-1] < curve[0]
+    assert fitted.inference_iter_.shape == (fitted.n_steps_,)
+    assert isinstance(fitted.components_, np.ndarray)
+
+
+def test_transform_is_the_lasso_solution_of_the_learned_dictionary(planted, fitted):
+    X, _ = planted
+    X = X[:20]
+    exact = SparseCoder(fitted.components_, alpha=0.1, device="cpu").transform(X).toarray()
+    lca = fitted.transform(X).toarray()
+    obj = lambda A: np.mean(
+        0.5 * ((X - A @ fitted.components_) ** 2).sum(1)  # noqa: E731
+        + 0.1 * np.abs(A).sum(1)
+    )
+    assert abs(obj(lca) - obj(exact)) / obj(exact) < 1e-4
+    X_hat = fitted.inverse_transform(fitted.transform(X))
+    np.testing.assert_allclose(X_hat, lca @ fitted.components_, atol=1e-10)
+
+
+def test_same_seed_same_dictionary(planted):
+    X, _ = planted
+    kw = dict(n_components=10, alpha=0.2, n_epochs=2, max_iter=20, device="cpu")
+    a = LCASparseCoder(random_state=3, **kw).fit(X).components_
+    b = LCASparseCoder(random_state=3, **kw).fit(X).components_
+    c = LCASparseCoder(random_state=4, **kw).fit(X).components_
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_float32_fit_gives_float32(planted):
+    X, _ = planted
+    est = LCASparseCoder(8, alpha=0.2, n_epochs=1, max_iter=20, device="cpu", random_state=0)
+    est.fit(X.astype(np.float32))
+    assert est.components_.dtype == np.float32
+    assert est.transform(X[:5].astype(np.float32)).dtype == np.float32
+
+
+def test_partial_fit_streams_and_failure_leaves_state(planted):
+    X, _ = planted
+    est = LCASparseCoder(12, alpha=0.1, batch_size=100, max_iter=30, random_state=0, device="cpu")
+    for chunk in np.array_split(X, 5):
+        est.partial_fit(chunk)
+    assert est.n_steps_ == sum(int(np.ceil(len(c) / 100)) for c in np.array_split(X, 5))
+    assert len(est.objective_curve_) == 5
+    before = est.components_.copy()
+    steps = est.n_steps_
+    with pytest.raises(ValueError, match="features"):
+        est.partial_fit(np.ones((10, 3)))
+    with pytest.raises(ValueError, match="NaN"):
+        bad = X[:10].copy()
+        bad[0, 0] = np.nan
+        est.partial_fit(bad)
+    np.testing.assert_array_equal(est.components_, before)
+    assert est.n_steps_ == steps
+
+
+def test_dead_atoms_are_resampled():
+    # a dictionary init with an atom orthogonal to all data never activates
+    rng = np.random.default_rng(0)
+    X = np.zeros((600, 4))
+    X[:, :3] = rng.standard_normal((600, 3))
+    init = np.vstack([np.eye(4)[:3], [[0, 0, 0, 1.0]]])
+    est = LCASparseCoder(
+        4,
+        alpha=0.1,
+        dict_init=init,
+        n_epochs=2,
+        batch_size=100,
+        resample_window=200,
+        random_state=0,
+        device="cpu",
+    ).fit(X)
+    assert est.n_resampled_ >= 1
+    assert abs(est.components_[3, 3]) < 0.99
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"n_components": 0}, "n_components"),
+        ({"alpha": -0.5}, "alpha"),
+        ({"device": "nonsense"}, "not a valid device"),
+        ({"dict_init": np.ones((3, 3))}, "dict_init has shape"),
+        ({"threshold": "hard", "transform_algorithm": "exact"}, "threshold='hard'"),
+    ],
+)
+def test_bad_parameters(params, match):
+    X = np.random.default_rng(0).standard_normal((20, 4))
+    with pytest.raises(ValueError, match=match):
+        LCASparseCoder(**{"n_components": 5, **params}).fit(X)
+
+
+def test_sgd_and_hard_threshold_variants(planted):
+    X, _ = planted
+    est = LCASparseCoder(
+        16,
+        alpha=0.3,
+        threshold="hard",
+        dict_update="sgd",
+        learning_rate=0.5,
+        n_epochs=3,
+        max_iter=50,
+        random_state=0,
+        device="cpu",
+    ).fit(X)
+    codes = est.transform(X[:100])
+    assert codes.nnz > 0 and np.abs(codes.data).min() > 0.3
+    assert est.objective_curve_[-1] < est.objective_curve_[0]
+
+
+def test_verbose_progress_bar(planted, capsys):
+    X, _ = planted
+    LCASparseCoder(4, n_epochs=1, max_iter=5, verbose=True, device="cpu", random_state=0).fit(X)
+    assert "LCASparseCoder" in capsys.readouterr().err
+
+
+def test_pickle_round_trip(fitted, planted):
+    X, _ = planted
+    clone = pickle.loads(pickle.dumps(fitted))
+    np.testing.assert_array_equal(clone.components_, fitted.components_)
+    np.testing.assert_array_equal(
+        clone.transform(X[:20]).toarray(), fitted.transform(X[:20]).toarray()
+    )
+
+
+def test_torch_input_matches_numpy(planted):
+    X, _ = planted
+    kw = dict(n_components=6, alpha=0.2, n_epochs=1, max_iter=20, random_state=0, device="cpu")
+    a = LCASparseCoder(**kw).fit(X).components_
+    b = LCASparseCoder(**kw).fit(torch.tensor(X)).components_
+    np.testing.assert_allclose(a, b, atol=1e-12)
+
+
+def test_gridsearch_over_alpha_in_pipeline():
+    X, y = load_digits(return_X_y=True)
+    X, y = X[:300] / 16.0, y[:300]
+    pipe = make_pipeline(
+        LCASparseCoder(
+            n_components=32,
+            n_epochs=2,
+            max_iter=30,
+            transform_algorithm="fista",
+            random_state=0,
+            device="cpu",
+        ),
+        LogisticRegression(max_iter=300),
+    )
+    search = GridSearchCV(pipe, {"lcasparsecoder__alpha": [0.05, 0.1, 0.2]}, cv=2).fit(X, y)
+    assert search.best_params_["lcasparsecoder__alpha"] in (0.05, 0.1, 0.2)
+    assert search.best_score_ > 0.8
+
+
+@pytest.mark.cuda
+def test_fit_on_cuda_unpickles_on_cpu(planted):
+    X, _ = planted
+    est = LCASparseCoder(8, alpha=0.2, n_epochs=1, max_iter=20, random_state=0, device="cuda").fit(
+        X
+    )
+    clone = pickle.loads(pickle.dumps(est))
+    assert isinstance(clone.components_, np.ndarray)
+    clone.set_params(device="cpu")
+    assert clone.transform(X[:10]).shape == (10, 8)
