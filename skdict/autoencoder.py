@@ -555,6 +555,7 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
         opt = _Optimizer(self.optimizer, self._lr(), params, opt_state, device, tdtype)
         k_aux = self.k_aux if self.k_aux is not None else max(1, params["W_dec"].shape[1] // 2)
 
+        buf = {}
         bar = None
         if self.verbose:
             from tqdm.auto import tqdm
@@ -566,7 +567,7 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
             k_cur = self.k
             if k_sched is not None:
                 k_cur = int(min(self.n_components, max(1, round(k_sched.value))))
-            out = self._step(Xb, params, opt, tsf, threshold, k_cur, k_aux, scale, tdtype)
+            out = self._step(Xb, params, opt, tsf, threshold, k_cur, k_aux, scale, tdtype, buf)
             threshold = out["threshold"]
             if k_sched is not None:
                 k_sched.step(accuracy=1.0 - float(out["fvu"]))
@@ -624,13 +625,20 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
         return _to_tensor(blk, device, tdtype)
 
     # ------------------------------------------------------------------ one step
-    def _pre(self, xc, W_enc, b_enc):
+    def _pre(self, xc, W_enc, b_enc, buf=None):
         if self.autocast is not None:
             ac = _AUTOCAST[self.autocast]
             return (xc.to(ac) @ W_enc.to(ac).T).to(xc.dtype) + b_enc
+        if buf is not None:
+            # reuse one (batch, n_components) buffer across steps (no page faults)
+            key = (xc.shape[0], W_enc.shape[0], xc.dtype, xc.device)
+            if buf.get("key") != key:
+                buf["key"] = key
+                buf["pre"] = torch.empty(key[0], key[1], dtype=key[2], device=key[3])
+            return torch.addmm(b_enc, xc, W_enc.T, out=buf["pre"])
         return torch.addmm(b_enc, xc, W_enc.T)
 
-    def _step(self, Xb, P, opt, tsf, threshold, k_cur, k_aux, scale, tdtype):
+    def _step(self, Xb, P, opt, tsf, threshold, k_cur, k_aux, scale, tdtype, buf=None):
         B, K = Xb.shape[0], self.n_components
         x = Xb / scale if scale != 1.0 else Xb
         W_enc, b_enc, W_dec, b_dec = P["W_enc"], P["b_enc"], P["W_dec"], P["b_dec"]
@@ -640,7 +648,7 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
         penalty = x.new_zeros(())
         if mode in _SELECTING:
             with torch.no_grad():
-                pre = self._pre(xc.detach(), W_enc.detach(), b_enc.detach())
+                pre = self._pre(xc.detach(), W_enc.detach(), b_enc.detach(), buf)
                 if mode == "topk":
                     pairs = select_topk(pre, k_cur)
                 elif mode == "batchtopk":

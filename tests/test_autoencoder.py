@@ -370,3 +370,14 @@ def test_from_saelens_errors(tmp_path):
                    np.zeros(3, np.float32), {"architecture": "jumprelu"})
     with pytest.raises(ValueError, match="not supported"):
         KSparseAutoencoder.from_saelens(tmp_path / "j")
+
+
+def test_pair_dot_native_matches_gather():
+    g = torch.Generator().manual_seed(3)
+    pre = torch.randn(40, 25, generator=g, dtype=torch.float64)
+    A = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    B = torch.randn(25, 6, generator=g, dtype=torch.float64)
+    for pairs in (select_topk(pre, 3), select_batch_topk(pre, 2), select_lifetime(pre, 0.2)):
+        ref = (A[pairs.row] * B[pairs.col]).sum(1)
+        torch.testing.assert_close(pairs.pair_dot(A, B), ref)
+        torch.testing.assert_close(pairs._pair_dot_gather(A, B, chunk=7), ref)

@@ -100,11 +100,23 @@ class SparsePairs:
         )
 
     def pair_dot(self, A, B, chunk=8192):
-        """``(A[row] * B[col]).sum(1)`` for every pair, in chunks (bounded memory).
+        """``(A[row] * B[col]).sum(1)`` for every pair.
 
-        Fixed-width selections (``width`` set, e.g. top-k) gather only the rows of
-        ``B``: each chunk of rows of ``A`` is used in place.
+        Uses torch's embedding-bag per-sample-weight gradient kernel (one dot
+        product per pair, nothing materialised); falls back to chunked gathers
+        (bounded memory) where that kernel is unavailable.
         """
+        if self.nnz == 0:
+            return A.new_zeros(0)
+        if A.dtype == B.dtype and A.device == B.device:
+            try:
+                return _native_pair_dot(A.contiguous(), B.contiguous(), self.col,
+                                        self.crow[:-1])
+            except (RuntimeError, AttributeError, TypeError):  # pragma: no cover
+                pass
+        return self._pair_dot_gather(A, B, chunk)
+
+    def _pair_dot_gather(self, A, B, chunk=8192):
         out = A.new_empty(self.nnz)
         w = self.width
         if w:
@@ -129,6 +141,15 @@ class SparsePairs:
         out = vals.new_zeros(self.n_rows, self.n_cols)
         out[self.row, self.col] = vals
         return out
+
+
+def _native_pair_dot(A, B, col, offsets):
+    """``<A[bag(p)], B[col[p]]>`` with ATen's embedding-bag per-sample-weight
+    backward (bags given by CSR ``offsets``)."""
+    empty = torch.empty(0, dtype=torch.long, device=col.device)
+    return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        A, B, col, offsets, empty, 0, -1
+    )
 
 
 # ------------------------------------------------------------------ selections
