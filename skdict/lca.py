@@ -60,7 +60,8 @@ class LCASparseCoder(BaseSparseCoder):
         LCA time constant in units of the step; None uses the largest eigenvalue
         of the Gram matrix, the fastest stable value.
     max_iter : int, default=100
-        LCA iterations per minibatch during ``fit``.
+        LCA iterations per minibatch during ``fit`` (iterations of
+        ``fit_algorithm`` when it is iterative).
     tol : float, default=1e-5
         LCA stopping tolerance (relative duality gap for the soft threshold,
         relative change of the potentials for the hard one), in fit and
@@ -68,6 +69,11 @@ class LCASparseCoder(BaseSparseCoder):
     threshold : {"soft", "hard"}, default="soft"
     positive_code : bool, default=False
         Non-negative codes (rectified LCA).
+    fit_algorithm : {"lca", "exact", "fista"}, default="lca"
+        Inference used on each minibatch during ``fit`` / ``partial_fit``.
+        ``"exact"`` (soft threshold only) gives the exact lasso codes with the
+        active-set solver, which on natural images is much faster than running
+        LCA to convergence (see ``benchmarks/fit.py``).
     transform_algorithm : {"lca", "exact", "fista", "ista", "omp"}, default="lca"
         Encoder used by ``transform`` and ``score``.
     transform_max_iter : int, default=1000
@@ -134,6 +140,7 @@ class LCASparseCoder(BaseSparseCoder):
         "tol": [Interval(numbers.Real, 0, None, closed="left")],
         "threshold": [StrOptions({"soft", "hard"})],
         "positive_code": ["boolean"],
+        "fit_algorithm": [StrOptions({"lca", "exact", "fista"})],
         "transform_algorithm": [StrOptions(set(ALGORITHMS))],
         "transform_max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
         "transform_n_nonzero_coefs": [
@@ -161,6 +168,7 @@ class LCASparseCoder(BaseSparseCoder):
         tol=1e-5,
         threshold="soft",
         positive_code=False,
+        fit_algorithm="lca",
         transform_algorithm="lca",
         transform_max_iter=1000,
         transform_n_nonzero_coefs=None,
@@ -183,6 +191,7 @@ class LCASparseCoder(BaseSparseCoder):
         self.tol = tol
         self.threshold = threshold
         self.positive_code = positive_code
+        self.fit_algorithm = fit_algorithm
         self.transform_algorithm = transform_algorithm
         self.transform_max_iter = transform_max_iter
         self.transform_n_nonzero_coefs = transform_n_nonzero_coefs
@@ -204,6 +213,11 @@ class LCASparseCoder(BaseSparseCoder):
             raise ValueError(
                 "threshold='hard' codes are L0-type and only transform_algorithm='lca' "
                 f"or 'omp' can reproduce them; got {self.transform_algorithm!r}."
+            )
+        if self.threshold == "hard" and self.fit_algorithm != "lca":
+            raise ValueError(
+                "threshold='hard' is only supported by fit_algorithm='lca'; got "
+                f"{self.fit_algorithm!r}."
             )
 
     def _initial_state(self, X, device, dtype, generator, np_rng):
@@ -240,13 +254,15 @@ class LCASparseCoder(BaseSparseCoder):
         }
 
     def _step(self, st, Xb, generator):
-        """One minibatch: infer codes with LCA, update the dictionary in ``st``."""
+        """One minibatch: infer codes (``fit_algorithm``), update the dictionary in
+        ``st``."""
         D = st["D"]
-        enc_state = _state_from(D)
+        fit_alg = getattr(self, "fit_algorithm", "lca")
+        enc_state = _state_from(D, need_L=fit_alg != "exact")
         res = encode_batch(
             Xb,
             enc_state,
-            algorithm="lca",
+            algorithm=fit_alg,
             alpha=self.alpha,
             positive=self.positive_code,
             max_iter=self.max_iter,
@@ -431,11 +447,12 @@ def _seed_from(random_state):
     return int(check_random_state(random_state).randint(0, 2**31 - 1))
 
 
-def _state_from(D):
+def _state_from(D, need_L=True):
     from .solvers import power_iteration
 
     G = D @ D.T
-    return {"D": D, "G": G, "L": power_iteration(G)}
+    # the exact solver needs no step size: skip the power iteration
+    return {"D": D, "G": G, "L": power_iteration(G) if need_L else None}
 
 
 def _rows(X, rows, device, tdtype):
