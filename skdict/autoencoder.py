@@ -642,20 +642,19 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
         B, K = Xb.shape[0], self.n_components
         x = Xb / scale if scale != 1.0 else Xb
         W_enc, b_enc, W_dec, b_dec = P["W_enc"], P["b_enc"], P["W_dec"], P["b_dec"]
-        xc = x - b_dec
         mode = self.sparsity
         aux = x.new_zeros(())
         penalty = x.new_zeros(())
         if mode in _SELECTING:
             with torch.no_grad():
-                pre = self._pre(xc.detach(), W_enc.detach(), b_enc.detach(), buf)
+                pre = self._pre(x - b_dec, W_enc, b_enc, buf)
                 if mode == "topk":
                     pairs = select_topk(pre, k_cur)
                 elif mode == "batchtopk":
                     pairs = select_batch_topk(pre, k_cur)
                 else:
                     pairs = select_lifetime(pre, k_cur / K)
-            vals = sparse_encode(xc, W_enc, b_enc, pairs, pre)
+            vals = sparse_encode(x, W_enc, b_enc, pairs, pre, b_dec=b_dec)
             x_hat = sparse_decode_pairs(vals, W_dec, pairs) + b_dec
             with torch.no_grad():
                 active = vals.detach() > 0
@@ -671,7 +670,7 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
                             else 0.99 * float(threshold) + 0.01 * float(tmin)
                         )
         else:
-            pre = torch.addmm(b_enc, xc, W_enc.T)
+            pre = torch.addmm(b_enc, x - b_dec, W_enc.T)
             z = torch.relu(pre)
             x_hat = z @ W_dec + b_dec
             if mode == "l1":
@@ -700,7 +699,7 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
             with torch.no_grad():
                 masked = pre.masked_fill(~dead[None, :], float("-inf"))
                 apairs = select_topk(masked, min(k_aux, n_dead))
-            avals = sparse_encode(xc, W_enc, b_enc, apairs, pre)
+            avals = sparse_encode(x, W_enc, b_enc, apairs, pre, b_dec=b_dec)
             e = resid.detach()
             e_hat = sparse_decode_pairs(avals, W_dec, apairs)
             e_den = ((e - e.mean(0)) ** 2).sum().clamp_min(1e-30)
@@ -1030,6 +1029,22 @@ class _Optimizer:
                 if p.grad is not None:
                     p.add_(p.grad, alpha=-self.lr)
             return
+        names = [n for n, p in self.params.items() if p.grad is not None]
+        fused = getattr(torch, "_fused_adam_", None)
+        if fused is not None and names:
+            try:  # one fused kernel over all parameters (torch.optim's fused Adam)
+                steps = [
+                    torch.tensor(float(self.t), device=self.params[n].device) for n in names
+                ]
+                fused(
+                    [self.params[n] for n in names], [self.params[n].grad for n in names],
+                    [self.m[n] for n in names], [self.v[n] for n in names], [], steps,
+                    lr=self.lr, beta1=self.b1, beta2=self.b2, weight_decay=0.0,
+                    eps=self.eps, amsgrad=False, maximize=False,
+                )
+                return
+            except (RuntimeError, TypeError):  # pragma: no cover - old torch / device
+                pass
         bc1 = 1 - self.b1**self.t
         bc2 = 1 - self.b2**self.t
         step = self.lr * math.sqrt(bc2) / bc1

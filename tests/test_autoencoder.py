@@ -67,17 +67,23 @@ def test_sparse_encode_decode_gradcheck(name):
     W_enc = torch.randn(K, d, dtype=torch.float64, generator=g, requires_grad=True)
     b_enc = torch.randn(K, dtype=torch.float64, generator=g, requires_grad=True)
     W_dec = torch.randn(K, d, dtype=torch.float64, generator=g, requires_grad=True)
+    b_dec = torch.randn(d, dtype=torch.float64, generator=g, requires_grad=True)
     with torch.no_grad():
-        pre = xc @ W_enc.T + b_enc
+        pre = (xc - b_dec) @ W_enc.T + b_enc
     pairs = SELECTIONS[name](pre)
     pairs.pre_values = None  # recompute the selected pre-activations from the inputs
     assert pairs.nnz > 0
 
-    def f(xc, W_enc, b_enc, W_dec):
-        vals = sparse_encode(xc, W_enc, b_enc, pairs)
-        return sparse_decode_pairs(vals, W_dec, pairs)
+    def f(xc, W_enc, b_enc, W_dec, b_dec):
+        vals = sparse_encode(xc, W_enc, b_enc, pairs, b_dec=b_dec)
+        return sparse_decode_pairs(vals, W_dec, pairs) + b_dec
 
-    assert torch.autograd.gradcheck(f, (xc, W_enc, b_enc, W_dec), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(
+        f, (xc, W_enc, b_enc, W_dec, b_dec), eps=1e-6, atol=1e-7
+    )
+    assert torch.autograd.gradcheck(
+        lambda *a: sparse_encode(*a, pairs), (xc, W_enc, b_enc), eps=1e-6, atol=1e-7
+    )
     vals = torch.randn(pairs.nnz, dtype=torch.float64, generator=g, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda v, W: sparse_decode_pairs(v, W, pairs), (vals, W_dec), eps=1e-6, atol=1e-7
@@ -88,36 +94,34 @@ def test_sparse_encode_decode_gradcheck(name):
 def test_sparse_kernels_match_dense_float32(name):
     g = torch.Generator().manual_seed(1)
     B, K, d = 64, 40, 12
-    xc = torch.randn(B, d, generator=g)
+    x = torch.randn(B, d, generator=g)
     W_enc = torch.randn(K, d, generator=g)
     b_enc = torch.randn(K, generator=g) * 0.1
     W_dec = torch.randn(K, d, generator=g)
+    b_dec = torch.randn(d, generator=g) * 0.5
     with torch.no_grad():
-        pre = xc @ W_enc.T + b_enc
+        pre = (x - b_dec) @ W_enc.T + b_enc
     pairs = SELECTIONS[name](pre)
     G = torch.randn(B, d, generator=g)
-    grads = []
-    for enc, dec, use_pre in (
-        (sparse_encode, sparse_decode_pairs, True),
-        (sparse_encode, sparse_decode_pairs, False),
-        (dense_encode_reference, dense_decode_reference, False),
-    ):
-        ts = [t.clone().requires_grad_(True) for t in (xc, W_enc, b_enc, W_dec)]
-        if enc is sparse_encode:
-            saved = pairs.pre_values
-            if not use_pre:
-                pairs.pre_values = None
-            vals = enc(ts[0], ts[1], ts[2], pairs, pre if use_pre else None)
-            pairs.pre_values = saved
+    results = []
+    for variant in ("stored", "pre", "recompute", "dense"):
+        ts = [t.clone().requires_grad_(True) for t in (x, W_enc, b_enc, W_dec, b_dec)]
+        saved = pairs.pre_values
+        if variant != "stored":
+            pairs.pre_values = None
+        if variant == "dense":
+            vals = dense_encode_reference(ts[0], ts[1], ts[2], pairs, b_dec=ts[4])
+            out = dense_decode_reference(vals, ts[3], pairs) + ts[4]
         else:
-            vals = enc(ts[0], ts[1], ts[2], pairs)
-        out = dec(vals, ts[3], pairs)
+            vals = sparse_encode(ts[0], ts[1], ts[2], pairs,
+                                 pre if variant == "pre" else None, b_dec=ts[4])
+            out = sparse_decode_pairs(vals, ts[3], pairs) + ts[4]
+        pairs.pre_values = saved
         (out * G).sum().backward()
-        grads.append([out.detach()] + [t.grad for t in ts])
-    for a, b in zip(grads[0], grads[2], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    for a, b in zip(grads[1], grads[2], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        results.append([out.detach()] + [t.grad for t in ts])
+    for res in results[:3]:
+        for a, b in zip(res, results[3], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_selections():

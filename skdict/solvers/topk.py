@@ -201,8 +201,9 @@ def select_threshold(pre, threshold):
 # ------------------------------------------------------------------ autograd
 class _SparseEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xc, W_enc, b_enc, pairs, pre_vals):
+    def forward(ctx, x, b_dec, W_enc, b_enc, pairs, pre_vals):
         vals = torch.relu(pre_vals)
+        xc = x - b_dec if b_dec is not None else x
         ctx.pairs = pairs
         ctx.save_for_backward(xc, W_enc, vals)
         return vals
@@ -212,24 +213,32 @@ class _SparseEncode(torch.autograd.Function):
         xc, W_enc, vals = ctx.saved_tensors
         pairs = ctx.pairs
         g = grad_vals * (vals > 0).to(grad_vals.dtype)
-        grad_xc = grad_W = grad_b = None
+        grad_x = grad_bd = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_xc = pairs.row_sum(g, W_enc)
-        if ctx.needs_input_grad[1]:
-            grad_W = pairs.col_sum(g, xc)
+            grad_x = pairs.row_sum(g, W_enc)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+            # the selected gradients summed over rows, per latent: (K,)
+            gcol = torch.zeros(pairs.n_cols, dtype=g.dtype, device=g.device)
+            gcol.index_add_(0, pairs.col, g)
+            if ctx.needs_input_grad[3]:
+                grad_b = gcol
+            if ctx.needs_input_grad[1]:
+                # d/d b_dec of the rows of (x - b_dec) @ W_enc.T: one vector-matrix product
+                grad_bd = -(gcol @ W_enc)
         if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(pairs.n_cols, dtype=g.dtype, device=g.device)
-            grad_b.index_add_(0, pairs.col, g)
-        return grad_xc, grad_W, grad_b, None, None
+            grad_W = pairs.col_sum(g, xc)
+        return grad_x, grad_bd, grad_W, grad_b, None, None
 
 
-def sparse_encode(xc, W_enc, b_enc, pairs, pre=None):
-    """ReLU of the selected pre-activations ``xc @ W_enc.T + b_enc``, shape (nnz,).
+def sparse_encode(x, W_enc, b_enc, pairs, pre=None, b_dec=None):
+    """ReLU of the selected pre-activations ``(x - b_dec) @ W_enc.T + b_enc``, (nnz,).
 
-    ``pre`` (the dense pre-activations, computed without gradient tracking) is
-    read at the pairs when given, else recomputed there. The backward pass is
-    sparse: gradients reach ``W_enc``, ``b_enc`` and ``xc`` only through the
-    selected pairs.
+    The selected pre-activations are taken from ``pairs.pre_values`` when the
+    selection recorded them, else read from ``pre`` (the dense pre-activations,
+    computed without gradient tracking) when given, else recomputed at the
+    pairs. The backward pass is sparse: gradients reach ``W_enc`` and ``b_enc``
+    only at the selected pairs, ``x`` as an embedding-bag sum over them, and
+    ``b_dec`` (when given) as one vector-matrix product.
     """
     with torch.no_grad():
         if pairs.pre_values is not None:
@@ -237,8 +246,9 @@ def sparse_encode(xc, W_enc, b_enc, pairs, pre=None):
         elif pre is not None:
             pre_vals = pre[pairs.row, pairs.col]
         else:
+            xc = x - b_dec if b_dec is not None else x
             pre_vals = pairs.pair_dot(xc, W_enc) + b_enc[pairs.col]
-    return _SparseEncode.apply(xc, W_enc, b_enc, pairs, pre_vals)
+    return _SparseEncode.apply(x, b_dec, W_enc, b_enc, pairs, pre_vals)
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -267,8 +277,9 @@ def sparse_decode_pairs(vals, W_dec, pairs):
 
 
 # ------------------------------------------------------------------ references
-def dense_encode_reference(xc, W_enc, b_enc, pairs):
+def dense_encode_reference(x, W_enc, b_enc, pairs, b_dec=None):
     """Dense autograd reference of :func:`sparse_encode` (for tests)."""
+    xc = x - b_dec if b_dec is not None else x
     pre = xc @ W_enc.T + b_enc
     return torch.relu(pre[pairs.row, pairs.col])
 
