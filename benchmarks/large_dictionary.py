@@ -79,9 +79,12 @@ def _routing_rate(est, X, n=4096):
 
 
 def child_large(K, n_rows, epochs, s, batch, out):
-    X, t_load = load_rows(n_rows)
-    X = X[:n_rows]
-    est = CollapsedDictionaryLearner(K, n_nonzero_coefs=s, batch_size=batch,
+    Xall, t_load = load_rows(n_rows + K)
+    X = Xall[:n_rows]
+    # initial atoms from rows outside the epoch (otherwise, when K >= n_rows, every
+    # row of the epoch would start as an atom and the MSE would be meaningless)
+    init = np.asarray(Xall[n_rows:n_rows + K], dtype=np.float32)
+    est = CollapsedDictionaryLearner(K, n_nonzero_coefs=s, batch_size=batch, dict_init=init,
                                      tile_size=4096, random_state=0, device="cpu")
     rows = []
     for ep in range(epochs):
