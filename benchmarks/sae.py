@@ -2,7 +2,7 @@
 
 Run::
 
-    python -m benchmarks.sae                 # d_sae=6144, k=32, batch 4096, 2 threads
+    python -m benchmarks.sae                 # d_sae=6144, k=32, batch 4096, 12 steps, 2 threads
     python -m benchmarks.sae --steps 5 --n-tokens 50000      # quick look
     python -m benchmarks.sae --device cuda --d-sae 65536 --k 64   # GPU
 
@@ -188,7 +188,7 @@ def main(argv=None):
     p.add_argument("--d-sae", type=int, default=6144)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=12)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--n-tokens", type=int, default=200_000)
     p.add_argument("--threads", type=int, default=2)

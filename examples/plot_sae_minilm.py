@@ -23,14 +23,14 @@ from skdict import KSparseAutoencoder
 from skdict.datasets import load_minilm_activations
 from skdict.metrics import dead_fraction, l0
 
-X, tokens = load_minilm_activations(20_000, layer=3, random_state=0, return_tokens=True)
-X_train, X_test = X[:18_000], X[18_000:]
+X, tokens = load_minilm_activations(12_000, layer=3, random_state=0, return_tokens=True)
+X_train, X_test = X[:10_000], X[10_000:]
 print(X.shape, X.dtype)
 
 # %%
-# Train: 512 latents, 16 active per token, 200 Adam steps of 1024 tokens.
+# Train: 512 latents, 16 active per token, 150 Adam steps of 1024 tokens.
 sae = KSparseAutoencoder(
-    n_components=512, k=16, batch_size=1024, n_steps=200, lr=2e-3,
+    n_components=512, k=16, batch_size=1024, n_steps=150, lr=2e-3,
     dead_window=50_000, random_state=0, device="cpu",
 ).fit(X_train)
 codes = sae.transform(X)
