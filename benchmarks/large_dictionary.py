@@ -13,6 +13,7 @@ peak      the machine's matmul peak: a 4096^3 float32 torch GEMM, GFLOP/s.
 large     one epoch per K over MiniLM activations read from a memmap, each K in a
           fresh subprocess: peak RSS after every epoch, rows/s, and the fraction
           of the GEMM peak reached by the routing step (2 K P flops per row).
+routing   the routing step alone, exact vs approximate: rows/s and recall.
 approx    exact vs approximate routing on the same data and dictionary:
           rows/s of the routing+coding step and the reconstruction MSE of both.
 recovery  planted dictionary, K = 4096: fraction of true atoms with |cos| >= 0.95.
@@ -157,6 +158,36 @@ def part_approx(args):
               f"{mse / mse_exact:.3f} | {rate / rate_exact:.1f}x |")
 
 
+def part_routing(args):
+    """Routing step alone: exact tiled top-2s vs approximate (cluster index)."""
+    from skdict.solvers.routing import ClusterIndex, route_approx, route_topk
+
+    X, _ = load_rows(args.n_rows)
+    K = args.approx_k
+    Xb = torch.from_numpy(np.ascontiguousarray(X[:2048]))
+    D = torch.from_numpy(np.ascontiguousarray(X[100000:100000 + K]))
+    D = D / D.norm(dim=1, keepdim=True)
+    m = 2 * args.s
+    t = time.perf_counter()
+    _, i0 = route_topk(Xb, D, m)
+    te = time.perf_counter() - t
+    print(f"\n## routing only: K={K} atoms = normalised MiniLM rows, 2048 rows, top-{m}")
+    print("| routing | n_clusters | n_probes | rows/s | speed-up | recall of exact top-m | "
+          "index build s |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| exact | - | - | {2048 / te:.0f} | 1.0x | 1.000 | - |")
+    for n_clusters, n_probes in args.approx_grid:
+        t = time.perf_counter()
+        index = ClusterIndex(D, n_clusters, generator=torch.Generator().manual_seed(0))
+        tb = time.perf_counter() - t
+        t = time.perf_counter()
+        _, i = route_approx(Xb, D, m, index, n_probes=n_probes)
+        ta = time.perf_counter() - t
+        rec = float((i[:, :, None] == i0[:, None, :]).any(2).float().mean())
+        print(f"| approximate | {n_clusters} | {n_probes} | {2048 / ta:.0f} | {te / ta:.1f}x | "
+              f"{rec:.3f} | {tb:.1f} |")
+
+
 def part_recovery(args):
     from skdict.datasets import make_sparse_data
 
@@ -256,7 +287,7 @@ def part_sklearn(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="peak,large,approx,recovery,sklearn")
+    p.add_argument("--parts", default="peak,large,routing,approx,recovery,sklearn")
     p.add_argument("--n-rows", type=int, default=200000,
                    help="MiniLM rows (memmap); an epoch of 'large' reads them all")
     p.add_argument("--large-rows", type=int, default=16384,
@@ -295,6 +326,8 @@ def main(argv=None):
         big = argparse.Namespace(**vars(args))
         big.n_rows = args.large_rows
         part_large(big, peak)
+    if "routing" in parts:
+        part_routing(args)
     if "approx" in parts:
         part_approx(args)
     if "recovery" in parts:
