@@ -45,6 +45,19 @@ numpydoc_class_members_toctree = False
 numpydoc_attributes_as_param_list = True
 numpydoc_xref_param_type = False
 
+
+
+def _skip_metadata_request(app, what, name, obj, skip, options):
+    """scikit-learn's generated ``set_*_request`` methods are not skdict API."""
+    if name.startswith("set_") and name.endswith("_request"):
+        return True
+    return None
+
+
+def setup(app):
+    app.connect("autodoc-skip-member", _skip_metadata_request)
+
+
 # -- sphinx-gallery ----------------------------------------------------------------
 os.environ.setdefault("MPLBACKEND", "Agg")
 warnings.filterwarnings(
