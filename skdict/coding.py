@@ -26,7 +26,9 @@ def prepare_dictionary(components, device, dtype):
     D = torch.as_tensor(np.asarray(components), dtype=torch_dtype(dtype)).to(device)
     G = D @ D.T
     L = power_iteration(G.double() if G.dtype == torch.float32 else G)
-    return {"D": D, "G": G, "L": L}
+    # the exact solver's float64 face solves use a float64 Gram (cheap: K x K)
+    G64 = (D.double() @ D.double().T) if D.dtype != torch.float64 else G
+    return {"D": D, "G": G, "L": L, "G64": G64}
 
 
 def encode_batch(
@@ -53,7 +55,9 @@ def encode_batch(
     xnorm2 = (Xb * Xb).sum(1)
     alpha = float(alpha)
     if algorithm == "exact":
-        return lasso_exact(C, G, alpha, xnorm2=xnorm2, L=L, a0=init, positive=positive)
+        return lasso_exact(
+            C, G, alpha, xnorm2=xnorm2, L=L, a0=init, positive=positive, gram64=state.get("G64")
+        )
     if algorithm == "fista":
         return fista(
             C,

@@ -452,7 +452,8 @@ def _state_from(D, need_L=True):
 
     G = D @ D.T
     # the exact solver needs no step size: skip the power iteration
-    return {"D": D, "G": G, "L": power_iteration(G) if need_L else None}
+    G64 = D.double() @ D.double().T if D.dtype != torch.float64 else G
+    return {"D": D, "G": G, "L": power_iteration(G) if need_L else None, "G64": G64}
 
 
 def _rows(X, rows, device, tdtype):

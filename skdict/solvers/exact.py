@@ -26,7 +26,8 @@ atom). One iteration, for the rows not yet certified:
 Rows are processed in chunks and leave the working set once certified, so the
 work tracks the hard rows only, every row's result is independent of the other
 rows, and no Python loop runs over rows. For float32 data the residual search
-runs in float32 and the face solves in float64.
+runs in float64 as well (float32 residuals are too coarse to certify
+coherent dictionaries); only the output is cast back.
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ def lasso_exact(
     tol=1e-7,
     warm_iter=0,
     chunk_size=2048,
+    gram64=None,
 ):
     """Exact lasso codes ``argmin_a 0.5 ||x - a D||^2 + alpha ||a||_1``, batched.
 
@@ -128,6 +130,10 @@ def lasso_exact(
     chunk_size : int
         Rows solved together (bounds the working memory; results do not depend
         on it).
+    gram64 : Tensor (K, K), optional
+        ``D @ D.T`` computed in float64, used instead of ``G`` by the residuals
+        and face solves (which always run in float64). For float32 data it avoids
+        the rounding of ``G`` making near-singular supports indefinite.
 
     Returns
     -------
@@ -145,6 +151,9 @@ def lasso_exact(
     Ge = torch.zeros(K + 1, K + 1, dtype=dtype, device=dev)
     Ge[:K, :K] = G
     Ge[K, K] = 1
+    if gram64 is not None:
+        Ge = Ge.double()
+        Ge[:K, :K] = gram64.to(device=dev, dtype=torch.float64)
     G64 = Ge.double().reshape(-1)
     out = torch.zeros_like(C)
     history: list[int] = []
@@ -173,10 +182,11 @@ def _solve_chunk(c, Ge, G64, alpha, a0, positive, max_iter, kkt_tol):
     K1 = K + 1
     # embedding table: atoms (rows of the extended Gram) then the chunk's own
     # correlations, so that r = c - a G is a single gather with weights (-a, 1)
-    table = torch.cat([Ge, torch.cat([c, c.new_zeros(nb, 1)], 1)], 0)
     c64 = torch.cat([c, c.new_zeros(nb, 1)], 1).double()
+    table = torch.cat([Ge.double(), c64], 0)
     thr = alpha * (1 + kkt_tol)
-    thr_abs = max(thr, 0.0) + 10 * torch.finfo(dtype).eps * float(c.abs().max()) if nb else thr
+    cmax = float(c.abs().max()) if nb else 0.0
+    thr_abs = max(thr, 0.0) + 10 * torch.finfo(torch.float64).eps * cmax
     rows = torch.arange(nb, device=dev)
     if a0 is None:
         idx = torch.zeros(nb, 0, dtype=torch.long, device=dev)
@@ -202,9 +212,7 @@ def _solve_chunk(c, Ge, G64, alpha, a0, positive, max_iter, kkt_tol):
         oi = at_opt.nonzero().squeeze(1)
         if oi.numel():
             bag = torch.cat([idx.index_select(0, oi), (K1 + rows.index_select(0, oi))[:, None]], 1)
-            w = torch.cat(
-                [-val.index_select(0, oi).to(dtype), c.new_ones(oi.numel(), 1)], 1
-            )
+            w = torch.cat([-val.index_select(0, oi), c64.new_ones(oi.numel(), 1)], 1)
             r = F.embedding_bag(bag, table, per_sample_weights=w, mode="sum")
             vmax, jmax = r.max(1)
             if positive:

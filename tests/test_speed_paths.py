@@ -1,0 +1,146 @@
+"""Correctness of the fast paths of issue 3 (no timing asserts): the compact
+active-set lasso solver (chunks, warm starts, float32, positive), the
+``fit_algorithm`` option of LCASparseCoder, and the benchmark helpers."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.decomposition import SparseCoder as SkSparseCoder
+
+from skdict import LCASparseCoder
+from skdict.solvers import lasso_duality_gap, lasso_exact
+
+
+def _problem(n=80, K=48, P=16, seed=0, dtype=torch.float64, coherent=False):
+    rng = np.random.default_rng(seed)
+    D = rng.standard_normal((K, P))
+    if coherent:  # overcomplete and correlated atoms, like patch dictionaries
+        D = D + 2.0 * rng.standard_normal((1, P))
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    X = rng.standard_normal((n, P))
+    Dt, Xt = torch.tensor(D, dtype=dtype), torch.tensor(X, dtype=dtype)
+    return X, D, Xt @ Dt.T, Dt @ Dt.T
+
+
+def _obj(X, A, D, alpha):
+    return 0.5 * ((X - A @ D) ** 2).sum(1) + alpha * np.abs(A).sum(1)
+
+
+@pytest.mark.parametrize("coherent", [False, True])
+@pytest.mark.parametrize("positive", [False, True])
+def test_exact_matches_lasso_lars_per_row(coherent, positive):
+    X, D, C, G = _problem(coherent=coherent, seed=1)
+    alpha = 0.15
+    res = lasso_exact(C, G, alpha, positive=positive)
+    assert res.converged
+    ref = SkSparseCoder(D, transform_algorithm="lasso_lars", transform_alpha=alpha,
+                        positive_code=positive).transform(X)
+    o, o_ref = _obj(X, res.codes.numpy(), D, alpha), _obj(X, ref, D, alpha)
+    assert np.all((o - o_ref) / o_ref < 1e-9)
+    # the certificate: duality gap ~ 0 for every row
+    A = res.codes
+    _, gap = lasso_duality_gap(A, C, A @ G, (torch.tensor(X) ** 2).sum(1), alpha, positive)
+    assert float(gap.max()) < 1e-10
+
+
+def test_chunk_size_does_not_change_codes():
+    _, _, C, G = _problem(n=130, coherent=True)
+    a = lasso_exact(C, G, 0.1, chunk_size=7).codes
+    b = lasso_exact(C, G, 0.1, chunk_size=1000).codes
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-9)  # same optimum, rounding only
+
+
+def test_rows_are_independent_of_the_batch():
+    _, _, C, G = _problem(n=60, coherent=True, seed=4)
+    full = lasso_exact(C, G, 0.1).codes
+    for i in (0, 17, 59):
+        one = lasso_exact(C[i : i + 1], G, 0.1).codes
+        torch.testing.assert_close(one[0], full[i], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("start", ["solution", "perturbed", "wrong_support"])
+def test_warm_start_reaches_the_same_optimum(start):
+    _, _, C, G = _problem(coherent=True, seed=2)
+    alpha = 0.1
+    ref = lasso_exact(C, G, alpha)
+    if start == "solution":
+        a0 = ref.codes
+    elif start == "perturbed":
+        a0 = ref.codes * 1.3
+    else:
+        a0 = torch.roll(ref.codes, 3, dims=1)
+    res = lasso_exact(C, G, alpha, a0=a0)
+    assert res.converged
+    torch.testing.assert_close(res.codes, ref.codes, rtol=0, atol=1e-9)
+    if start == "solution":
+        assert res.n_iter <= 2
+
+
+def test_float32_reaches_float64_objective():
+    X, D, C64, G64 = _problem(n=200, coherent=True, seed=3)
+    alpha = 0.1
+    a64 = lasso_exact(C64, G64, alpha).codes.numpy()
+    r32 = lasso_exact(C64.float(), G64.float(), alpha, gram64=G64)
+    assert r32.converged and r32.codes.dtype == torch.float32
+    o64 = _obj(X, a64, D, alpha).mean()
+    o32 = _obj(X, r32.codes.double().numpy(), D, alpha).mean()
+    assert abs(o32 - o64) / o64 < 1e-6
+
+
+def test_zero_and_duplicate_atoms():
+    X, D, _, _ = _problem(n=30, K=20, seed=5)
+    D = np.vstack([D, D[:3], np.zeros((1, D.shape[1]))])  # duplicates + a zero atom
+    Dt, Xt = torch.tensor(D), torch.tensor(X)
+    C, G = Xt @ Dt.T, Dt @ Dt.T
+    res = lasso_exact(C, G, 0.2)
+    A = res.codes.numpy()
+    assert np.all(A[:, -1] == 0)
+    ref = SkSparseCoder(D[:20], transform_algorithm="lasso_lars",
+                        transform_alpha=0.2).transform(X)
+    o, o_ref = _obj(X, A, D, 0.2), _obj(X, ref, D[:20], 0.2)
+    assert np.all((o - o_ref) / o_ref < 1e-7)
+
+
+def test_alpha_above_max_correlation_gives_zero_codes():
+    _, _, C, G = _problem()
+    res = lasso_exact(C, G, float(C.abs().max()) * 1.01)
+    assert res.converged and not bool(res.codes.any())
+
+
+def test_lca_sparse_coder_exact_fit_algorithm():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 12))
+    kw = dict(n_components=16, alpha=0.3, n_epochs=2, batch_size=64, random_state=0,
+              device="cpu")
+    est = LCASparseCoder(fit_algorithm="exact", **kw).fit(X)
+    assert est.components_.shape == (16, 12)
+    np.testing.assert_allclose(np.linalg.norm(est.components_, axis=1), 1, atol=1e-10)
+    assert np.all(np.isfinite(est.objective_curve_))
+    again = LCASparseCoder(fit_algorithm="exact", **kw).fit(X)
+    np.testing.assert_array_equal(est.components_, again.components_)
+    # the exact codes solve the lasso the LCA converges to: same first step
+    lca = LCASparseCoder(fit_algorithm="lca", max_iter=3000, tol=1e-10, n_epochs=1,
+                         **{k: v for k, v in kw.items() if k != "n_epochs"}).fit(X[:64])
+    ex = LCASparseCoder(fit_algorithm="exact", n_epochs=1,
+                        **{k: v for k, v in kw.items() if k != "n_epochs"}).fit(X[:64])
+    np.testing.assert_allclose(lca.components_, ex.components_, atol=1e-5)
+
+
+def test_fit_algorithm_validation():
+    X = np.random.default_rng(0).standard_normal((50, 6))
+    with pytest.raises(ValueError, match="fit_algorithm"):
+        LCASparseCoder(n_components=4, threshold="hard", fit_algorithm="exact",
+                       transform_algorithm="lca", device="cpu").fit(X)
+    with pytest.raises(ValueError):
+        LCASparseCoder(n_components=4, fit_algorithm="omp", device="cpu").fit(X)
+
+
+def test_olshausen_metrics_recognise_a_gabor():
+    from benchmarks.olshausen import summarize
+
+    yy, xx = np.mgrid[0:12, 0:12]
+    gabor = np.exp(-((yy - 6) ** 2 + (xx - 6) ** 2) / (2 * 1.5**2)) * np.cos(0.5 * np.pi * xx)
+    s = summarize(gabor.reshape(1, -1))
+    assert s["Gabor-like"] == 1.0 and abs(s["median peak (cyc/patch)"] - 3.0) < 0.3
+    noise = summarize(np.random.default_rng(0).standard_normal((20, 144)))
+    assert noise["Gabor-like"] < 0.2
