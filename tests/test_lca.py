@@ -76,10 +76,10 @@ def test_transform_is_the_lasso_solution_of_the_learned_dictionary(planted, fitt
     X = X[:20]
     exact = SparseCoder(fitted.components_, alpha=0.1, device="cpu").transform(X).toarray()
     lca = fitted.transform(X).toarray()
-    obj = lambda A: np.mean(
-        0.5 * ((X - A @ fitted.components_) ** 2).sum(1)  # noqa: E731
-        + 0.1 * np.abs(A).sum(1)
-    )
+
+    def obj(A):
+        return np.mean(0.5 * ((X - A @ fitted.components_) ** 2).sum(1) + 0.1 * np.abs(A).sum(1))
+
     assert abs(obj(lca) - obj(exact)) / obj(exact) < 1e-4
     X_hat = fitted.inverse_transform(fitted.transform(X))
     np.testing.assert_allclose(X_hat, lca @ fitted.components_, atol=1e-10)
