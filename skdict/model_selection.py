@@ -27,8 +27,10 @@ def _dictionary_of(estimator):
 
 
 def alpha_max(dictionary, X, *, positive=False, device="cpu"):
-    """Smallest ``alpha`` for which every row of ``X`` gets the all-zero code:
-    ``max_i max_j |D_j . x_i|`` (``max D_j . x_i`` with ``positive``)."""
+    """Smallest ``alpha`` for which every row of ``X`` gets the all-zero code.
+
+    It is ``max_i max_j |D_j . x_i|`` (``max D_j . x_i`` with ``positive``).
+    """
     D = torch.as_tensor(np.asarray(dictionary, dtype=np.float64), device=device)
     out = 0.0
     Xv = np.asarray(X, dtype=np.float64) if not hasattr(X, "tocsr") else X
