@@ -23,7 +23,7 @@ def main(argv=None):
     parser.add_argument("--n-patches", type=int, default=12000)
     parser.add_argument("--patch-size", type=int, default=12)
     parser.add_argument("--n-components", type=int, default=144)
-    parser.add_argument("--alpha", type=float, default=1.0)
+    parser.add_argument("--alpha", type=float, default=1.5)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="olshausen_field_atoms.png")
@@ -40,6 +40,7 @@ def main(argv=None):
         patch_size=args.patch_size,
         n_patches=args.n_patches,
         whiten="olshausen",
+        downsample=2,
         random_state=args.seed,
         dtype=np.float32,
     )
