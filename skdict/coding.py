@@ -20,12 +20,20 @@ LASSO_ALGORITHMS = ("exact", "fista", "ista", "lca")
 ALGORITHMS = LASSO_ALGORITHMS + ("omp",)
 
 
-def prepare_dictionary(components, device, dtype):
-    """Tensors the encoders need, computed once per call: ``D``, ``G = D D^T`` and
-    the Lipschitz constant ``L`` (largest eigenvalue of ``G``)."""
-    D = torch.as_tensor(np.asarray(components), dtype=torch_dtype(dtype)).to(device)
+def prepare_dictionary(components, device, dtype, *, need_L=True):
+    """Tensors the encoders need, computed once per call: ``D``, ``G = D D^T``,
+    the Lipschitz constant ``L`` (largest eigenvalue of ``G``; None when
+    ``need_L=False``, e.g. for the exact solver, which needs no step size) and
+    a float64 Gram ``G64`` for the exact solver's face solves.
+
+    ``components`` may be an array or a torch tensor (moved, not round-tripped
+    through the host)."""
+    if isinstance(components, torch.Tensor):
+        D = components.to(device=device, dtype=torch_dtype(dtype))
+    else:
+        D = torch.as_tensor(np.asarray(components), dtype=torch_dtype(dtype)).to(device)
     G = D @ D.T
-    L = power_iteration(G.double() if G.dtype == torch.float32 else G)
+    L = power_iteration(G.double() if G.dtype == torch.float32 else G) if need_L else None
     # the exact solver's float64 face solves use a float64 Gram (cheap: K x K)
     G64 = (D.double() @ D.double().T) if D.dtype != torch.float64 else G
     return {"D": D, "G": G, "L": L, "G64": G64}

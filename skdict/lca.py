@@ -258,7 +258,7 @@ class LCASparseCoder(BaseSparseCoder):
         ``st``."""
         D = st["D"]
         fit_alg = getattr(self, "fit_algorithm", "lca")
-        enc_state = _state_from(D, need_L=fit_alg != "exact")
+        enc_state = prepare_dictionary(D, D.device, D.dtype, need_L=fit_alg != "exact")
         res = encode_batch(
             Xb,
             enc_state,
@@ -296,6 +296,20 @@ class LCASparseCoder(BaseSparseCoder):
         st["n_seen"] += b
         st["n_steps"] += 1
         return obj, res.n_iter
+
+    def _pass(self, st, batches, generator, iters, bar=None):
+        """Run :meth:`_step` over ``batches``; append each step's inference
+        iterations to ``iters`` and return the row-weighted mean objective."""
+        total, count = 0.0, 0
+        for Xb in batches:
+            obj, it = self._step(st, Xb, generator)
+            total += obj * Xb.shape[0]
+            count += Xb.shape[0]
+            iters.append(it)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(objective=f"{obj:.4g}")
+        return total / count
 
     def _store(self, st, curve, iters, n_iter):
         """Commit fitted state (numpy, portable) only after a successful pass."""
@@ -347,22 +361,12 @@ class LCASparseCoder(BaseSparseCoder):
         bar = self._progress(self.n_epochs * n_batches)
         tdtype = torch_dtype(dtype)
         for _ in range(self.n_epochs):
-            order = np_rng.permutation(n) if self.shuffle else None
-            total, count = 0.0, 0
-            for start in range(0, n, self.batch_size):
-                stop = min(n, start + self.batch_size)
-                if order is None:
-                    Xb = _rows(X, np.arange(start, stop), device, tdtype)
-                else:
-                    Xb = _rows(X, np.sort(order[start:stop]), device, tdtype)
-                obj, it = self._step(st, Xb, generator)
-                total += obj * (stop - start)
-                count += stop - start
-                iters.append(it)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(objective=f"{obj:.4g}")
-            curve.append(total / count)
+            order = np_rng.permutation(n) if self.shuffle else np.arange(n)
+            batches = (
+                _rows(X, np.sort(order[start : start + self.batch_size]), device, tdtype)
+                for start in range(0, n, self.batch_size)
+            )
+            curve.append(self._pass(st, batches, generator, iters, bar))
         if bar is not None:
             bar.close()
         self._store(st, curve, iters, self.n_epochs)
@@ -408,13 +412,8 @@ class LCASparseCoder(BaseSparseCoder):
             }
             curve = list(self.objective_curve_)
             iters = list(self.inference_iter_)
-        total, count = 0.0, 0
-        for start, stop, Xb in iter_batches(X, self.batch_size, device, dtype):
-            obj, it = self._step(st, Xb, generator)
-            total += obj * (stop - start)
-            count += stop - start
-            iters.append(it)
-        curve.append(total / count)
+        batches = (Xb for _, _, Xb in iter_batches(X, self.batch_size, device, dtype))
+        curve.append(self._pass(st, batches, generator, iters))
         self._store(st, curve, iters, getattr(self, "n_iter_", 0) if not first else 1)
         self._seed = seed
         return self
@@ -445,15 +444,6 @@ def _seed_from(random_state):
     from sklearn.utils import check_random_state
 
     return int(check_random_state(random_state).randint(0, 2**31 - 1))
-
-
-def _state_from(D, need_L=True):
-    from .solvers import power_iteration
-
-    G = D @ D.T
-    # the exact solver needs no step size: skip the power iteration
-    G64 = D.double() @ D.double().T if D.dtype != torch.float64 else G
-    return {"D": D, "G": G, "L": power_iteration(G) if need_L else None, "G64": G64}
 
 
 def _rows(X, rows, device, tdtype):
