@@ -312,7 +312,7 @@ class SparseCodingMixin(ClassNamePrefixFeaturesOutMixin, TransformerMixin):
                     dtype=codes.values.dtype,
                     device=codes.values.device,
                 )
-                dense.scatter_(1, codes.indices, codes.values)
+                dense.scatter_add_(1, codes.indices, codes.values)
             else:
                 dense = codes.dense
             out[start:stop] = dense.detach().cpu().numpy()
@@ -541,7 +541,7 @@ class BaseSparseCoder(SparseCodingMixin, BaseEstimator):
                 A = codes.dense
             else:
                 A = torch.zeros(Xb.shape[0], D.shape[0], dtype=Xb.dtype, device=device)
-                A.scatter_(1, codes.indices, codes.values)
+                A.scatter_add_(1, codes.indices, codes.values)
             R = Xb - A @ D
             if offset is not None:
                 R = R - offset

@@ -13,8 +13,15 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from ._torch_utils import torch_dtype
 from .base import BaseSparseCoder, check_input
 from .solvers import fista, ista, lasso_exact, lca, omp, power_iteration
+from .solvers.exact import lasso_exact_compact
 
-__all__ = ["SparseCoder", "encode_batch", "prepare_dictionary", "LASSO_ALGORITHMS"]
+__all__ = [
+    "SparseCoder",
+    "encode_batch",
+    "encode_codes",
+    "prepare_dictionary",
+    "LASSO_ALGORITHMS",
+]
 
 LASSO_ALGORITHMS = ("exact", "fista", "ista", "lca")
 ALGORITHMS = LASSO_ALGORITHMS + ("omp",)
@@ -60,12 +67,10 @@ def encode_batch(
     """
     D, G, L = state["D"], state["G"], state["L"]
     C = Xb @ D.T
-    xnorm2 = (Xb * Xb).sum(1)
     alpha = float(alpha)
     if algorithm == "exact":
-        return lasso_exact(
-            C, G, alpha, xnorm2=xnorm2, L=L, a0=init, positive=positive, gram64=state.get("G64")
-        )
+        return lasso_exact(C, G, alpha, L=L, a0=init, positive=positive, gram64=state.get("G64"))
+    xnorm2 = (Xb * Xb).sum(1)
     if algorithm == "fista":
         return fista(
             C,
@@ -108,6 +113,21 @@ def encode_batch(
         k = n_nonzero_coefs if n_nonzero_coefs is not None else max(1, D.shape[1] // 10)
         return omp(C, G, k, xnorm2=xnorm2, positive=positive)
     raise ValueError(f"Unknown algorithm {algorithm!r}; use one of {ALGORITHMS}.")
+
+
+def encode_codes(Xb, state, *, algorithm="exact", alpha=1.0, positive=False, **kwargs):
+    """Codes of one batch in the form transforms consume: a fixed-width
+    ``(indices, values)`` pair for the exact lasso on CPU (the compiled homotopy
+    writes supports directly, no dense ``(b, K)`` block), else the dense codes
+    of :func:`encode_batch`."""
+    if algorithm == "exact" and Xb.device.type == "cpu":
+        D = state["D"]
+        idx, val, *_ = lasso_exact_compact(
+            Xb @ D.T, state["G"], float(alpha), positive=positive, gram64=state.get("G64")
+        )
+        return idx, val
+    return encode_batch(Xb, state, algorithm=algorithm, alpha=alpha, positive=positive,
+                        **kwargs).codes
 
 
 def _check_dictionary(dictionary):
@@ -272,7 +292,7 @@ class SparseCoder(BaseSparseCoder):
         return prepare_dictionary(self.components_, device, dtype)
 
     def _encode(self, Xb, state):
-        return encode_batch(
+        return encode_codes(
             Xb,
             state,
             algorithm=self.algorithm,
@@ -281,7 +301,7 @@ class SparseCoder(BaseSparseCoder):
             positive=self.positive_code,
             max_iter=self.max_iter,
             tol=self.tol,
-        ).codes
+        )
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

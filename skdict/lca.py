@@ -12,7 +12,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._torch_utils import make_generator, torch_dtype
 from .base import BaseSparseCoder, check_input, iter_batches, n_samples_of
-from .coding import ALGORITHMS, encode_batch, prepare_dictionary
+from .coding import ALGORITHMS, encode_batch, encode_codes, prepare_dictionary
 from .dictionary.online import (
     bcd_update,
     forgetting_factor,
@@ -423,7 +423,7 @@ class LCASparseCoder(BaseSparseCoder):
         return prepare_dictionary(self.components_, device, dtype)
 
     def _encode(self, Xb, state):
-        return encode_batch(
+        return encode_codes(
             Xb,
             state,
             algorithm=self.transform_algorithm,
@@ -434,7 +434,7 @@ class LCASparseCoder(BaseSparseCoder):
             tol=self.tol,
             tau=self.tau,
             threshold=self.threshold,
-        ).codes
+        )
 
     def _check_ready(self):
         check_is_fitted(self)

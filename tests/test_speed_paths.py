@@ -26,13 +26,19 @@ def _obj(X, A, D, alpha):
     return 0.5 * ((X - A @ D) ** 2).sum(1) + alpha * np.abs(A).sum(1)
 
 
+METHODS = ["homotopy", "active_set"]
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("coherent", [False, True])
 @pytest.mark.parametrize("positive", [False, True])
-def test_exact_matches_lasso_lars_per_row(coherent, positive):
+def test_exact_matches_lasso_lars_per_row(coherent, positive, method):
     X, D, C, G = _problem(coherent=coherent, seed=1)
     alpha = 0.15
-    res = lasso_exact(C, G, alpha, positive=positive)
+    res = lasso_exact(C, G, alpha, positive=positive, method=method)
     assert res.converged
+    if method == "homotopy":  # every row certified by the kernel itself
+        assert res.history == [0]
     ref = SkSparseCoder(D, transform_algorithm="lasso_lars", transform_alpha=alpha,
                         positive_code=positive).transform(X)
     o, o_ref = _obj(X, res.codes.numpy(), D, alpha), _obj(X, ref, D, alpha)
@@ -45,17 +51,79 @@ def test_exact_matches_lasso_lars_per_row(coherent, positive):
 
 def test_chunk_size_does_not_change_codes():
     _, _, C, G = _problem(n=130, coherent=True)
-    a = lasso_exact(C, G, 0.1, chunk_size=7).codes
-    b = lasso_exact(C, G, 0.1, chunk_size=1000).codes
+    a = lasso_exact(C, G, 0.1, chunk_size=7, method="active_set").codes
+    b = lasso_exact(C, G, 0.1, chunk_size=1000, method="active_set").codes
     torch.testing.assert_close(a, b, rtol=0, atol=1e-9)  # same optimum, rounding only
+    # and the homotopy kernel lands on the same optimum
+    h = lasso_exact(C, G, 0.1, method="homotopy").codes
+    torch.testing.assert_close(h, b, rtol=0, atol=1e-9)
 
 
-def test_rows_are_independent_of_the_batch():
+@pytest.mark.parametrize("method", METHODS)
+def test_rows_are_independent_of_the_batch(method):
     _, _, C, G = _problem(n=60, coherent=True, seed=4)
-    full = lasso_exact(C, G, 0.1).codes
+    full = lasso_exact(C, G, 0.1, method=method).codes
     for i in (0, 17, 59):
-        one = lasso_exact(C[i : i + 1], G, 0.1).codes
+        one = lasso_exact(C[i : i + 1], G, 0.1, method=method).codes
         torch.testing.assert_close(one[0], full[i], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_homotopy_threads_do_not_change_codes(n_threads):
+    _, _, C, G = _problem(n=97, coherent=True, seed=6)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(n_threads)
+        a = lasso_exact(C, G, 0.1, method="homotopy").codes
+    finally:
+        torch.set_num_threads(prev)
+    b = lasso_exact(C, G, 0.1, method="homotopy").codes
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_homotopy_falls_back_to_the_active_set_for_uncertified_rows(monkeypatch):
+    from skdict.solvers import _lars_kernel
+
+    _, _, C, G = _problem(n=40, coherent=True, seed=7)
+    real = _lars_kernel.lars_lasso_rows
+
+    def wrong(*args, **kw):  # pretend the kernel stopped early on rows 3 and 11
+        idx, val, steps, ok = real(*args, **kw)
+        val[[3, 11]] *= 0.5
+        ok[[3, 11]] = False
+        return idx, val, steps, ok
+
+    monkeypatch.setattr(_lars_kernel, "lars_lasso_rows", wrong)
+    res = lasso_exact(C, G, 0.1, method="homotopy")
+    assert res.converged and res.history == [2]
+    ref = lasso_exact(C, G, 0.1, method="active_set").codes
+    torch.testing.assert_close(res.codes, ref, rtol=0, atol=1e-9)
+
+
+def test_compact_output_is_sorted_padded_and_matches_dense():
+    from skdict.solvers.exact import lasso_exact_compact
+
+    _, _, C, G = _problem(n=50, coherent=True, seed=8)
+    idx, val, _, ok, n_bad = lasso_exact_compact(C, G, 0.1)
+    assert ok and n_bad == 0
+    nz = val != 0
+    # supports strictly increasing, padding (index 0, value 0) only at the end
+    for i in range(idx.shape[0]):
+        k = int(nz[i].sum())
+        assert bool(nz[i, :k].all()) and not bool(nz[i, k:].any())
+        assert bool((idx[i, 1:k] > idx[i, : k - 1]).all()) and not bool(idx[i, k:].any())
+    dense = torch.zeros_like(C).scatter_add_(1, idx, val)
+    ref = lasso_exact(C, G, 0.1, method="active_set").codes
+    torch.testing.assert_close(dense, ref, rtol=0, atol=1e-9)
+
+
+def test_homotopy_rejects_cuda_tensors_clearly():
+    _, _, C, G = _problem(n=4)
+    with pytest.raises(ValueError, match="method"):
+        lasso_exact(C, G, 0.1, method="fast")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CPU tensors only"):
+            lasso_exact(C.cuda(), G.cuda(), 0.1, method="homotopy")
 
 
 @pytest.mark.parametrize("start", ["solution", "perturbed", "wrong_support"])
@@ -69,30 +137,32 @@ def test_warm_start_reaches_the_same_optimum(start):
         a0 = ref.codes * 1.3
     else:
         a0 = torch.roll(ref.codes, 3, dims=1)
-    res = lasso_exact(C, G, alpha, a0=a0)
+    res = lasso_exact(C, G, alpha, a0=a0, method="active_set")
     assert res.converged
     torch.testing.assert_close(res.codes, ref.codes, rtol=0, atol=1e-9)
     if start == "solution":
         assert res.n_iter <= 2
 
 
-def test_float32_reaches_float64_objective():
+@pytest.mark.parametrize("method", METHODS)
+def test_float32_reaches_float64_objective(method):
     X, D, C64, G64 = _problem(n=200, coherent=True, seed=3)
     alpha = 0.1
     a64 = lasso_exact(C64, G64, alpha).codes.numpy()
-    r32 = lasso_exact(C64.float(), G64.float(), alpha, gram64=G64)
+    r32 = lasso_exact(C64.float(), G64.float(), alpha, gram64=G64, method=method)
     assert r32.converged and r32.codes.dtype == torch.float32
     o64 = _obj(X, a64, D, alpha).mean()
     o32 = _obj(X, r32.codes.double().numpy(), D, alpha).mean()
     assert abs(o32 - o64) / o64 < 1e-6
 
 
-def test_zero_and_duplicate_atoms():
+@pytest.mark.parametrize("method", METHODS)
+def test_zero_and_duplicate_atoms(method):
     X, D, _, _ = _problem(n=30, K=20, seed=5)
     D = np.vstack([D, D[:3], np.zeros((1, D.shape[1]))])  # duplicates + a zero atom
     Dt, Xt = torch.tensor(D), torch.tensor(X)
     C, G = Xt @ Dt.T, Dt @ Dt.T
-    res = lasso_exact(C, G, 0.2)
+    res = lasso_exact(C, G, 0.2, method=method)
     A = res.codes.numpy()
     assert np.all(A[:, -1] == 0)
     ref = SkSparseCoder(D[:20], transform_algorithm="lasso_lars",
@@ -101,9 +171,10 @@ def test_zero_and_duplicate_atoms():
     assert np.all((o - o_ref) / o_ref < 1e-7)
 
 
-def test_alpha_above_max_correlation_gives_zero_codes():
+@pytest.mark.parametrize("method", METHODS)
+def test_alpha_above_max_correlation_gives_zero_codes(method):
     _, _, C, G = _problem()
-    res = lasso_exact(C, G, float(C.abs().max()) * 1.01)
+    res = lasso_exact(C, G, float(C.abs().max()) * 1.01, method=method)
     assert res.converged and not bool(res.codes.any())
 
 

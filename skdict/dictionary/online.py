@@ -63,8 +63,19 @@ def forgetting_factor(n_seen: int, batch_size: int) -> float:
 
 
 def online_statistics_update(A, B, codes, X, beta):
-    """``A <- beta A + a^T a / n``, ``B <- beta B + a^T X / n`` for a batch."""
+    """``A <- beta A + a^T a / n``, ``B <- beta B + a^T X / n`` for a batch.
+
+    On CPU the products run over the non-zeros of the (sparse) codes only, in one
+    compiled loop (:func:`skdict.dictionary._bcd_kernel.sparse_stats_update`)."""
     n = X.shape[0]
+    same = codes.dtype == X.dtype == A.dtype == B.dtype
+    if (codes.device.type == "cpu" and same and A.is_contiguous() and B.is_contiguous()
+            and A.dtype in (torch.float32, torch.float64)):
+        from ._bcd_kernel import sparse_stats_update
+
+        sparse_stats_update(A.numpy(), B.numpy(), codes.detach().contiguous().numpy(),
+                            X.detach().contiguous().numpy(), float(beta))
+        return A, B
     A.mul_(beta).add_(codes.T @ codes, alpha=1.0 / n)
     B.mul_(beta).add_(codes.T @ X, alpha=1.0 / n)
     return A, B
@@ -77,7 +88,17 @@ def bcd_update(D, A, B, n_passes: int = 1, eps: float = 1e-10):
     ``d_j <- d_j + (B_j - A_j D) / A_jj``, then ``d_j`` is rescaled to unit norm.
     Atoms never used (``A_jj <= eps``) are left for :func:`resample_atoms`.
     Returns the updated dictionary (modified in place).
+
+    The sweep is sequential over atoms (each update sees the previous ones). On
+    CPU it runs as one compiled loop (:func:`_bcd_sweep`, skipping the zero
+    entries of ``A``); on other devices as a torch loop over atoms.
     """
+    if D.device.type == "cpu" and D.is_contiguous() and D.dtype in (torch.float32, torch.float64):
+        from ._bcd_kernel import bcd_sweep
+
+        bcd_sweep(D.numpy(), A.contiguous().numpy(), B.contiguous().numpy(), int(n_passes),
+                  float(eps))
+        return D
     K = D.shape[0]
     diag = A.diagonal().clone()
     active = (diag > eps).nonzero().squeeze(1).tolist()

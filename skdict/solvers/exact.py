@@ -32,6 +32,7 @@ coherent dictionaries); only the output is cast back.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -39,7 +40,7 @@ from ._result import SolverResult
 from .ista import fista
 from .omp import _spd_solve
 
-__all__ = ["lasso_exact"]
+__all__ = ["lasso_exact", "lasso_exact_compact"]
 
 
 def _line_search(val, d, g0, h, alpha, positive):
@@ -100,6 +101,7 @@ def lasso_exact(
     warm_iter=0,
     chunk_size=2048,
     gram64=None,
+    method="auto",
 ):
     """Exact lasso codes ``argmin_a 0.5 ||x - a D||^2 + alpha ||a||_1``, batched.
 
@@ -134,6 +136,14 @@ def lasso_exact(
         ``D @ D.T`` computed in float64, used instead of ``G`` by the residuals
         and face solves (which always run in float64). For float32 data it avoids
         the rounding of ``G`` making near-singular supports indefinite.
+    method : {"auto", "homotopy", "active_set"}
+        ``"homotopy"``: the compiled per-row LARS-lasso path
+        (:mod:`skdict.solvers._lars_kernel`, CPU tensors only, parallel over rows
+        with ``torch.get_num_threads()`` threads); rows whose final KKT check
+        fails are finished by the active-set method, warm-started from the path's
+        codes. ``"active_set"``: the batched torch method below (any device).
+        ``"auto"``: homotopy for CPU tensors, active set otherwise. Both give the
+        same optimum; warm starts ``a0`` are used by the active-set method only.
 
     Returns
     -------
@@ -145,6 +155,12 @@ def lasso_exact(
     dtype, dev = C.dtype, C.device
     alpha = float(alpha)
     kkt_tol = max(float(tol), 100 * torch.finfo(dtype).eps)
+    if method not in ("auto", "homotopy", "active_set"):
+        raise ValueError(f"method must be 'auto', 'homotopy' or 'active_set', got {method!r}.")
+    if method == "homotopy" and dev.type != "cpu":
+        raise ValueError(f"method='homotopy' runs on CPU tensors only; got a tensor on {dev}.")
+    if method == "homotopy" or (method == "auto" and dev.type == "cpu"):
+        return _lasso_homotopy(C, G, alpha, positive, kkt_tol, gram64, max_iter, tol, chunk_size)
     if a0 is None and warm_iter > 0:
         a0 = fista(C, G, alpha, xnorm2=None, L=L, positive=positive, max_iter=warm_iter).codes
     # extended Gram: a dummy atom K (unit diagonal, no correlation) pads supports
@@ -174,6 +190,65 @@ def lasso_exact(
             else:
                 history.append(h)
     return SolverResult(out, n_iter, history, converged)
+
+
+def lasso_exact_compact(C, G, alpha, *, positive=False, tol=1e-7, gram64=None, max_iter=200,
+                        chunk_size=2048):
+    """Exact lasso codes of CPU rows as fixed-width ``(indices, values)``.
+
+    The compiled homotopy (:mod:`skdict.solvers._lars_kernel`) solves every row;
+    the rows whose KKT check fails are finished by the active-set method. Each
+    row's support comes in increasing atom order, padded with index 0 and value
+    0, so that ``torch.zeros(n, K).scatter_add_(1, indices, values)`` gives the
+    dense codes and the non-zeros give the CSR row directly (no dense ``(n, K)``
+    block is formed).
+
+    Returns
+    -------
+    indices : LongTensor (n, w), values : Tensor (n, w), steps : int, converged : bool,
+    n_uncertified : int
+    """
+    from ._lars_kernel import lars_lasso_rows
+
+    if C.device.type != "cpu":
+        raise ValueError(f"the homotopy kernel runs on CPU tensors only; got a tensor on "
+                         f"{C.device}.")
+    n, K = C.shape
+    kkt_tol = max(float(tol), 100 * torch.finfo(C.dtype).eps)
+    G64 = (gram64 if gram64 is not None else G).detach().to(torch.float64).numpy()
+    idx, val, steps, ok = lars_lasso_rows(
+        C.detach().numpy(), G64, float(alpha), positive=positive, kkt_tol=kkt_tol,
+        n_threads=torch.get_num_threads(),
+    )
+    idx, val = torch.from_numpy(idx), torch.from_numpy(val)
+    n_steps = int(steps.max()) if n else 0
+    bad = np.flatnonzero(~ok)
+    converged = True
+    if bad.size:
+        bi = torch.from_numpy(bad)
+        a0 = torch.zeros(bad.size, K, dtype=C.dtype).scatter_add_(1, idx[bi], val[bi])
+        res = lasso_exact(C[bi], G, alpha, a0=a0, positive=positive, max_iter=max_iter, tol=tol,
+                          chunk_size=chunk_size, gram64=gram64, method="active_set")
+        fi, fv = _compact_from_dense(res.codes, K)
+        fi = torch.where(fi == K, 0, fi)
+        w = max(idx.shape[1], fi.shape[1])
+        idx = F.pad(idx, (0, w - idx.shape[1]))
+        val = F.pad(val, (0, w - val.shape[1]))
+        idx[bi] = F.pad(fi, (0, w - fi.shape[1]))
+        val[bi] = F.pad(fv, (0, w - fv.shape[1]))
+        converged = res.converged
+        n_steps += res.n_iter
+    return idx, val, n_steps, converged, int(bad.size)
+
+
+def _lasso_homotopy(C, G, alpha, positive, kkt_tol, gram64, max_iter, tol, chunk_size):
+    """CPU path of :func:`lasso_exact` (dense codes from the compact ones)."""
+    idx, val, n_iter, converged, n_bad = lasso_exact_compact(
+        C, G, alpha, positive=positive, tol=tol, gram64=gram64, max_iter=max_iter,
+        chunk_size=chunk_size,
+    )
+    out = torch.zeros(C.shape, dtype=C.dtype).scatter_add_(1, idx, val)
+    return SolverResult(out, n_iter, [n_bad], converged)
 
 
 def _solve_chunk(c, Ge, G64, alpha, a0, positive, max_iter, kkt_tol):

@@ -1,0 +1,374 @@
+"""Compiled CPU kernel: the lasso homotopy (LARS-lasso) row by row, in Gram form.
+
+This is the one place where skdict leaves torch for the numerics. The exact lasso
+on a CPU is latency-bound: each row needs a handful of ``O(m K)`` steps on a tiny
+active set, and a torch formulation pays a fixed per-operator cost (dispatch,
+allocation, OpenMP fork/join) tens of times per step that dwarfs the arithmetic.
+A compiled per-row loop, parallel over rows, does the same steps with no
+overhead. The GPU path stays the batched torch solver (:func:`lasso_exact`).
+
+The path follows Efron et al. (2004) with the lasso modification: starting from
+``a = 0`` and ``lambda = max |c|``, the active set moves along the equiangular
+direction ``w = G_AA^{-1} s_A`` until an inactive correlation reaches the common
+level (the atom joins), an active coefficient reaches zero (the atom leaves), or
+the level reaches ``alpha`` (stop). ``G_AA`` is kept as a Cholesky factor,
+bordered when an atom joins and refactored when one leaves. At the end the
+coefficients are re-solved from ``G_AA a_A = c_A - alpha s_A`` (removing the
+drift of the incremental updates) and the KKT conditions are checked on a
+freshly computed residual; rows that fail are reported so that the caller can
+finish them with another solver.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+try:  # numba is a hard dependency; keep import errors explicit
+    import numba
+    from numba import njit, prange
+except ImportError as exc:  # pragma: no cover - exercised only without numba
+    raise ImportError(
+        "skdict's CPU exact lasso kernel needs numba; install it with `pip install numba`."
+    ) from exc
+
+__all__ = ["lars_lasso_rows", "numba"]
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _chol_solve(Lc, m, rhs, out):
+    """Solve ``(L L^T) out = rhs`` for the leading ``m x m`` block of ``Lc``."""
+    for i in range(m):
+        s = rhs[i]
+        for j in range(i):
+            s -= Lc[i, j] * out[j]
+        out[i] = s / Lc[i, i]
+    for i in range(m - 1, -1, -1):
+        s = out[i]
+        for j in range(i + 1, m):
+            s -= Lc[j, i] * out[j]
+        out[i] = s / Lc[i, i]
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _chol_append(Lc, m, G, act, k, tmp):
+    """Border the factor of ``G[act[:m]][:, act[:m]]`` with atom ``k``.
+
+    Returns False (and leaves the factor unchanged) when ``k`` is numerically
+    in the span of the active atoms."""
+    for i in range(m):
+        s = G[act[i], k]
+        for j in range(i):
+            s -= Lc[i, j] * tmp[j]
+        tmp[i] = s / Lc[i, i]
+    d = G[k, k]
+    for i in range(m):
+        d -= tmp[i] * tmp[i]
+    if d <= 1e-10 * G[k, k] or d <= 0.0:
+        return False
+    for i in range(m):
+        Lc[m, i] = tmp[i]
+    Lc[m, m] = np.sqrt(d)
+    return True
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _chol_refactor(Lc, m, G, act):
+    """Factor ``G[act[:m]][:, act[:m]]`` from scratch; False if not positive."""
+    for i in range(m):
+        for j in range(i + 1):
+            s = G[act[i], act[j]]
+            for p in range(j):
+                s -= Lc[i, p] * Lc[j, p]
+            if i == j:
+                if s <= 0.0:
+                    return False
+                Lc[i, i] = np.sqrt(s)
+            else:
+                Lc[i, j] = s / Lc[j, j]
+    return True
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, corr, u, skip, act, sgn, beta,
+              w, wf, rhs, tmp, Lc):
+    """Solve one row; returns (n_active, n_steps, ok).
+
+    ``skip[k]`` is 1 for active atoms, 2 for atoms found numerically dependent on
+    the active set; only ``skip == 0`` atoms are scanned. The correlations of the
+    previous move, ``corr -= gamma u``, are applied lazily in the first pass of
+    the next step (one pass over ``K`` fewer per step)."""
+    K = c_in.shape[0]
+    mmax = Lc.shape[0]
+    cmax = 0.0
+    j0 = -1
+    for k in range(K):
+        corr[k] = c_in[k]
+        skip[k] = 0
+        v = corr[k] if positive else abs(corr[k])
+        if v > cmax:
+            cmax = v
+            j0 = k
+    if cmax <= alpha or j0 < 0:
+        return 0, 0, True
+    act[0] = j0
+    sgn[0] = 1.0 if corr[j0] > 0 else -1.0
+    beta[0] = 0.0
+    Lc[0, 0] = np.sqrt(G[j0, j0])
+    skip[j0] = 1
+    m = 1
+    steps = 0
+    gprev = 0.0  # pending move of the correlations along the previous u
+    for k in range(K):
+        u[k] = 0.0
+    last_drop = -1
+    while steps < max_steps:
+        steps += 1
+        # equiangular direction in code space: G_AA w = s_A
+        for i in range(m):
+            rhs[i] = sgn[i]
+        _chol_solve(Lc, m, rhs, w)
+        for i in range(m):
+            wf[i] = w[i]
+        # apply the pending move, then u = G[:, A] w (in the work precision)
+        w0 = wf[0]
+        g0 = Gw[act[0]]
+        for k in range(K):
+            corr[k] -= gprev * u[k]
+            u[k] = w0 * g0[k]
+        for i in range(1, m):
+            wi = wf[i]
+            gi = Gw[act[i]]
+            for k in range(K):
+                u[k] += wi * gi[k]
+        if last_drop >= 0:
+            skip[last_drop] = 3  # not re-added in the step right after it left
+        gamma = cmax - alpha
+        event = 0  # 0 stop, 1 add, 2 drop
+        who = -1
+        for k in range(K):
+            if skip[k] != 0:
+                continue
+            # t = (cmax -/+ corr_k) / (1 -/+ u_k), compared without dividing
+            uk = u[k]
+            ck = corr[k]
+            den = 1.0 - uk
+            num = cmax - ck
+            if den > 1e-12 and num < gamma * den:
+                gamma = num / den if num > 0.0 else 0.0
+                event = 1
+                who = k
+            if not positive:
+                den = 1.0 + uk
+                num = cmax + ck
+                if den > 1e-12 and num < gamma * den:
+                    gamma = num / den if num > 0.0 else 0.0
+                    event = 1
+                    who = k
+        if last_drop >= 0:
+            skip[last_drop] = 0
+            last_drop = -1
+        for i in range(m):
+            if beta[i] * w[i] < 0.0:
+                t = -beta[i] / w[i]
+                if t < gamma:
+                    gamma = t
+                    event = 2
+                    who = i
+        # move
+        for i in range(m):
+            beta[i] += gamma * w[i]
+        cmax -= gamma
+        gprev = gamma
+        if event == 0:
+            break
+        if event == 2:
+            k = act[who]
+            for i in range(who, m - 1):
+                act[i] = act[i + 1]
+                sgn[i] = sgn[i + 1]
+                beta[i] = beta[i + 1]
+            m -= 1
+            skip[k] = 0
+            last_drop = k
+            if m == 0:
+                # the path restarts from zero at this level
+                for kk in range(K):
+                    corr[kk] -= gprev * u[kk]
+                    u[kk] = 0.0
+                gprev = 0.0
+                cmax_new = 0.0
+                jn = -1
+                for kk in range(K):
+                    if skip[kk] != 0 or kk == k:
+                        continue
+                    v = corr[kk] if positive else abs(corr[kk])
+                    if v > cmax_new:
+                        cmax_new = v
+                        jn = kk
+                if jn < 0 or cmax_new <= alpha:
+                    break
+                act[0] = jn
+                sgn[0] = 1.0 if corr[jn] > 0 else -1.0
+                beta[0] = 0.0
+                Lc[0, 0] = np.sqrt(G[jn, jn])
+                skip[jn] = 1
+                cmax = cmax_new
+                m = 1
+            elif not _chol_refactor(Lc, m, G, act):
+                return m, steps, False
+            continue
+        # event == 1: atom `who` joins with the sign of its (moved) correlation
+        if m >= mmax or not _chol_append(Lc, m, G, act, who, tmp):
+            skip[who] = 2
+            continue
+        act[m] = who
+        sgn[m] = 1.0 if corr[who] - gamma * u[who] > 0 else -1.0
+        beta[m] = 0.0
+        skip[who] = 1
+        m += 1
+    # polish: the exact face solution G_AA a = c_A - alpha s_A (kept if signs agree)
+    if m > 0:
+        for i in range(m):
+            rhs[i] = c_in[act[i]] - alpha * sgn[i]
+        _chol_solve(Lc, m, rhs, w)
+        agree = True
+        for i in range(m):
+            if w[i] * sgn[i] <= 0.0:
+                agree = False
+                break
+        if agree:
+            for i in range(m):
+                beta[i] = w[i]
+    # KKT certificate on a fresh residual r = c - G_A a_A
+    for k in range(K):
+        corr[k] = c_in[k]
+    for i in range(m):
+        bi = beta[i]
+        gi = G[act[i]]
+        for k in range(K):
+            corr[k] -= bi * gi[k]
+    thr = alpha * (1.0 + kkt_tol)
+    ok = True
+    for k in range(K):
+        if skip[k] != 1:
+            v = corr[k] if positive else abs(corr[k])
+            if v > thr:
+                ok = False
+                break
+    return m, steps, ok
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def _lars_batch(C, G, Gw, alpha, positive, max_steps, kkt_tol, max_active, idx_out, val_out, nnz,
+                n_steps, ok, n_chunks):
+    n, K = C.shape
+    per = (n + n_chunks - 1) // n_chunks
+    for t in prange(n_chunks):
+        start = t * per
+        stop = min(n, start + per)
+        if start >= stop:
+            continue
+        corr = np.empty(K)
+        u = np.empty(K, dtype=Gw.dtype)
+        wf = np.empty(max_active, dtype=Gw.dtype)
+        skip = np.empty(K, dtype=np.uint8)
+        act = np.empty(max_active, dtype=np.int64)
+        sgn = np.empty(max_active)
+        beta = np.empty(max_active)
+        w = np.empty(max_active)
+        rhs = np.empty(max_active)
+        tmp = np.empty(max_active)
+        Lc = np.empty((max_active, max_active))
+        c_row = np.empty(K)
+        for r in range(start, stop):
+            for k in range(K):
+                c_row[k] = C[r, k]
+            m, s, good = _lars_one(c_row, G, Gw, alpha, positive, max_steps, kkt_tol, corr, u,
+                                   skip, act, sgn, beta, w, wf, rhs, tmp, Lc)
+            n_steps[r] = s
+            ok[r] = good
+            nnz[r] = m
+            # the support in increasing atom order (insertion sort: m is small)
+            for i in range(1, m):
+                a_i = act[i]
+                b_i = beta[i]
+                j = i - 1
+                while j >= 0 and act[j] > a_i:
+                    act[j + 1] = act[j]
+                    beta[j + 1] = beta[j]
+                    j -= 1
+                act[j + 1] = a_i
+                beta[j + 1] = b_i
+            for i in range(m):
+                idx_out[r, i] = act[i]
+                val_out[r, i] = beta[i]
+
+
+# the same row loop without the thread pool: for one thread, and for calls from
+# worker threads (Dask, joblib threading) whose pools already use the cores
+_lars_batch_serial = njit(cache=True, nogil=True)(_lars_batch.py_func)
+
+
+def lars_lasso_rows(
+    C, G, alpha, positive=False, max_steps=None, kkt_tol=1e-6, n_threads=None, rank_bound=None
+):
+    """Exact lasso codes of every row of ``C`` (numpy in, numpy out).
+
+    Parameters
+    ----------
+    C : ndarray of shape (n, K), float32 or float64
+        Correlations ``X D^T``.
+    G : ndarray of shape (K, K), float64
+        Gram matrix ``D D^T``.
+    alpha : float
+    positive : bool
+    max_steps : int, optional
+        Homotopy steps per row (default ``8 K``).
+    kkt_tol : float
+        Relative slack of the KKT certificate ``|c - a G| <= alpha (1 + kkt_tol)``.
+    n_threads : int, optional
+        Threads for the row loop (default: numba's setting).
+    rank_bound : int, optional
+        An upper bound on the rank of ``G`` (the number of features); sizes the
+        per-thread Cholesky workspace (default ``min(K, 1024)``; a row whose
+        support would outgrow it is reported as not certified).
+
+    Returns
+    -------
+    indices : int64 ndarray (n, w), values : ndarray (n, w) of C's dtype
+        Each row's support in increasing atom order, padded with index 0 and
+        value 0 (``w`` is the largest support).
+    steps : int64 ndarray (n,)
+        Homotopy steps of each row.
+    ok : bool ndarray (n,)
+        Whether the row passed the KKT check.
+    """
+    C = np.ascontiguousarray(C)
+    G = np.ascontiguousarray(G, dtype=np.float64)
+    n, K = C.shape
+    max_active = int(min(K, 1024 if rank_bound is None else rank_bound)) + 1
+    max_steps = 8 * K if max_steps is None else int(max_steps)
+    idx = np.zeros((n, max_active), dtype=np.int64)
+    val = np.zeros((n, max_active), dtype=C.dtype)
+    nnz = np.zeros(n, dtype=np.int64)
+    steps = np.zeros(n, dtype=np.int64)
+    ok = np.ones(n, dtype=np.bool_)
+    if n:
+        Gw = G if C.dtype == np.float64 else G.astype(np.float32)
+        args = (C, G, Gw, float(alpha), bool(positive), max_steps, float(kkt_tol), max_active, idx,
+                val, nnz, steps, ok)
+        nt = numba.get_num_threads() if n_threads is None else int(n_threads)
+        nt = max(1, min(nt, numba.config.NUMBA_NUM_THREADS, n))
+        if nt == 1 or threading.current_thread() is not threading.main_thread():
+            _lars_batch_serial(*args, 1)
+        else:
+            prev = numba.get_num_threads()
+            try:
+                numba.set_num_threads(nt)
+                _lars_batch(*args, min(n, 4 * nt))
+            finally:
+                numba.set_num_threads(prev)
+    w = int(nnz.max()) if n else 0
+    return idx[:, :w], val[:, :w], steps, ok
