@@ -53,6 +53,8 @@ def main(argv=None):
     p.add_argument("--spams-iters", type=int, nargs="+", default=[100, 300, 1000, 3000])
     p.add_argument("--skdict-steps", type=int, default=3000,
                    help="minibatches of skdict (and sklearn) training")
+    p.add_argument("--forget-window", type=int, default=10000,
+                   help="LCASparseCoder forget_window (rows the statistics remember; 0: None)")
     p.add_argument("--eval-every", type=int, default=250, help="minibatches between evaluations")
     p.add_argument("--sklearn-steps", type=int, default=1000)
     args = p.parse_args(argv)
@@ -86,7 +88,10 @@ def main(argv=None):
 
     est = LCASparseCoder(n_components=K, alpha=ALPHA, fit_algorithm="exact",
                          dict_update="online", dict_init=D0, batch_size=BATCH,
-                         resample_window=None, random_state=0, device="cpu")
+                         forget_window=args.forget_window or None, resample_window=None,
+                         random_state=0, device="cpu")
+    print(f"skdict: LCASparseCoder(fit_algorithm='exact', dict_update='online', "
+          f"forget_window={args.forget_window})")
     order = rng.permutation(Xtr.shape[0])
     sk_rows = []
     elapsed, step = 0.0, 0

@@ -69,7 +69,8 @@ def encode_batch(
     C = Xb @ D.T
     alpha = float(alpha)
     if algorithm == "exact":
-        return lasso_exact(C, G, alpha, L=L, a0=init, positive=positive, gram64=state.get("G64"))
+        return lasso_exact(C, G, alpha, L=L, a0=init, positive=positive, gram64=state.get("G64"),
+                           n_features=D.shape[1])
     xnorm2 = (Xb * Xb).sum(1)
     if algorithm == "fista":
         return fista(
@@ -123,7 +124,8 @@ def encode_codes(Xb, state, *, algorithm="exact", alpha=1.0, positive=False, **k
     if algorithm == "exact" and Xb.device.type == "cpu":
         D = state["D"]
         idx, val, *_ = lasso_exact_compact(
-            Xb @ D.T, state["G"], float(alpha), positive=positive, gram64=state.get("G64")
+            Xb @ D.T, state["G"], float(alpha), positive=positive, gram64=state.get("G64"),
+            n_features=D.shape[1],
         )
         return idx, val
     return encode_batch(Xb, state, algorithm=algorithm, alpha=alpha, positive=positive,

@@ -88,6 +88,14 @@ class LCASparseCoder(BaseSparseCoder):
         Step size of ``dict_update="sgd"``.
     batch_size : int, default=256
         Minibatch size for learning and transform.
+    forget_window : int or None, default=None
+        ``dict_update="online"`` only: the most rows the sufficient statistics
+        remember. None follows Mairal et al. (2010): the memory grows without
+        bound (``b**2 + t`` rows after ``t`` minibatches of ``b``), so codes
+        computed with early dictionaries linger. A cap forgets them at a steady
+        rate ``b / (forget_window + 1)`` per minibatch; on a finite training
+        set a window below one epoch converges much faster (e.g. 10000 rows on
+        20000 training patches: the issue-3 fit benchmark).
     n_epochs : int, default=10
         Passes over the data in ``fit``.
     resample_window : int or None, default=10000
@@ -151,6 +159,7 @@ class LCASparseCoder(BaseSparseCoder):
         "dict_update": [StrOptions({"online", "sgd"})],
         "learning_rate": [Interval(numbers.Real, 0, None, closed="neither")],
         "n_epochs": [Interval(numbers.Integral, 1, None, closed="left")],
+        "forget_window": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "resample_window": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "shuffle": ["boolean"],
         "random_state": ["random_state"],
@@ -176,6 +185,7 @@ class LCASparseCoder(BaseSparseCoder):
         dict_update="online",
         learning_rate=0.1,
         batch_size=256,
+        forget_window=None,
         n_epochs=10,
         resample_window=10000,
         shuffle=True,
@@ -199,6 +209,7 @@ class LCASparseCoder(BaseSparseCoder):
         self.dict_update = dict_update
         self.learning_rate = learning_rate
         self.batch_size = batch_size
+        self.forget_window = forget_window
         self.n_epochs = n_epochs
         self.resample_window = resample_window
         self.shuffle = shuffle
@@ -274,7 +285,7 @@ class LCASparseCoder(BaseSparseCoder):
         obj = float(_batch_objective(Xb, codes, D, self.alpha, self.threshold).mean())
         b = Xb.shape[0]
         if self.dict_update == "online":
-            beta = forgetting_factor(st["n_seen"], b)
+            beta = forgetting_factor(st["n_seen"], b, self.forget_window)
             online_statistics_update(st["A"], st["B"], codes, Xb, beta)
             bcd_update(D, st["A"], st["B"])
         else:

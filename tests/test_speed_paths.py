@@ -215,3 +215,31 @@ def test_olshausen_metrics_recognise_a_gabor():
     assert s["Gabor-like"] == 1.0 and abs(s["median peak (cyc/patch)"] - 3.0) < 0.3
     noise = summarize(np.random.default_rng(0).standard_normal((20, 144)))
     assert noise["Gabor-like"] < 0.2
+
+
+def test_forgetting_factor_window_caps_the_memory():
+    from skdict.dictionary.online import forgetting_factor
+
+    b = 16
+    # Mairal's schedule: the memory keeps growing
+    assert forgetting_factor(10_000 * b, b) > forgetting_factor(1_000 * b, b)
+    # capped: a steady rate b / (window + 1) once the window is reached
+    for t in (100, 1_000, 10_000):
+        assert forgetting_factor(t * b, b, window=200) == pytest.approx((201 - b) / 201)
+    assert forgetting_factor(2 * b, b, window=200) == forgetting_factor(2 * b, b)
+    assert forgetting_factor(50 * b, b, window=4) == pytest.approx(1 / (b + 1))
+
+
+def test_forget_window_weights_the_statistics():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((64 * 30, 8))
+    kw = dict(n_components=10, alpha=0.2, fit_algorithm="exact", batch_size=64, n_epochs=1,
+              shuffle=False, resample_window=None, random_state=0, device="cpu")
+    short = LCASparseCoder(forget_window=128, **kw).fit(X)
+    long = LCASparseCoder(**kw).fit(X)
+    # A sums batch means a^T a / b with weights: a window of two batches keeps
+    # about 2 of them, Mairal's schedule after t = 30 batches about t / 2 = 15
+    ta, tb = np.trace(short._stats["A"]), np.trace(long._stats["A"])
+    assert 0 < 3 * ta < tb
+    with pytest.raises(ValueError, match="forget_window"):
+        LCASparseCoder(forget_window=0, **kw).fit(X)

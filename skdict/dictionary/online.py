@@ -47,18 +47,21 @@ def init_dictionary(X: torch.Tensor, n_components: int, generator) -> torch.Tens
     return normalize_atoms(D)
 
 
-def forgetting_factor(n_seen: int, batch_size: int) -> float:
+def forgetting_factor(n_seen: int, batch_size: int, window: int | None = None) -> float:
     """Weight of the old statistics when a batch of ``batch_size`` rows arrives
     after ``n_seen`` rows (Mairal et al. 2010, Sec. 3.4).
 
     The statistics forget the first (poor) dictionaries faster than a plain
     running mean: with ``t = n_seen / batch_size`` steps so far,
     ``theta = t * b`` for ``t < b - 1`` and ``b**2 + t + 1 - b`` afterwards,
-    and the factor is ``(theta + 1 - b) / (theta + 1)``.
+    and the factor is ``(theta + 1 - b) / (theta + 1)``. ``window`` caps
+    ``theta`` (the rows remembered), so that old codes keep being forgotten.
     """
     b = max(int(batch_size), 1)
     t = n_seen // b
     theta = t * b if t < b - 1 else b * b + t + 1 - b
+    if window is not None:
+        theta = min(theta, max(int(window), b))
     return max(0.0, (theta + 1 - b) / (theta + 1))
 
 

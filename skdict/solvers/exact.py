@@ -102,6 +102,7 @@ def lasso_exact(
     chunk_size=2048,
     gram64=None,
     method="auto",
+    n_features=None,
 ):
     """Exact lasso codes ``argmin_a 0.5 ||x - a D||^2 + alpha ||a||_1``, batched.
 
@@ -144,6 +145,9 @@ def lasso_exact(
         codes. ``"active_set"``: the batched torch method below (any device).
         ``"auto"``: homotopy for CPU tensors, active set otherwise. Both give the
         same optimum; warm starts ``a0`` are used by the active-set method only.
+    n_features : int, optional
+        The dictionary's number of features, when known: it bounds the rank of
+        ``G`` and so the supports, and sizes the homotopy's buffers.
 
     Returns
     -------
@@ -160,7 +164,8 @@ def lasso_exact(
     if method == "homotopy" and dev.type != "cpu":
         raise ValueError(f"method='homotopy' runs on CPU tensors only; got a tensor on {dev}.")
     if method == "homotopy" or (method == "auto" and dev.type == "cpu"):
-        return _lasso_homotopy(C, G, alpha, positive, kkt_tol, gram64, max_iter, tol, chunk_size)
+        return _lasso_homotopy(C, G, alpha, positive, gram64, max_iter, tol, chunk_size,
+                               n_features)
     if a0 is None and warm_iter > 0:
         a0 = fista(C, G, alpha, xnorm2=None, L=L, positive=positive, max_iter=warm_iter).codes
     # extended Gram: a dummy atom K (unit diagonal, no correlation) pads supports
@@ -193,7 +198,7 @@ def lasso_exact(
 
 
 def lasso_exact_compact(C, G, alpha, *, positive=False, tol=1e-7, gram64=None, max_iter=200,
-                        chunk_size=2048):
+                        chunk_size=2048, n_features=None):
     """Exact lasso codes of CPU rows as fixed-width ``(indices, values)``.
 
     The compiled homotopy (:mod:`skdict.solvers._lars_kernel`) solves every row;
@@ -202,6 +207,9 @@ def lasso_exact_compact(C, G, alpha, *, positive=False, tol=1e-7, gram64=None, m
     0, so that ``torch.zeros(n, K).scatter_add_(1, indices, values)`` gives the
     dense codes and the non-zeros give the CSR row directly (no dense ``(n, K)``
     block is formed).
+
+    ``n_features`` (the dictionary's, when known) bounds the rank of ``G`` and
+    hence every support; it sizes the kernel's buffers (default ``min(K, 1024)``).
 
     Returns
     -------
@@ -218,7 +226,7 @@ def lasso_exact_compact(C, G, alpha, *, positive=False, tol=1e-7, gram64=None, m
     G64 = (gram64 if gram64 is not None else G).detach().to(torch.float64).numpy()
     idx, val, steps, ok = lars_lasso_rows(
         C.detach().numpy(), G64, float(alpha), positive=positive, kkt_tol=kkt_tol,
-        n_threads=torch.get_num_threads(),
+        n_threads=torch.get_num_threads(), rank_bound=n_features,
     )
     idx, val = torch.from_numpy(idx), torch.from_numpy(val)
     n_steps = int(steps.max()) if n else 0
@@ -241,11 +249,11 @@ def lasso_exact_compact(C, G, alpha, *, positive=False, tol=1e-7, gram64=None, m
     return idx, val, n_steps, converged, int(bad.size)
 
 
-def _lasso_homotopy(C, G, alpha, positive, kkt_tol, gram64, max_iter, tol, chunk_size):
+def _lasso_homotopy(C, G, alpha, positive, gram64, max_iter, tol, chunk_size, n_features):
     """CPU path of :func:`lasso_exact` (dense codes from the compact ones)."""
     idx, val, n_iter, converged, n_bad = lasso_exact_compact(
         C, G, alpha, positive=positive, tol=tol, gram64=gram64, max_iter=max_iter,
-        chunk_size=chunk_size,
+        chunk_size=chunk_size, n_features=n_features,
     )
     out = torch.zeros(C.shape, dtype=C.dtype).scatter_add_(1, idx, val)
     return SolverResult(out, n_iter, [n_bad], converged)
