@@ -243,3 +243,36 @@ def test_forget_window_weights_the_statistics():
     assert 0 < 3 * ta < tb
     with pytest.raises(ValueError, match="forget_window"):
         LCASparseCoder(forget_window=0, **kw).fit(X)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_bcd_sweep_and_statistics_match_the_torch_formulas(dtype):
+    from skdict.dictionary.online import bcd_update, online_statistics_update
+
+    g = torch.Generator().manual_seed(0)
+    K, P, n = 40, 12, 200
+    D = torch.randn(K, P, generator=g, dtype=dtype)
+    D /= D.norm(dim=1, keepdim=True)
+    codes = torch.randn(n, K, generator=g, dtype=dtype) * (torch.rand(n, K, generator=g) < 0.1)
+    codes[:, 5] = 0  # an unused atom: left as is
+    X = torch.randn(n, P, generator=g, dtype=dtype)
+    A = torch.rand(K, K, generator=g, dtype=dtype) * 0.01
+    A = A + A.T
+    A[5, :] = 0
+    A[:, 5] = 0
+    B = torch.rand(K, P, generator=g, dtype=dtype) * 0.01
+    A_ref = 0.9 * A + codes.T @ codes / n
+    B_ref = 0.9 * B + codes.T @ X / n
+    online_statistics_update(A, B, codes, X, 0.9)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(A, A_ref, rtol=0, atol=tol)
+    torch.testing.assert_close(B, B_ref, rtol=0, atol=tol)
+    # the sequential Mairal sweep, written out with torch ops
+    ref = D.clone()
+    for j in range(K):
+        if A[j, j] > 1e-10:
+            d = ref[j] + (B[j] - A[j] @ ref) / A[j, j]
+            ref[j] = d / d.norm()
+    out = bcd_update(D.clone(), A, B)
+    torch.testing.assert_close(out, ref, rtol=0, atol=10 * tol)
+    torch.testing.assert_close(out[5], D[5], rtol=0, atol=0)
