@@ -161,8 +161,6 @@ def lasso_exact(
     kkt_tol = max(float(tol), 100 * torch.finfo(dtype).eps)
     if method not in ("auto", "homotopy", "active_set"):
         raise ValueError(f"method must be 'auto', 'homotopy' or 'active_set', got {method!r}.")
-    if method == "homotopy" and dev.type != "cpu":
-        raise ValueError(f"method='homotopy' runs on CPU tensors only; got a tensor on {dev}.")
     if method == "homotopy" or (method == "auto" and dev.type == "cpu"):
         return _lasso_homotopy(C, G, alpha, positive, gram64, max_iter, tol, chunk_size,
                                n_features)
@@ -219,8 +217,8 @@ def lasso_exact_compact(C, G, alpha, *, positive=False, tol=1e-7, gram64=None, m
     from ._lars_kernel import lars_lasso_rows
 
     if C.device.type != "cpu":
-        raise ValueError(f"the homotopy kernel runs on CPU tensors only; got a tensor on "
-                         f"{C.device}.")
+        raise ValueError(f"the homotopy kernel (method='homotopy') runs on CPU tensors only; "
+                         f"got a tensor on {C.device}.")
     n, K = C.shape
     kkt_tol = max(float(tol), 100 * torch.finfo(C.dtype).eps)
     G64 = (gram64 if gram64 is not None else G).detach().to(torch.float64).numpy()
