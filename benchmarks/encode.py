@@ -154,23 +154,30 @@ def run_encode(args):
                 "L0": l0(codes),
             }
 
-        # skdict exact: full set
+        # skdict exact and SPAMS on the full set, their runs interleaved (best of
+        # `repeats` each) so that a slow minute on a shared machine hits both
         coder = skdict_coder(D, "exact", dt)
         coder.transform(Xd[:2000])  # warm-up
-        t, codes = timed(lambda: coder.transform(Xd), args.repeats)
-        record("skdict exact", Xd.shape[0], t, codes, ref)
+        fns = {"skdict exact": lambda: coder.transform(Xd)}
+        if spams is not None:
+            Xf, Df = np.asfortranarray(Xd.T), np.asfortranarray(Dd.T)
+            spams.lasso(Xf[:, :2000].copy(order="F"), D=Df, lambda1=ALPHA, mode=2, numThreads=2)
+            fns["SPAMS lasso (2 thr)"] = lambda: spams.lasso(Xf, D=Df, lambda1=ALPHA, mode=2,
+                                                             numThreads=2).T.tocsr()
+        best = {name: (float("inf"), None) for name in fns}
+        for _ in range(max(1, args.repeats)):
+            for name, fn in fns.items():
+                t, out = timed(fn, 1)
+                if t < best[name][0]:
+                    best[name] = (t, out)
+        for name, (t, codes) in best.items():
+            record(name, Xd.shape[0], t, codes, ref)
         # skdict iterative algorithms at tolerances that reach 1e-5 (subset)
         for alg, kw in (("fista", {"tol": 1e-7, "max_iter": 5000}),
                         ("lca", {"tol": 1e-7, "max_iter": 5000})):
             c = skdict_coder(D, alg, dt, **kw)
             t, codes = timed(lambda: c.transform(Xd[:sub]), 1)
             record(f"skdict {alg}", sub, t, codes, ref[:sub])
-        if spams is not None:
-            Xf, Df = np.asfortranarray(Xd.T), np.asfortranarray(Dd.T)
-            spams.lasso(Xf[:, :2000].copy(order="F"), D=Df, lambda1=ALPHA, mode=2, numThreads=2)
-            t, A = timed(lambda: spams.lasso(Xf, D=Df, lambda1=ALPHA, mode=2, numThreads=2),
-                         args.repeats)
-            record("SPAMS lasso (2 thr)", Xd.shape[0], t, A.T.tocsr(), ref)
         for alg in ("lasso_lars", "lasso_cd"):
             sk = SkSparseCoder(Dd, transform_algorithm=alg, transform_alpha=ALPHA,
                                transform_max_iter=10000)

@@ -204,9 +204,19 @@ class CSRBuilder:
         vals = codes[mask]
         self._push(vals, cols, counts)
 
-    def add_fixed_width(self, indices: torch.Tensor, values: torch.Tensor):
-        indices, order = torch.sort(indices, dim=1)
-        values = torch.gather(values, 1, order)
+    def add_fixed_width(self, indices: torch.Tensor, values: torch.Tensor, sorted=False):
+        """``sorted=True``: each row's non-zeros already come in increasing
+        column order (padding entries may follow them), so no sort is needed."""
+        if not sorted:
+            indices, order = torch.sort(indices, dim=1)
+            values = torch.gather(values, 1, order)
+        if values.device.type == "cpu":  # numpy's boolean indexing is ~2x faster here
+            v, i = values.detach().numpy(), indices.detach().numpy()
+            mask = v != 0
+            self._data.append(v[mask].astype(self.dtype, copy=False))
+            self._indices.append(i[mask])
+            self._counts.append(mask.sum(axis=1))
+            return
         mask = values != 0
         counts = mask.sum(dim=1)
         self._push(values[mask], indices[mask], counts)
@@ -243,6 +253,7 @@ class _Codes:
     dense: torch.Tensor | None = None
     indices: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    sorted: bool = False  # fixed-width rows already in increasing column order
 
 
 def _as_codes(out):
@@ -300,7 +311,7 @@ class SparseCodingMixin(ClassNamePrefixFeaturesOutMixin, TransformerMixin):
                 if codes.dense is not None:
                     builder.add_dense(codes.dense)
                 else:
-                    builder.add_fixed_width(codes.indices, codes.values)
+                    builder.add_fixed_width(codes.indices, codes.values, sorted=codes.sorted)
             return builder.build()
         out = np.zeros((n_samples_of(X), n_codes), dtype=dtype)
         for start, stop, Xb in iter_batches(X, bs, device, dtype):

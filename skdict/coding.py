@@ -11,7 +11,7 @@ from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from ._torch_utils import torch_dtype
-from .base import BaseSparseCoder, check_input
+from .base import BaseSparseCoder, _Codes, check_input
 from .solvers import fista, ista, lasso_exact, lca, omp, power_iteration
 from .solvers.exact import lasso_exact_compact
 
@@ -117,17 +117,19 @@ def encode_batch(
 
 
 def encode_codes(Xb, state, *, algorithm="exact", alpha=1.0, positive=False, **kwargs):
-    """Codes of one batch in the form transforms consume: a fixed-width
-    ``(indices, values)`` pair for the exact lasso on CPU (the compiled homotopy
-    writes supports directly, no dense ``(b, K)`` block), else the dense codes
-    of :func:`encode_batch`."""
+    """Codes of one batch in the form transforms consume: fixed-width sorted
+    ``(indices, values)`` (a :class:`~skdict.base._Codes`) for the exact lasso on
+    CPU (the compiled homotopy writes supports directly, no dense ``(b, K)``
+    block), else the dense codes of :func:`encode_batch`."""
     if algorithm == "exact" and Xb.device.type == "cpu":
         D = state["D"]
+        # (torch's GEMM, not numpy's: OpenBLAS threads keep spinning after a call and
+        # slow the compiled kernel that follows by ~25% on two cores)
         idx, val, *_ = lasso_exact_compact(
             Xb @ D.T, state["G"], float(alpha), positive=positive, gram64=state.get("G64"),
             n_features=D.shape[1],
         )
-        return idx, val
+        return _Codes(indices=idx, values=val, sorted=True)
     return encode_batch(Xb, state, algorithm=algorithm, alpha=alpha, positive=positive,
                         **kwargs).codes
 
