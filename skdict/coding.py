@@ -68,10 +68,10 @@ def encode_batch(
     D, G, L = state["D"], state["G"], state["L"]
     C = Xb @ D.T
     alpha = float(alpha)
-    if algorithm == "exact":
-        return lasso_exact(C, G, alpha, L=L, a0=init, positive=positive, gram64=state.get("G64"),
-                           n_features=D.shape[1])
     xnorm2 = (Xb * Xb).sum(1)
+    if algorithm == "exact":
+        return lasso_exact(C, G, alpha, xnorm2=xnorm2, L=L, a0=init, positive=positive,
+                           gram64=state.get("G64"), n_features=D.shape[1])
     if algorithm == "fista":
         return fista(
             C,

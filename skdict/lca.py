@@ -282,7 +282,10 @@ class LCASparseCoder(BaseSparseCoder):
             threshold=self.threshold,
         )
         codes = res.codes
-        obj = float(_batch_objective(Xb, codes, D, self.alpha, self.threshold).mean())
+        if res.objective is not None and self.threshold == "soft":
+            obj = float(res.objective.mean())  # the exact solver's by-product
+        else:
+            obj = float(_batch_objective(Xb, codes, D, self.alpha, self.threshold).mean())
         b = Xb.shape[0]
         if self.dict_update == "online":
             beta = forgetting_factor(st["n_seen"], b, self.forget_window)

@@ -88,10 +88,10 @@ def test_homotopy_falls_back_to_the_active_set_for_uncertified_rows(monkeypatch)
     real = _lars_kernel.lars_lasso_rows
 
     def wrong(*args, **kw):  # pretend the kernel stopped early on rows 3 and 11
-        idx, val, steps, ok = real(*args, **kw)
+        idx, val, steps, ok, *rest = real(*args, **kw)
         val[[3, 11]] *= 0.5
         ok[[3, 11]] = False
-        return idx, val, steps, ok
+        return (idx, val, steps, ok, *rest)
 
     monkeypatch.setattr(_lars_kernel, "lars_lasso_rows", wrong)
     res = lasso_exact(C, G, 0.1, method="homotopy")
@@ -276,3 +276,54 @@ def test_compiled_bcd_sweep_and_statistics_match_the_torch_formulas(dtype):
     out = bcd_update(D.clone(), A, B)
     torch.testing.assert_close(out, ref, rtol=0, atol=10 * tol)
     torch.testing.assert_close(out[5], D[5], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("positive", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_exact_objective_by_product(method, positive, dtype):
+    # with xnorm2, each row's objective comes with the codes; it must equal the
+    # objective computed from the reconstruction
+    X, D, C, G = _problem(n=60, coherent=True, seed=3, dtype=dtype)
+    Xt = torch.tensor(X, dtype=dtype)
+    res = lasso_exact(C, G, 0.12, xnorm2=(Xt * Xt).sum(1), positive=positive, method=method)
+    assert res.objective is not None and res.objective.dtype == dtype
+    direct = _obj(X, res.codes.double().numpy(), D, 0.12)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    np.testing.assert_allclose(res.objective.double().numpy(), direct, rtol=tol, atol=tol)
+    assert lasso_exact(C, G, 0.12, method=method).objective is None  # only when asked
+
+
+def test_exact_objective_of_rows_finished_by_fallback(monkeypatch):
+    # rows the kernel does not certify get their objective from the active-set codes
+    import skdict.solvers._lars_kernel as lk
+
+    X, D, C, G = _problem(n=40, coherent=True, seed=4)
+    real = lk.lars_lasso_rows
+
+    def half_bad(*args, **kwargs):
+        out = list(real(*args, **kwargs))
+        out[3][::2] = False  # ok
+        out[4][::2] = 123.0  # a wrong objective that must be replaced
+        return tuple(out)
+
+    monkeypatch.setattr(lk, "lars_lasso_rows", half_bad)
+    Xt = torch.tensor(X)
+    res = lasso_exact(C, G, 0.1, xnorm2=(Xt * Xt).sum(1), method="homotopy")
+    np.testing.assert_allclose(res.objective.numpy(), _obj(X, res.codes.numpy(), D, 0.1),
+                               rtol=1e-12)
+
+
+def test_fit_objective_curve_uses_exact_objective():
+    # LCASparseCoder(fit_algorithm="exact") records the solver's objective: with one
+    # minibatch, the curve is the mean objective of the exact codes on dict_init
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((64, 12))
+    D0 = rng.standard_normal((20, 12))
+    D0 /= np.linalg.norm(D0, axis=1, keepdims=True)
+    est = LCASparseCoder(n_components=20, alpha=0.2, fit_algorithm="exact", dict_init=D0,
+                         batch_size=64, n_epochs=1, shuffle=False, resample_window=None,
+                         random_state=0, device="cpu").fit(X)
+    ref = SkSparseCoder(D0, transform_algorithm="lasso_lars", transform_alpha=0.2).transform(X)
+    assert est.objective_curve_.shape == (1,)
+    np.testing.assert_allclose(est.objective_curve_[0], _obj(X, ref, D0, 0.2).mean(), rtol=1e-10)

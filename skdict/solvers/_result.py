@@ -24,6 +24,9 @@ class SolverResult(NamedTuple):
     state : torch.Tensor or None
         Solver-specific internal state worth warm-starting from (LCA membrane
         potentials ``u``); None for the others.
+    objective : torch.Tensor or None
+        Each row's lasso objective, when the solver computes it as a by-product
+        (the exact solver, given ``xnorm2``); None otherwise.
     """
 
     codes: torch.Tensor
@@ -31,3 +34,4 @@ class SolverResult(NamedTuple):
     history: list
     converged: bool
     state: torch.Tensor | None = None
+    objective: torch.Tensor | None = None

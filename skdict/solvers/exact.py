@@ -114,7 +114,9 @@ def lasso_exact(
         ``D @ D.T``.
     alpha : float
     xnorm2 : Tensor (n,), optional
-        Unused by the certificate (kept for a uniform solver signature).
+        ``||x||^2`` of each row. When given, the result's ``objective`` holds each
+        row's objective ``0.5 ||x - a D||^2 + alpha ||a||_1`` (the homotopy gets it
+        from its certificate at no extra cost; the active-set path from ``a G``).
     L : float, optional
         Largest eigenvalue of ``G``; only used by the optional FISTA warm-up.
     a0 : Tensor (n, K), optional
@@ -162,8 +164,11 @@ def lasso_exact(
     if method not in ("auto", "homotopy", "active_set"):
         raise ValueError(f"method must be 'auto', 'homotopy' or 'active_set', got {method!r}.")
     if method == "homotopy" or (method == "auto" and dev.type == "cpu"):
-        return _lasso_homotopy(C, G, alpha, positive, gram64, max_iter, tol, chunk_size,
-                               n_features)
+        res, fpart = _lasso_homotopy(C, G, alpha, positive, gram64, max_iter, tol, chunk_size,
+                                     n_features)
+        if xnorm2 is not None:
+            res = res._replace(objective=0.5 * xnorm2.to(fpart.dtype) + fpart)
+        return res
     if a0 is None and warm_iter > 0:
         a0 = fista(C, G, alpha, xnorm2=None, L=L, positive=positive, max_iter=warm_iter).codes
     # extended Gram: a dummy atom K (unit diagonal, no correlation) pads supports
@@ -192,11 +197,23 @@ def lasso_exact(
                 history[i] += h
             else:
                 history.append(h)
-    return SolverResult(out, n_iter, history, converged)
+    objective = None
+    if xnorm2 is not None:
+        objective = 0.5 * xnorm2 + _objective_part(out, C, gram64 if gram64 is not None else G,
+                                                   alpha)
+    return SolverResult(out, n_iter, history, converged, objective=objective)
+
+
+def _objective_part(a, C, G, alpha):
+    """``0.5 ||x - a D||^2 + alpha ||a||_1 - 0.5 ||x||^2`` of each row, from ``C`` and ``G``."""
+    a64 = a.to(torch.float64)
+    aG = a64 @ G.to(device=a.device, dtype=torch.float64)
+    part = -(a64 * C.to(torch.float64)).sum(1) + 0.5 * (aG * a64).sum(1) + alpha * a64.abs().sum(1)
+    return part.to(a.dtype)
 
 
 def lasso_exact_compact(C, G, alpha, *, positive=False, tol=1e-7, gram64=None, max_iter=200,
-                        chunk_size=2048, n_features=None):
+                        chunk_size=2048, n_features=None, return_objective=False):
     """Exact lasso codes of CPU rows as fixed-width ``(indices, values)``.
 
     The compiled homotopy (:mod:`skdict.solvers._lars_kernel`) solves every row;
@@ -213,6 +230,9 @@ def lasso_exact_compact(C, G, alpha, *, positive=False, tol=1e-7, gram64=None, m
     -------
     indices : LongTensor (n, w), values : Tensor (n, w), steps : int, converged : bool,
     n_uncertified : int
+    fpart : Tensor (n,)
+        Only with ``return_objective=True``: each row's objective minus
+        ``0.5 ||x||^2``.
     """
     from ._lars_kernel import lars_lasso_rows
 
@@ -222,11 +242,12 @@ def lasso_exact_compact(C, G, alpha, *, positive=False, tol=1e-7, gram64=None, m
     n, K = C.shape
     kkt_tol = max(float(tol), 100 * torch.finfo(C.dtype).eps)
     G64 = (gram64 if gram64 is not None else G).detach().to(torch.float64).numpy()
-    idx, val, steps, ok = lars_lasso_rows(
+    idx, val, steps, ok, fpart = lars_lasso_rows(
         C.detach().numpy(), G64, float(alpha), positive=positive, kkt_tol=kkt_tol,
-        n_threads=torch.get_num_threads(), rank_bound=n_features,
+        n_threads=torch.get_num_threads(), rank_bound=n_features, return_objective=True,
     )
     idx, val = torch.from_numpy(idx), torch.from_numpy(val)
+    fpart = torch.from_numpy(fpart).to(C.dtype)
     n_steps = int(steps.max()) if n else 0
     bad = np.flatnonzero(~ok)
     converged = True
@@ -244,17 +265,23 @@ def lasso_exact_compact(C, G, alpha, *, positive=False, tol=1e-7, gram64=None, m
         val[bi] = F.pad(fv, (0, w - fv.shape[1]))
         converged = res.converged
         n_steps += res.n_iter
+        if return_objective:
+            fpart[bi] = _objective_part(res.codes, C[bi], gram64 if gram64 is not None else G,
+                                        float(alpha))
+    if return_objective:
+        return idx, val, n_steps, converged, int(bad.size), fpart
     return idx, val, n_steps, converged, int(bad.size)
 
 
 def _lasso_homotopy(C, G, alpha, positive, gram64, max_iter, tol, chunk_size, n_features):
-    """CPU path of :func:`lasso_exact` (dense codes from the compact ones)."""
-    idx, val, n_iter, converged, n_bad = lasso_exact_compact(
+    """CPU path of :func:`lasso_exact` (dense codes from the compact ones), and each
+    row's objective minus ``0.5 ||x||^2``."""
+    idx, val, n_iter, converged, n_bad, fpart = lasso_exact_compact(
         C, G, alpha, positive=positive, tol=tol, gram64=gram64, max_iter=max_iter,
-        chunk_size=chunk_size, n_features=n_features,
+        chunk_size=chunk_size, n_features=n_features, return_objective=True,
     )
     out = torch.zeros(C.shape, dtype=C.dtype).scatter_add_(1, idx, val)
-    return SolverResult(out, n_iter, [n_bad], converged)
+    return SolverResult(out, n_iter, [n_bad], converged), fpart
 
 
 def _solve_chunk(c, Ge, G64, alpha, a0, positive, max_iter, kkt_tol):
