@@ -145,11 +145,11 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, corr, u, skip, a
 
     ``skip[k]`` is 1 for active atoms, 2 for atoms found numerically dependent on
     the active set, 3 for the atom dropped in the previous step; only ``skip == 0``
-    atoms may join. One fused pass per step applies the previous move to the
-    correlations (``corr -= gamma u``), accumulates ``u = G[:, A] w`` and flags the
-    atoms that could join before the level reaches ``alpha``:
-    ``|c_k - (cmax - alpha) u_k| > alpha``. Only flagged atoms (a few percent)
-    get the exact step-length test."""
+    atoms may join. Of the ``m`` passes over ``K`` that accumulate ``u = G[:, A] w``,
+    the first also applies the previous move to the correlations (``corr -= gamma
+    u``) and the last flags the atoms that could join before the level reaches
+    ``alpha``: ``|c_k - (cmax - alpha) u_k| > alpha`` (one pass when ``m == 1``).
+    Only flagged atoms (a few percent) get the exact step-length test."""
     K = c_in.shape[0]
     mmax = Lc.shape[0]
     for k in range(K):
@@ -372,7 +372,8 @@ def _lars_batch(C, G, Gw, alpha, positive, max_steps, kkt_tol, max_active, idx_o
             for k in range(K):
                 c_row[k] = C[r, k]
             m, s, good = _lars_one(c_row, G, Gw, alpha, positive, max_steps, kkt_tol, corr, u,
-                                   skip, act, sgn, beta, w, wf, rhs, tmp, Lc, dinv, z, flag, cand, tcand, res)
+                                   skip, act, sgn, beta, w, wf, rhs, tmp, Lc, dinv, z, flag, cand,
+                                   tcand, res)
             n_steps[r] = s
             ok[r] = good
             nnz[r] = m
