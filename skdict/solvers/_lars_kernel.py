@@ -47,22 +47,6 @@ __all__ = ["lars_lasso_rows", "numba"]
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _chol_solve(Lc, dinv, m, rhs, out):
-    """Solve ``(L L^T) out = rhs`` for the leading ``m x m`` block of ``Lc``
-    (``dinv`` holds the reciprocals of the diagonal)."""
-    for i in range(m):
-        s = rhs[i]
-        for j in range(i):
-            s -= Lc[i, j] * out[j]
-        out[i] = s * dinv[i]
-    for i in range(m - 1, -1, -1):
-        s = out[i]
-        for j in range(i + 1, m):
-            s -= Lc[j, i] * out[j]
-        out[i] = s * dinv[i]
-
-
-@njit(cache=True, nogil=True, fastmath=True)
 def _forward(Lc, dinv, m, rhs, out):
     """``out = L^{-1} rhs`` (leading ``m x m`` block)."""
     for i in range(m):
@@ -74,7 +58,7 @@ def _forward(Lc, dinv, m, rhs, out):
 
 @njit(cache=True, nogil=True, fastmath=True)
 def _backward(Lc, dinv, m, rhs, out):
-    """``out = L^{-T} rhs`` (leading ``m x m`` block)."""
+    """``out = L^{-T} rhs`` (leading ``m x m`` block; ``rhs`` may be ``out``)."""
     for i in range(m - 1, -1, -1):
         s = rhs[i]
         for j in range(i + 1, m):
@@ -185,20 +169,13 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, corr, u, skip, a
         wi = wf[0]
         gi = Gw[act[0]]
         if m == 1:
-            if positive:
-                for k in range(K):
-                    ck = corr[k] - gprev * u[k]
-                    uk = wi * gi[k]
-                    corr[k] = ck
-                    u[k] = uk
-                    flag[k] = (ck - g0 * uk) > base
-            else:
-                for k in range(K):
-                    ck = corr[k] - gprev * u[k]
-                    uk = wi * gi[k]
-                    corr[k] = ck
-                    u[k] = uk
-                    flag[k] = abs(ck - g0 * uk) > base
+            for k in range(K):
+                ck = corr[k] - gprev * u[k]
+                uk = wi * gi[k]
+                corr[k] = ck
+                u[k] = uk
+                d = ck - g0 * uk
+                flag[k] = (d if positive else abs(d)) > base
         else:
             for k in range(K):
                 corr[k] -= gprev * u[k]
@@ -210,16 +187,11 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, corr, u, skip, a
                     u[k] += wi * gi[k]
             wi = wf[m - 1]
             gi = Gw[act[m - 1]]
-            if positive:
-                for k in range(K):
-                    uk = u[k] + wi * gi[k]
-                    u[k] = uk
-                    flag[k] = (corr[k] - g0 * uk) > base
-            else:
-                for k in range(K):
-                    uk = u[k] + wi * gi[k]
-                    u[k] = uk
-                    flag[k] = abs(corr[k] - g0 * uk) > base
+            for k in range(K):
+                uk = u[k] + wi * gi[k]
+                u[k] = uk
+                d = corr[k] - g0 * uk
+                flag[k] = (d if positive else abs(d)) > base
         # the flagged atoms, in index order (flags are read 8 at a time)
         fw = flag.view(np.uint64)
         nc = 0
@@ -314,7 +286,8 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, corr, u, skip, a
     if m > 0:
         for i in range(m):
             rhs[i] = c_in[act[i]] - alpha * sgn[i]
-        _chol_solve(Lc, dinv, m, rhs, w)
+        _forward(Lc, dinv, m, rhs, w)  # (L L^T) w = rhs
+        _backward(Lc, dinv, m, w, w)
         agree = True
         for i in range(m):
             if w[i] * sgn[i] <= 0.0:
