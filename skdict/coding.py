@@ -59,19 +59,24 @@ def encode_batch(
     tau=None,
     threshold="soft",
     init=None,
+    objective=False,
 ):
     """Encode one batch (a torch tensor on the dictionary's device).
 
     Returns the :class:`~skdict.solvers.SolverResult` of the chosen solver.
     ``init`` warm-starts iterative solvers (LCA: potentials; others: codes).
+    ``objective=True``: the exact solver also fills ``result.objective`` (each
+    row's lasso objective); the other algorithms leave it None.
     """
     D, G, L = state["D"], state["G"], state["L"]
     C = Xb @ D.T
     alpha = float(alpha)
     xnorm2 = (Xb * Xb).sum(1)
     if algorithm == "exact":
-        return lasso_exact(C, G, alpha, xnorm2=xnorm2, L=L, a0=init, positive=positive,
-                           gram64=state.get("G64"), n_features=D.shape[1])
+        # with xnorm2 the solver also returns each row's objective (an extra K x K
+        # product on the active-set path), so only when the caller asks for it
+        return lasso_exact(C, G, alpha, xnorm2=xnorm2 if objective else None, L=L, a0=init,
+                           positive=positive, gram64=state.get("G64"), n_features=D.shape[1])
     if algorithm == "fista":
         return fista(
             C,

@@ -280,9 +280,10 @@ class LCASparseCoder(BaseSparseCoder):
             tol=self.tol,
             tau=self.tau,
             threshold=self.threshold,
+            objective=self.threshold == "soft",
         )
         codes = res.codes
-        if res.objective is not None and self.threshold == "soft":
+        if res.objective is not None:
             obj = float(res.objective.mean())  # the exact solver's by-product
         else:
             obj = float(_batch_objective(Xb, codes, D, self.alpha, self.threshold).mean())
