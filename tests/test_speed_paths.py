@@ -327,3 +327,15 @@ def test_fit_objective_curve_uses_exact_objective():
     ref = SkSparseCoder(D0, transform_algorithm="lasso_lars", transform_alpha=0.2).transform(X)
     assert est.objective_curve_.shape == (1,)
     np.testing.assert_allclose(est.objective_curve_[0], _obj(X, ref, D0, 0.2).mean(), rtol=1e-10)
+
+
+def test_encode_batch_objective_only_when_asked():
+    from skdict.coding import encode_batch, prepare_dictionary
+
+    X, D, _, _ = _problem(n=30, seed=5)
+    st = prepare_dictionary(D, torch.device("cpu"), torch.float64)
+    Xt = torch.tensor(X)
+    assert encode_batch(Xt, st, algorithm="exact", alpha=0.1).objective is None
+    res = encode_batch(Xt, st, algorithm="exact", alpha=0.1, objective=True)
+    np.testing.assert_allclose(res.objective.numpy(), _obj(X, res.codes.numpy(), D, 0.1),
+                               rtol=1e-12)
