@@ -124,7 +124,7 @@ def _first_atom(corr, skip, positive, exclude):
 
 @njit(cache=True, nogil=True, fastmath=True)
 def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, corr, u, skip, act, sgn, beta,
-              w, wf, rhs, tmp, Lc, dinv, z, flag, cand, tcand, res):
+              w, wf, rhs, tmp, Lc, dinv, z, flag, cand, tcand, res, sc):
     """Solve one row; returns (n_active, n_steps, ok).
 
     ``skip[k]`` is 1 for active atoms, 2 for atoms found numerically dependent on
@@ -164,21 +164,28 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, corr, u, skip, a
         if last_drop >= 0:
             skip[last_drop] = 3  # not re-added in the step right after it left
         g0 = cmax - alpha
-        base = cmax - g0
+        # the pass scalars in the working dtype (float32 loops stay float32); the
+        # bound is widened by a relative 1e-5 so that rounding cannot hide a joiner
+        sc[0] = gprev
+        sc[1] = g0
+        sc[2] = alpha * (1.0 - 1e-5)
+        gp = sc[0]
+        g0w = sc[1]
+        base = sc[2]
         # pass 1: pending move, first column of u (and the flags when m == 1)
         wi = wf[0]
         gi = Gw[act[0]]
         if m == 1:
             for k in range(K):
-                ck = corr[k] - gprev * u[k]
+                ck = corr[k] - gp * u[k]
                 uk = wi * gi[k]
                 corr[k] = ck
                 u[k] = uk
-                d = ck - g0 * uk
+                d = ck - g0w * uk
                 flag[k] = (d if positive else abs(d)) > base
         else:
             for k in range(K):
-                corr[k] -= gprev * u[k]
+                corr[k] -= gp * u[k]
                 u[k] = wi * gi[k]
             for i in range(1, m - 1):
                 wi = wf[i]
@@ -190,7 +197,7 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, corr, u, skip, a
             for k in range(K):
                 uk = u[k] + wi * gi[k]
                 u[k] = uk
-                d = corr[k] - g0 * uk
+                d = corr[k] - g0w * uk
                 flag[k] = (d if positive else abs(d)) > base
         # the flagged atoms, in index order (flags are read 8 at a time)
         fw = flag.view(np.uint64)
@@ -341,12 +348,13 @@ def _lars_batch(C, G, Gw, alpha, positive, max_steps, kkt_tol, max_active, idx_o
         z = np.empty(max_active)
         res = np.empty(K)
         c_row = np.empty(K)
+        sc = np.empty(3, dtype=Gw.dtype)
         for r in range(start, stop):
             for k in range(K):
                 c_row[k] = C[r, k]
             m, s, good = _lars_one(c_row, G, Gw, alpha, positive, max_steps, kkt_tol, corr, u,
                                    skip, act, sgn, beta, w, wf, rhs, tmp, Lc, dinv, z, flag, cand,
-                                   tcand, res)
+                                   tcand, res, sc)
             n_steps[r] = s
             ok[r] = good
             nnz[r] = m
