@@ -210,16 +210,22 @@ class CSRBuilder:
         if not sorted:
             indices, order = torch.sort(indices, dim=1)
             values = torch.gather(values, 1, order)
-        if values.device.type == "cpu":  # numpy's boolean indexing is ~2x faster here
-            v, i = values.detach().numpy(), indices.detach().numpy()
-            mask = v != 0
-            self._data.append(v[mask].astype(self.dtype, copy=False))
-            self._indices.append(i[mask])
-            self._counts.append(mask.sum(axis=1))
+        if values.device.type == "cpu":  # compiled count + fill, no boolean mask
+            from ._compact import compact_fixed_width
+
+            self.add_csr(*compact_fixed_width(indices.detach().numpy(), values.detach().numpy(),
+                                              self.n_columns, self.dtype))
             return
         mask = values != 0
         counts = mask.sum(dim=1)
         self._push(values[mask], indices[mask], counts)
+
+    def add_csr(self, data, cols, counts):
+        """Append rows given as CSR pieces (numpy): the non-zeros of all rows in
+        row order with increasing columns within each row, and each row's count."""
+        self._data.append(np.asarray(data).astype(self.dtype, copy=False))
+        self._indices.append(np.asarray(cols))
+        self._counts.append(np.asarray(counts))
 
     def _push(self, vals, cols, counts):
         self._data.append(vals.detach().to("cpu", torch_dtype(self.dtype)).numpy())
@@ -248,12 +254,38 @@ class CSRBuilder:
 
 @dataclass
 class _Codes:
-    """What ``_encode`` may return: dense codes or fixed-width (indices, values)."""
+    """What ``_encode`` may return: dense codes, fixed-width (indices, values), or
+    CSR pieces ``(data, cols, counts)`` (numpy, rows in order, columns increasing
+    within each row)."""
 
     dense: torch.Tensor | None = None
     indices: torch.Tensor | None = None
     values: torch.Tensor | None = None
     sorted: bool = False  # fixed-width rows already in increasing column order
+    csr: tuple | None = None
+
+    def to_dense(self, n_codes, device=None):
+        """The codes as a dense ``(b, n_codes)`` tensor."""
+        if self.dense is not None:
+            return self.dense
+        if self.csr is not None:
+            data, cols, counts = self.csr
+            out = np.zeros((len(counts), n_codes), dtype=data.dtype)
+            out[np.repeat(np.arange(len(counts)), counts), cols] = data
+            out = torch.from_numpy(out)
+            return out if device is None else out.to(device)
+        dense = torch.zeros(self.values.shape[0], n_codes, dtype=self.values.dtype,
+                            device=self.values.device)
+        return dense.scatter_add_(1, self.indices, self.values)
+
+    def add_to(self, builder):
+        """Append these rows to a :class:`CSRBuilder`."""
+        if self.dense is not None:
+            builder.add_dense(self.dense)
+        elif self.csr is not None:
+            builder.add_csr(*self.csr)
+        else:
+            builder.add_fixed_width(self.indices, self.values, sorted=self.sorted)
 
 
 def _as_codes(out):
@@ -307,25 +339,11 @@ class SparseCodingMixin(ClassNamePrefixFeaturesOutMixin, TransformerMixin):
         if sparse_output:
             builder = CSRBuilder(n_codes, dtype)
             for _, _, Xb in iter_batches(X, bs, device, dtype):
-                codes = _as_codes(self._encode(Xb, state))
-                if codes.dense is not None:
-                    builder.add_dense(codes.dense)
-                else:
-                    builder.add_fixed_width(codes.indices, codes.values, sorted=codes.sorted)
+                _as_codes(self._encode(Xb, state)).add_to(builder)
             return builder.build()
         out = np.zeros((n_samples_of(X), n_codes), dtype=dtype)
         for start, stop, Xb in iter_batches(X, bs, device, dtype):
-            codes = _as_codes(self._encode(Xb, state))
-            if codes.dense is None:
-                dense = torch.zeros(
-                    codes.values.shape[0],
-                    n_codes,
-                    dtype=codes.values.dtype,
-                    device=codes.values.device,
-                )
-                dense.scatter_add_(1, codes.indices, codes.values)
-            else:
-                dense = codes.dense
+            dense = _as_codes(self._encode(Xb, state)).to_dense(n_codes)
             out[start:stop] = dense.detach().cpu().numpy()
         return out
 
@@ -547,12 +565,7 @@ class BaseSparseCoder(SparseCodingMixin, BaseEstimator):
         rss = 0.0
         nnz = 0
         for _, _, Xb in iter_batches(X, bs, device, dtype):
-            codes = _as_codes(self._encode(Xb, state))
-            if codes.dense is not None:
-                A = codes.dense
-            else:
-                A = torch.zeros(Xb.shape[0], D.shape[0], dtype=Xb.dtype, device=device)
-                A.scatter_add_(1, codes.indices, codes.values)
+            A = _as_codes(self._encode(Xb, state)).to_dense(D.shape[0], device).to(Xb.dtype)
             R = Xb - A @ D
             if offset is not None:
                 R = R - offset

@@ -435,7 +435,9 @@ class LCASparseCoder(BaseSparseCoder):
 
     # ------------------------------------------------------------------ transform
     def _transform_state(self, device, dtype):
-        return prepare_dictionary(self.components_, device, dtype)
+        # the CPU exact path needs no step size (the GPU one warm-starts with FISTA)
+        need_L = self.transform_algorithm != "exact" or device.type != "cpu"
+        return prepare_dictionary(self.components_, device, dtype, need_L=need_L)
 
     def _encode(self, Xb, state):
         return encode_codes(

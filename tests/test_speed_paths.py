@@ -339,3 +339,84 @@ def test_encode_batch_objective_only_when_asked():
     res = encode_batch(Xt, st, algorithm="exact", alpha=0.1, objective=True)
     np.testing.assert_allclose(res.objective.numpy(), _obj(X, res.codes.numpy(), D, 0.1),
                                rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("positive", [False, True])
+@pytest.mark.parametrize("alpha", [0.03, 0.1, 0.4])
+def test_kernel_cheap_certificate_agrees_with_the_fresh_residual(dtype, positive, alpha):
+    # most rows are certified on the path's own correlations; the verdict, the
+    # codes and the objective must be those of the fresh float64 residual check,
+    # and every certified row must satisfy the KKT conditions on a fresh residual
+    from skdict.solvers._lars_kernel import lars_lasso_rows
+
+    X, D, C, G = _problem(n=300, K=64, P=16, coherent=True, seed=11)
+    C = C.numpy().astype(dtype)
+    G = G.numpy()
+    fast = lars_lasso_rows(C, G, alpha, positive=positive, kkt_tol=1e-6, return_objective=True)
+    fresh = lars_lasso_rows(C, G, alpha, positive=positive, kkt_tol=1e-6, return_objective=True,
+                            fresh_certificate=True)
+    for a, b in zip(fast[:4], fresh[:4]):
+        np.testing.assert_array_equal(a, b)
+    # the objective's a.G.a from alpha ||a||_1 on the face vs from the fresh residual
+    np.testing.assert_allclose(fast[4], fresh[4], rtol=1e-12 if dtype == np.float64 else 1e-5,
+                               atol=1e-12)
+    idx, val, _, ok, _ = fast
+    assert ok.all()
+    A = np.zeros((C.shape[0], G.shape[0]))
+    np.add.at(A, (np.arange(A.shape[0])[:, None], idx), val.astype(np.float64))  # pads add 0
+    r = C.astype(np.float64) - A @ G
+    inactive = A == 0
+    worst = np.where(inactive, r if positive else np.abs(r), 0).max()
+    slack = 1e-6 if dtype == np.float64 else 1e-4
+    assert worst <= alpha * (1 + slack)
+
+
+def test_compact_fixed_width_matches_boolean_masking():
+    from skdict._compact import compact_fixed_width
+
+    rng = np.random.default_rng(0)
+    idx = np.sort(rng.integers(0, 300, (40, 9)), axis=1)
+    val = rng.standard_normal((40, 9))
+    val[rng.random((40, 9)) < 0.6] = 0
+    val[5] = 0  # an empty row
+    for v in (val, val.astype(np.float32)):
+        data, cols, counts = compact_fixed_width(idx, v, 300)
+        mask = v != 0
+        np.testing.assert_array_equal(data, v[mask])
+        np.testing.assert_array_equal(cols, idx[mask])
+        np.testing.assert_array_equal(counts, mask.sum(1))
+        assert cols.dtype == np.int32 and data.dtype == v.dtype and counts[5] == 0
+    # strided input (a column slice), dtype conversion, no rows
+    data, cols, counts = compact_fixed_width(idx[:, :4], val[:, :4], 300, np.float32)
+    np.testing.assert_array_equal(data, val[:, :4][val[:, :4] != 0].astype(np.float32))
+    assert compact_fixed_width(idx[:0], val[:0], 300)[2].shape == (0,)
+    with pytest.raises(ValueError, match="one shape"):
+        compact_fixed_width(idx, val[:, :3], 300)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_exact_transform_blocks_do_not_change_codes(monkeypatch, dtype):
+    # the CPU exact path encodes a batch in row blocks (correlations <= 8 MB);
+    # blocks of a few rows must give the same CSR and dense codes as one block
+    import skdict.coding as coding
+    from skdict import SparseCoder
+
+    X, D, _, _ = _problem(n=203, K=40, P=12, coherent=True, seed=5)
+    X, D = X.astype(dtype), D.astype(dtype)
+    one = SparseCoder(D, alpha=0.1).transform(X)
+    monkeypatch.setattr(coding, "_EXACT_BLOCK_BYTES", 64 * 40 * np.dtype(dtype).itemsize)
+    coder = SparseCoder(D, alpha=0.1)
+    many = coder.transform(X)
+    assert many.dtype == dtype and many.has_sorted_indices
+    assert (many.data != 0).all()
+    # (the GEMM of a short block may round the correlations differently)
+    atol = 1e-4 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(many.toarray(), one.toarray(), rtol=0, atol=atol)
+    coder.set_params(sparse_output=False)
+    np.testing.assert_array_equal(coder.transform(X), many.toarray())
+    ref = SkSparseCoder(D.astype(np.float64), transform_algorithm="lasso_lars",
+                        transform_alpha=0.1).transform(X.astype(np.float64))
+    X64, D64 = X.astype(np.float64), D.astype(np.float64)
+    np.testing.assert_allclose(_obj(X64, one.toarray().astype(np.float64), D64, 0.1),
+                               _obj(X64, ref, D64, 0.1), rtol=1e-5 if dtype == np.float32 else 1e-10)
