@@ -153,7 +153,7 @@ def encode_codes(Xb, state, *, algorithm="exact", alpha=1.0, positive=False, **k
         if not parts:
             return _Codes(csr=(Xb.new_zeros(0).numpy(), np.zeros(0, np.int32),
                                np.zeros(0, np.int64)))
-        return _Codes(csr=tuple(np.concatenate(p) for p in zip(*parts)))
+        return _Codes(csr=tuple(np.concatenate(p) for p in zip(*parts, strict=True)))
     return encode_batch(Xb, state, algorithm=algorithm, alpha=alpha, positive=positive,
                         **kwargs).codes
 

@@ -356,7 +356,7 @@ def test_kernel_cheap_certificate_agrees_with_the_fresh_residual(dtype, positive
     fast = lars_lasso_rows(C, G, alpha, positive=positive, kkt_tol=1e-6, return_objective=True)
     fresh = lars_lasso_rows(C, G, alpha, positive=positive, kkt_tol=1e-6, return_objective=True,
                             fresh_certificate=True)
-    for a, b in zip(fast[:4], fresh[:4]):
+    for a, b in zip(fast[:4], fresh[:4], strict=True):
         np.testing.assert_array_equal(a, b)
     # the objective's a.G.a from alpha ||a||_1 on the face vs from the fresh residual
     np.testing.assert_allclose(fast[4], fresh[4], rtol=1e-12 if dtype == np.float64 else 1e-5,
@@ -418,5 +418,6 @@ def test_exact_transform_blocks_do_not_change_codes(monkeypatch, dtype):
     ref = SkSparseCoder(D.astype(np.float64), transform_algorithm="lasso_lars",
                         transform_alpha=0.1).transform(X.astype(np.float64))
     X64, D64 = X.astype(np.float64), D.astype(np.float64)
+    rtol = 1e-5 if dtype == np.float32 else 1e-10
     np.testing.assert_allclose(_obj(X64, one.toarray().astype(np.float64), D64, 0.1),
-                               _obj(X64, ref, D64, 0.1), rtol=1e-5 if dtype == np.float32 else 1e-10)
+                               _obj(X64, ref, D64, 0.1), rtol=rtol)
