@@ -31,12 +31,11 @@ def _fill(indices, values, out_idx, out_val):
     n, w = values.shape
     p = 0
     for r in range(n):
-        for j in range(w):
+        for j in range(w):  # branch-free: a zero is written and then overwritten
             v = values[r, j]
-            if v != 0:
-                out_idx[p] = indices[r, j]
-                out_val[p] = v
-                p += 1
+            out_idx[p] = indices[r, j]
+            out_val[p] = v
+            p += v != 0
 
 
 def compact_fixed_width(indices, values, n_columns, dtype=None):
@@ -62,8 +61,10 @@ def compact_fixed_width(indices, values, n_columns, dtype=None):
     n = values.shape[0]
     counts = np.zeros(n, dtype=np.int64)
     nnz = int(_count(values, counts)) if values.size else 0
-    out_idx = np.empty(nnz, dtype=np.int32 if n_columns < 2**31 - 1 else np.int64)
-    out_val = np.empty(nnz, dtype=values.dtype if dtype is None else dtype)
+    # one row of slack for the branch-free fill's trailing writes
+    pad = values.shape[1] if values.ndim == 2 else 0
+    out_idx = np.empty(nnz + pad, dtype=np.int32 if n_columns < 2**31 - 1 else np.int64)
+    out_val = np.empty(nnz + pad, dtype=values.dtype if dtype is None else dtype)
     if nnz:
         _fill(indices, values, out_idx, out_val)
-    return out_val, out_idx, counts
+    return out_val[:nnz], out_idx[:nnz], counts

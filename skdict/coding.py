@@ -122,10 +122,10 @@ def encode_batch(
 
 
 # rows per block of the CPU exact path: the correlations of one block stay within
-# ~8 MB (cache-resident for the kernel, below glibc's mmap threshold so the buffer
+# ~4 MB (cache-resident for the kernel, below glibc's mmap threshold so the buffer
 # is reused rather than page-faulted, and MKL's GEMM runs 2-3x faster on such
 # blocks than on one tall matrix)
-_EXACT_BLOCK_BYTES = 8 * 2**20
+_EXACT_BLOCK_BYTES = 4 * 2**20
 
 
 def encode_codes(Xb, state, *, algorithm="exact", alpha=1.0, positive=False, **kwargs):

@@ -397,7 +397,7 @@ def test_compact_fixed_width_matches_boolean_masking():
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_exact_transform_blocks_do_not_change_codes(monkeypatch, dtype):
-    # the CPU exact path encodes a batch in row blocks (correlations <= 8 MB);
+    # the CPU exact path encodes a batch in row blocks (correlations <= 4 MB);
     # blocks of a few rows must give the same CSR and dense codes as one block
     import skdict.coding as coding
     from skdict import SparseCoder

@@ -40,13 +40,32 @@ import numpy as np
 
 try:  # numba is a hard dependency; keep import errors explicit
     import numba
-    from numba import njit, prange
+    from llvmlite import ir
+    from numba import njit, prange, types
+    from numba.extending import intrinsic
 except ImportError as exc:  # pragma: no cover - exercised only without numba
     raise ImportError(
         "skdict's CPU exact lasso kernel needs numba; install it with `pip install numba`."
     ) from exc
 
 __all__ = ["lars_lasso_rows", "numba"]
+
+
+_U1 = np.uint64(1)  # (uint64 - int64 is float64 in numba)
+
+
+@intrinsic
+def _cttz(typingctx, x):
+    """Count of trailing zero bits of a uint64 (LLVM's cttz; x != 0), as int64."""
+    sig = types.int64(types.uint64)
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        fnty = ir.FunctionType(i64, [i64, ir.IntType(1)])
+        fn = builder.module.declare_intrinsic("llvm.cttz.i64", fnty=fnty)
+        return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 1)])
+
+    return sig, codegen
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -61,12 +80,18 @@ def _forward(Lc, dinv, m, rhs, out):
 
 @njit(cache=True, nogil=True, fastmath=True)
 def _backward(Lc, dinv, m, rhs, out):
-    """``out = L^{-T} rhs`` (leading ``m x m`` block; ``rhs`` may be ``out``)."""
+    """``out = L^{-T} rhs`` (leading ``m x m`` block; ``rhs`` may be ``out``).
+
+    Column-oriented: each solved entry updates the ones above it with a row of
+    ``L`` (contiguous, independent updates) rather than each entry summing a
+    column of ``L`` (strided, one dependency chain)."""
+    for i in range(m):
+        out[i] = rhs[i]
     for i in range(m - 1, -1, -1):
-        s = rhs[i]
-        for j in range(i + 1, m):
-            s -= Lc[j, i] * out[j]
-        out[i] = s * dinv[i]
+        oi = out[i] * dinv[i]
+        out[i] = oi
+        for j in range(i):
+            out[j] -= Lc[i, j] * oi
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -127,7 +152,7 @@ def _first_atom(corr, skip, positive, exclude):
 
 @njit(cache=True, nogil=True, fastmath=True)
 def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, corr, u, skip, act,
-              sgn, beta, w, wf, rhs, tmp, Lc, dinv, z, flag, cand, tcand, res, sc):
+              sgn, beta, w, wf, rhs, tmp, Lc, dinv, z, flag, words, cand, tcand, res, sc):
     """Solve one row; returns (n_active, n_steps, ok, a.r_A) with ``r_A`` the
     residual correlations of the active atoms (for the objective).
 
@@ -189,12 +214,21 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, cor
                 corr[k] = ck
                 u[k] = uk
                 d = ck - g0w * uk
-                flag[k] = (d if positive else abs(d)) > base
+                flag[k] = ((d if positive else abs(d)) > base) & (skip[k] == 0)
         else:
             for k in range(K):
                 corr[k] -= gp * u[k]
                 u[k] = wi * gi[k]
-            for i in range(1, m - 1):
+            i = 1
+            while i + 1 < m - 1:  # two columns a pass: half the traffic on u
+                wi = wf[i]
+                wj = wf[i + 1]
+                gi = Gw[act[i]]
+                gj = Gw[act[i + 1]]
+                for k in range(K):
+                    u[k] += wi * gi[k] + wj * gj[k]
+                i += 2
+            if i < m - 1:
                 wi = wf[i]
                 gi = Gw[act[i]]
                 for k in range(K):
@@ -205,15 +239,21 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, cor
                 uk = u[k] + wi * gi[k]
                 u[k] = uk
                 d = corr[k] - g0w * uk
-                flag[k] = (d if positive else abs(d)) > base
+                flag[k] = ((d if positive else abs(d)) > base) & (skip[k] == 0)
         # the flagged atoms, in index order (flags are read 8 at a time)
         fw = flag.view(np.uint64)
         nc = 0
-        for j in range(fw.shape[0]):
-            if fw[j] != 0:
-                for k in range(8 * j, 8 * j + 8):
-                    cand[nc] = k
-                    nc += flag[k] & (skip[k] == 0)
+        nw = 0
+        for j in range(fw.shape[0]):  # the non-zero words, branch-free
+            words[nw] = j
+            nw += fw[j] != 0
+        for q in range(nw):
+            j = words[q]
+            word = fw[j]
+            while word != 0:  # one iteration per set flag byte
+                cand[nc] = 8 * j + (_cttz(word) >> 3)
+                nc += 1
+                word &= word - _U1
         # exact join times t = (cmax -/+ c_k) / (1 -/+ u_k) of the candidates
         for i in range(nc):
             k = cand[i]
@@ -307,9 +347,7 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, cor
     worst = 0.0
     for k in range(K):
         ck = corr[k] - gp * u[k]
-        corr[k] = ck
-        v = ck if positive else abs(ck)
-        v = v if skip[k] != 1 else 0.0
+        v = (ck if positive else abs(ck)) * (skip[k] != 1)
         worst = max(worst, v)
     # polish: the exact face solution G_AA a = c_A - alpha s_A (kept if signs agree)
     agree = True
@@ -372,6 +410,7 @@ def _lars_batch(C, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, max_
         skip = np.empty(K, dtype=np.uint8)
         flag = np.zeros(((K + 7) // 8) * 8, dtype=np.uint8)
         cand = np.empty(K, dtype=np.int64)
+        words = np.empty(flag.shape[0] // 8, dtype=np.int64)
         tcand = np.empty(K)
         act = np.empty(max_active, dtype=np.int64)
         sgn = np.empty(max_active)
@@ -390,7 +429,7 @@ def _lars_batch(C, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, max_
                 c_row[k] = C[r, k]
             m, s, good, ar = _lars_one(c_row, G, Gw, alpha, positive, max_steps, kkt_tol, gmax,
                                        eps_w, corr, u, skip, act, sgn, beta, w, wf, rhs, tmp, Lc,
-                                       dinv, z, flag, cand, tcand, res, sc)
+                                       dinv, z, flag, words, cand, tcand, res, sc)
             n_steps[r] = s
             ok[r] = good
             nnz[r] = m
