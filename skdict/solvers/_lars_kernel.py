@@ -22,12 +22,14 @@ the rounding drift of the updates), else on a freshly computed float64 residual
 the caller can finish them with another solver.
 
 Cost per step (``m`` active atoms, ``K`` atoms): one triangular solve (``z =
-L^{-1} s_A`` is kept current as atoms join, so only ``L^T w = z`` is solved), ``m``
-vectorised passes over ``K`` for ``u = G[:, A] w`` (the first applies the previous
-move to the correlations, the last flags the atoms that could join before the
-level reaches ``alpha``: ``|c_k - (cmax - alpha) u_k| > alpha``), and exact
-step lengths for the flagged atoms only (about 4% of them on natural-image
-dictionaries): the branchy per-atom scan was half of the kernel's time before.
+L^{-1} s_A`` is kept current as atoms join, so only ``L^T w = z`` is solved), about
+``m / 2 + 1`` vectorised passes over ``K`` for ``u = G[:, A] w`` (the first applies
+the previous move to the correlations, the middle ones add two columns each, the
+last flags the inactive atoms that could join before the level reaches
+``alpha``: ``|c_k - (cmax - alpha) u_k| > alpha``), a bit scan that lists the
+flagged atoms, and exact step lengths for them only (about 2% of the atoms on
+natural-image dictionaries): the branchy per-atom scan was half of the kernel's
+time before.
 Float32 inputs keep the correlations and ``u`` in float32 (as SPAMS does);
 the polish and the fresh certificate are float64 for both.
 """
@@ -158,11 +160,11 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, cor
 
     ``skip[k]`` is 1 for active atoms, 2 for atoms found numerically dependent on
     the active set, 3 for the atom dropped in the previous step; only ``skip == 0``
-    atoms may join. Of the ``m`` passes over ``K`` that accumulate ``u = G[:, A] w``,
-    the first also applies the previous move to the correlations (``corr -= gamma
-    u``) and the last flags the atoms that could join before the level reaches
-    ``alpha``: ``|c_k - (cmax - alpha) u_k| > alpha`` (one pass when ``m == 1``).
-    Only flagged atoms (a few percent) get the exact step-length test."""
+    atoms may join. Of the passes over ``K`` that accumulate ``u = G[:, A] w``, the
+    first also applies the previous move to the correlations (``corr -= gamma u``)
+    and the last flags the ``skip == 0`` atoms that could join before the level
+    reaches ``alpha``: ``|c_k - (cmax - alpha) u_k| > alpha`` (one pass when
+    ``m == 1``). Only flagged atoms (a few percent) get the exact step-length test."""
     K = c_in.shape[0]
     mmax = Lc.shape[0]
     for k in range(K):
