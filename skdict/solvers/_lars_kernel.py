@@ -27,7 +27,7 @@ L^{-1} s_A`` is kept current as atoms join, so only ``L^T w = z`` is solved), ab
 the previous move to the correlations, the middle ones add two columns each, the
 last flags the inactive atoms that could join before the level reaches
 ``alpha``: ``|c_k - (cmax - alpha) u_k| > alpha``), a bit scan that lists the
-flagged atoms, and exact step lengths for them only (about 2% of the atoms on
+flagged atoms, and exact step lengths for them only (about 4% of the atoms on
 natural-image dictionaries): the branchy per-atom scan was half of the kernel's
 time before.
 Float32 inputs keep the correlations and ``u`` in float32 (as SPAMS does);
