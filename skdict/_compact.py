@@ -60,9 +60,9 @@ def compact_fixed_width(indices, values, n_columns, dtype=None):
                          f"{indices.shape} and {values.shape}.")
     n = values.shape[0]
     counts = np.zeros(n, dtype=np.int64)
-    nnz = int(_count(values, counts)) if values.size else 0
+    nnz = int(_count(values, counts))
     # one row of slack for the branch-free fill's trailing writes
-    pad = values.shape[1] if values.ndim == 2 else 0
+    pad = values.shape[1]
     out_idx = np.empty(nnz + pad, dtype=np.int32 if n_columns < 2**31 - 1 else np.int64)
     out_val = np.empty(nnz + pad, dtype=values.dtype if dtype is None else dtype)
     if nnz:
