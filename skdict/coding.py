@@ -19,6 +19,7 @@ __all__ = [
     "SparseCoder",
     "encode_batch",
     "encode_codes",
+    "transform_state",
     "prepare_dictionary",
     "LASSO_ALGORITHMS",
 ]
@@ -44,6 +45,13 @@ def prepare_dictionary(components, device, dtype, *, need_L=True):
     # the exact solver's float64 face solves use a float64 Gram (cheap: K x K)
     G64 = (D.double() @ D.double().T) if D.dtype != torch.float64 else G
     return {"D": D, "G": G, "L": L, "G64": G64}
+
+
+def transform_state(components, algorithm, device, dtype):
+    """:func:`prepare_dictionary` for a transform with ``algorithm``: the CPU exact
+    path needs no step size (the GPU one warm-starts with FISTA, which does)."""
+    need_L = algorithm != "exact" or torch.device(device).type != "cpu"
+    return prepare_dictionary(components, device, dtype, need_L=need_L)
 
 
 def encode_batch(
@@ -317,9 +325,7 @@ class SparseCoder(BaseSparseCoder):
         return self
 
     def _transform_state(self, device, dtype):
-        # the CPU exact path needs no step size (the GPU one warm-starts with FISTA)
-        need_L = self.algorithm != "exact" or device.type != "cpu"
-        return prepare_dictionary(self.components_, device, dtype, need_L=need_L)
+        return transform_state(self.components_, self.algorithm, device, dtype)
 
     def _encode(self, Xb, state):
         return encode_codes(

@@ -12,7 +12,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._torch_utils import make_generator, torch_dtype
 from .base import BaseSparseCoder, check_input, iter_batches, n_samples_of
-from .coding import ALGORITHMS, encode_batch, encode_codes, prepare_dictionary
+from .coding import ALGORITHMS, encode_batch, encode_codes, prepare_dictionary, transform_state
 from .dictionary.online import (
     bcd_update,
     forgetting_factor,
@@ -435,9 +435,7 @@ class LCASparseCoder(BaseSparseCoder):
 
     # ------------------------------------------------------------------ transform
     def _transform_state(self, device, dtype):
-        # the CPU exact path needs no step size (the GPU one warm-starts with FISTA)
-        need_L = self.transform_algorithm != "exact" or device.type != "cpu"
-        return prepare_dictionary(self.components_, device, dtype, need_L=need_L)
+        return transform_state(self.components_, self.transform_algorithm, device, dtype)
 
     def _encode(self, Xb, state):
         return encode_codes(
