@@ -153,6 +153,19 @@ def _first_atom(corr, skip, positive, exclude):
 
 
 @njit(cache=True, nogil=True, fastmath=True)
+def _start_path(j, corr, G, act, sgn, beta, Lc, dinv, z, skip):
+    """Make atom ``j`` the only active one: sign of its correlation, zero
+    coefficient, the 1 x 1 factor and ``z = L^{-1} s``."""
+    act[0] = j
+    sgn[0] = 1.0 if corr[j] > 0 else -1.0
+    beta[0] = 0.0
+    Lc[0, 0] = np.sqrt(G[j, j])
+    dinv[0] = 1.0 / Lc[0, 0]
+    z[0] = sgn[0] * dinv[0]
+    skip[j] = 1
+
+
+@njit(cache=True, nogil=True, fastmath=True)
 def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, corr, u, skip, act,
               sgn, beta, w, wf, rhs, tmp, Lc, dinv, z, flag, words, cand, tcand, res, sc):
     """Solve one row; returns (n_active, n_steps, ok, a.r_A) with ``r_A`` the
@@ -177,13 +190,7 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, cor
     cmax0 = cmax
     pathw = 0.0  # sum over steps of gamma ||w||_1 (for the drift bound)
     mtop = 1
-    act[0] = j0
-    sgn[0] = 1.0 if corr[j0] > 0 else -1.0
-    beta[0] = 0.0
-    Lc[0, 0] = np.sqrt(G[j0, j0])
-    dinv[0] = 1.0 / Lc[0, 0]
-    z[0] = sgn[0] * dinv[0]
-    skip[j0] = 1
+    _start_path(j0, corr, G, act, sgn, beta, Lc, dinv, z, skip)
     m = 1
     steps = 0
     gprev = 0.0  # pending move of the correlations along the previous u
@@ -314,13 +321,7 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, cor
                 jn, cmax_new = _first_atom(corr, skip, positive, k)
                 if jn < 0 or cmax_new <= alpha:
                     break
-                act[0] = jn
-                sgn[0] = 1.0 if corr[jn] > 0 else -1.0
-                beta[0] = 0.0
-                Lc[0, 0] = np.sqrt(G[jn, jn])
-                dinv[0] = 1.0 / Lc[0, 0]
-                z[0] = sgn[0] * dinv[0]
-                skip[jn] = 1
+                _start_path(jn, corr, G, act, sgn, beta, Lc, dinv, z, skip)
                 cmax = cmax_new
                 m = 1
             elif not _chol_refactor(Lc, dinv, m, G, act):
