@@ -22,14 +22,7 @@ from skdict.solvers.topk import (
     sparse_encode,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny problems: OpenMP barriers only cost time on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _planted(n=3000, K=16, d=24, s=2, seed=0, dtype=np.float64):

@@ -28,15 +28,7 @@ from skdict.solvers.active_lstsq import active_lstsq
 from skdict.solvers.decode import topk_decode
 from skdict.solvers.routing import ClusterIndex, route_approx, route_dense, route_topk
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The suite runs on a shared 2-core machine: many tiny torch ops with two
-    # OpenMP threads under contention are ~10x slower than with one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dict(K, P, seed=0, dtype=torch.float64):

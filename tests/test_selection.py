@@ -20,14 +20,7 @@ from skdict.solvers import lasso_exact, power_iteration
 METHODS = ["lasso", "threshold", "sparsemax", "topk"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the lasso working set is latency-bound (many tiny solves): on a loaded
-    # machine extra intra-op threads only add contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n=120, d=8, nq=15, seed=0):
