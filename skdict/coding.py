@@ -130,9 +130,10 @@ def encode_batch(
 
 
 # rows per block of the CPU exact path: the correlations of one block stay within
-# ~4 MB (cache-resident for the kernel, below glibc's mmap threshold so the buffer
-# is reused rather than page-faulted, and MKL's GEMM runs 2-3x faster on such
-# blocks than on one tall matrix)
+# ~4 MB (cache-resident for the kernel, and MKL's GEMM runs 2-3x faster on such
+# blocks than on one tall matrix); every block writes into one buffer (a fresh
+# 4 MB tensor per block is page-faulted anew: 18 vs 11 ms per 20k float64 rows
+# on two threads)
 _EXACT_BLOCK_BYTES = 4 * 2**20
 
 
@@ -148,11 +149,15 @@ def encode_codes(Xb, state, *, algorithm="exact", alpha=1.0, positive=False, **k
         n, K = Xb.shape[0], D.shape[0]
         step = max(64, _EXACT_BLOCK_BYTES // (K * Xb.element_size()))
         parts = []
+        buf = torch.empty(min(step, n), K, dtype=Xb.dtype)
         for s in range(0, n, step):
             # (torch's GEMM, not numpy's: OpenBLAS threads keep spinning after a call
             # and slow the compiled kernel that follows by ~25% on two cores)
+            Cb = buf[: min(step, n - s)]
+            with torch.no_grad():
+                torch.matmul(Xb[s : s + step], D.T, out=Cb)
             idx, val, *_ = lasso_exact_compact(
-                Xb[s : s + step] @ D.T, state["G"], float(alpha), positive=positive,
+                Cb, state["G"], float(alpha), positive=positive,
                 gram64=state.get("G64"), n_features=D.shape[1],
             )
             parts.append(compact_fixed_width(idx.numpy(), val.numpy(), K))

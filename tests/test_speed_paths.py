@@ -421,3 +421,75 @@ def test_exact_transform_blocks_do_not_change_codes(monkeypatch, dtype):
     rtol = 1e-5 if dtype == np.float32 else 1e-10
     np.testing.assert_allclose(_obj(X64, one.toarray().astype(np.float64), D64, 0.1),
                                _obj(X64, ref, D64, 0.1), rtol=rtol)
+
+
+def _kkt_violation(C, G, idx, val, alpha, positive):
+    """Largest relative KKT violation of each row (inactive atoms above alpha,
+    active atoms off ``alpha * sign``), on a fresh float64 residual."""
+    A = np.zeros((C.shape[0], G.shape[0]))
+    np.add.at(A, (np.arange(A.shape[0])[:, None], idx), val.astype(np.float64))
+    r = C.astype(np.float64) - A @ G
+    act = A != 0
+    inactive = np.where(act, 0.0, r if positive else np.abs(r)) - alpha
+    active = np.where(act, np.abs(r - alpha * np.sign(A)), 0.0)
+    return np.maximum(inactive.max(1), active.max(1)) / alpha
+
+
+def _near_duplicates(seed=0, n=1000):
+    # pairs of atoms 1e-4 apart: the lasso puts large opposite coefficients on a
+    # pair only where that pays, and the path must order near-ties correctly
+    rng = np.random.default_rng(seed)
+    D = rng.standard_normal((96, 48))
+    D = np.vstack([D, D + 1e-4 * rng.standard_normal(D.shape)])
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    X = rng.standard_normal((n, 48))
+    return X @ D.T, D @ D.T
+
+
+@pytest.mark.parametrize("positive", [False, True])
+def test_kernel_float32_passes_give_the_float64_codes(positive):
+    # the path's passes in float32 only find the support; the coefficients come
+    # from the float64 face solve, so codes and objective match float64 passes
+    from skdict.solvers._lars_kernel import lars_lasso_rows
+
+    X, D, C, G = _problem(n=400, K=64, P=16, coherent=True, seed=12)
+    C, G = C.numpy(), G.numpy()
+    out = {pd: lars_lasso_rows(C, G, 0.05, positive=positive, kkt_tol=1e-7, pass_dtype=pd,
+                               return_objective=True) for pd in (np.float32, np.float64)}
+    (i3, v3, s3, ok3, f3), (i6, v6, s6, ok6, f6) = out[np.float32], out[np.float64]
+    assert ok3.all() and ok6.all() and v3.dtype == np.float64
+    np.testing.assert_array_equal(i3, i6)
+    np.testing.assert_allclose(v3, v6, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(f3, f6, rtol=1e-12, atol=1e-12)
+    assert (_kkt_violation(C, G, i3, v3, 0.05, positive) <= 1e-7).all()
+    with pytest.raises(ValueError, match="pass_dtype must be float32 or float64"):
+        lars_lasso_rows(C, G, 0.05, pass_dtype=np.int32)
+
+
+@pytest.mark.parametrize("pass_dtype", [np.float32, np.float64])
+def test_kernel_certificate_checks_the_active_atoms(pass_dtype):
+    # with nearly collinear atoms a float32 path can end on a wrong support whose
+    # inactive correlations are all within alpha while an active atom's residual
+    # correlation has the wrong sign; such a row must not be certified
+    from skdict.solvers._lars_kernel import lars_lasso_rows
+
+    C, G = _near_duplicates()
+    alpha = 0.2 * np.abs(C).max(1).mean()
+    idx, val, _, ok, fpart = lars_lasso_rows(C, G, alpha, kkt_tol=1e-7, pass_dtype=pass_dtype,
+                                             return_objective=True)
+    assert ok.mean() > 0.99
+    assert (_kkt_violation(C[ok], G, idx[ok], val[ok], alpha, False) <= 1e-7).all()
+
+
+def test_kernel_retries_uncertified_float32_rows_with_float64_passes():
+    from skdict.solvers import _lars_kernel as lk
+
+    C, G = _near_duplicates(seed=3, n=2000)
+    alpha = 0.05 * np.abs(C).max(1).mean()
+    opts = (alpha, False, 8 * G.shape[0], 1e-7, G.shape[0] + 1, 1, False)
+    ok32 = lk._run(C, G, G.astype(np.float32), *opts)[4]
+    ok64 = lk._run(C, G, G, *opts)[4]
+    assert (ok64 & ~ok32).any()  # rows only float64 passes certify
+    idx, val, _, ok = lk.lars_lasso_rows(C, G, alpha, kkt_tol=1e-7, n_threads=1)
+    np.testing.assert_array_equal(ok, ok32 | ok64)
+    assert (_kkt_violation(C[ok], G, idx[ok], val[ok], alpha, False) <= 1e-7).all()

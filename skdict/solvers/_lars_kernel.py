@@ -30,8 +30,14 @@ last flags the inactive atoms that could join before the level reaches
 flagged atoms, and exact step lengths for them only (about 4% of the atoms on
 natural-image dictionaries): the branchy per-atom scan was half of the kernel's
 time before.
-Float32 inputs keep the correlations and ``u`` in float32 (as SPAMS does);
-the polish and the fresh certificate are float64 for both.
+The path's length-``K`` passes (correlations, ``u``, step lengths) run in
+float32 for float32 and float64 inputs alike: the path only has to find the
+support, the coefficients come from a float64 face solve, and every row is
+certified against float64 KKT conditions (inactive atoms within ``alpha``,
+active atoms at ``alpha s_a`` with matching signs). Float32 ``G`` (256 KB for
+256 atoms) stays in L2 where float64 ``G`` does not: the passes take half the
+cycles. A row the float32 path cannot certify (a near-tie ordered wrongly by
+float32 rounding) is solved again with float64 passes.
 """
 
 from __future__ import annotations
@@ -391,10 +397,19 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, cor
         v = res[k] if positive else abs(res[k])
         v = v if skip[k] != 1 else 0.0
         worst = max(worst, v)
+    # the active atoms: r_a = alpha s_a with beta_a of sign s_a (holds by
+    # construction after the polish; checked because an unpolished path can end
+    # on a wrong support, e.g. nearly collinear atoms with coefficients of
+    # opposite sign that float32 passes ordered wrongly)
     ar = 0.0
+    dev = 0.0
     for i in range(m):
-        ar += beta[i] * res[act[i]]
-    return m, steps, worst <= thr, ar
+        ri = res[act[i]]
+        ar += beta[i] * ri
+        dev = max(dev, abs(ri - alpha * sgn[i]))
+        if beta[i] * sgn[i] < 0.0:
+            dev = np.inf
+    return m, steps, worst <= thr and dev <= alpha * kkt_tol, ar
 
 
 @njit(cache=True, parallel=True, nogil=True)
@@ -470,7 +485,7 @@ _lars_batch_serial = njit(cache=True, nogil=True)(_lars_batch.py_func)
 
 def lars_lasso_rows(
     C, G, alpha, positive=False, max_steps=None, kkt_tol=1e-6, n_threads=None, rank_bound=None,
-    return_objective=False, fresh_certificate=False,
+    return_objective=False, fresh_certificate=False, pass_dtype=np.float32,
 ):
     """Exact lasso codes of every row of ``C`` (numpy in, numpy out).
 
@@ -492,13 +507,21 @@ def lars_lasso_rows(
         An upper bound on the rank of ``G`` (the number of features); sizes the
         per-thread Cholesky workspace (default ``min(K, 1024)``; a row whose
         support would outgrow it is reported as not certified).
-
     fresh_certificate : bool
         Always check the KKT conditions on a freshly computed residual
         ``c - G_A a_A`` (float64). By default that pass is skipped for rows whose
         largest inactive path correlation clears ``alpha`` by more than the polish's
         change times ``max |G|`` plus a bound on the rounding drift of the
         incremental updates (nearly all rows); the result is the same either way.
+    pass_dtype : {np.float32, np.float64}
+        Precision of the path's length-``K`` passes (the correlations ``c`` and
+        ``u = G[:, A] w``, the step lengths). The path only has to find the
+        support: the coefficients come from the float64 face solve and every row
+        is certified against the float64 KKT conditions, so float32 passes (half
+        the memory traffic: ``G`` in float32 stays in L2) give the same codes as
+        float64 ones up to the certificate's tolerance. Rows that the float32 path
+        cannot certify (a near-tie that float32 rounding ordered wrongly) are
+        solved again with float64 passes.
 
     Returns
     -------
@@ -506,7 +529,7 @@ def lars_lasso_rows(
         Each row's support in increasing atom order, padded with index 0 and
         value 0 (``w`` is the largest support).
     steps : int64 ndarray (n,)
-        Homotopy steps of each row.
+        Homotopy steps of each row (of the float64 retry for retried rows).
     ok : bool ndarray (n,)
         Whether the row passed the KKT check.
     fpart : float64 ndarray (n,)
@@ -516,9 +539,34 @@ def lars_lasso_rows(
     """
     C = np.ascontiguousarray(C)
     G = np.ascontiguousarray(G, dtype=np.float64)
+    pass_dtype = np.dtype(pass_dtype)
+    if pass_dtype not in (np.float32, np.float64):
+        raise ValueError(f"pass_dtype must be float32 or float64, got {pass_dtype}.")
     n, K = C.shape
     max_active = int(min(K, 1024 if rank_bound is None else rank_bound)) + 1
     max_steps = 8 * K if max_steps is None else int(max_steps)
+    nt = numba.get_num_threads() if n_threads is None else int(n_threads)
+    opts = (float(alpha), bool(positive), max_steps, float(kkt_tol), max_active, nt,
+            fresh_certificate)
+    idx, val, nnz, steps, ok, fpart = _run(C, G, G.astype(pass_dtype, copy=False), *opts)
+    if pass_dtype != np.float64 and n and not ok.all():
+        bad = np.flatnonzero(~ok)
+        i2, v2, nnz2, s2, ok2, f2 = _run(np.ascontiguousarray(C[bad]), G, G, *opts)
+        w2 = i2.shape[1]
+        idx[bad] = 0
+        val[bad] = 0
+        idx[bad, :w2] = i2
+        val[bad, :w2] = v2
+        nnz[bad], steps[bad], ok[bad], fpart[bad] = nnz2, s2, ok2, f2
+    w = int(nnz.max()) if n else 0
+    if return_objective:
+        return idx[:, :w], val[:, :w], steps, ok, fpart
+    return idx[:, :w], val[:, :w], steps, ok
+
+
+def _run(C, G, Gw, alpha, positive, max_steps, kkt_tol, max_active, nt, fresh_certificate):
+    """One kernel call: every row of ``C`` with passes in ``Gw``'s dtype."""
+    n, K = C.shape
     idx = np.empty((n, max_active), dtype=np.int64)  # the kernel writes the padding
     val = np.empty((n, max_active), dtype=C.dtype)
     nnz = np.zeros(n, dtype=np.int64)
@@ -526,12 +574,10 @@ def lars_lasso_rows(
     ok = np.ones(n, dtype=np.bool_)
     fpart = np.zeros(n)
     if n:
-        Gw = G if C.dtype == np.float64 else G.astype(np.float32)
         gmax = float(np.abs(np.diag(G)).max()) if K else 0.0  # max |G_ij| (G is a Gram)
         eps_w = np.inf if fresh_certificate else float(np.finfo(Gw.dtype).eps)
-        args = (C, G, Gw, float(alpha), bool(positive), max_steps, float(kkt_tol), gmax, eps_w,
-                max_active, idx, val, nnz, steps, ok, fpart)
-        nt = numba.get_num_threads() if n_threads is None else int(n_threads)
+        args = (C, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, max_active, idx, val,
+                nnz, steps, ok, fpart)
         nt = max(1, min(nt, numba.config.NUMBA_NUM_THREADS, n))
         if nt == 1 or threading.current_thread() is not threading.main_thread():
             _lars_batch_serial(*args, 1)
@@ -542,7 +588,4 @@ def lars_lasso_rows(
                 _lars_batch(*args, min(n, 4 * nt))
             finally:
                 numba.set_num_threads(prev)
-    w = int(nnz.max()) if n else 0
-    if return_objective:
-        return idx[:, :w], val[:, :w], steps, ok, fpart
-    return idx[:, :w], val[:, :w], steps, ok
+    return idx, val, nnz, steps, ok, fpart
