@@ -349,15 +349,6 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, cor
         skip[who] = 1
         m += 1
         mtop = max(mtop, m)
-    # the pending move: correlations at the end of the path, and the largest one
-    # of an inactive atom (it must not exceed alpha)
-    sc[0] = gprev
-    gp = sc[0]
-    worst = 0.0
-    for k in range(K):
-        ck = corr[k] - gp * u[k]
-        v = (ck if positive else abs(ck)) * (skip[k] != 1)
-        worst = max(worst, v)
     # polish: the exact face solution G_AA a = c_A - alpha s_A (kept if signs agree)
     agree = True
     dl1 = 0.0
@@ -377,13 +368,25 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, cor
     thr = alpha * (1.0 + kkt_tol)
     # KKT certificate without a fresh residual: |r_k - corr_k| is at most the
     # polish's change times max |G| plus the rounding drift of the incremental
-    # updates (bounded from the path: steps, cmax, sum gamma ||w||_1)
+    # updates (bounded from the path: steps, cmax, sum gamma ||w||_1); the
+    # inactive path correlations (after the pending move) must stay below
+    # thr minus that bound (a count of violations: a vectorised pass)
     drift = 4.0 * eps_w * (steps * cmax0 + (mtop + 2) * gmax * pathw)
-    if agree and worst + dl1 * gmax + drift <= thr:
-        l1 = 0.0
-        for i in range(m):
-            l1 += abs(beta[i])
-        return m, steps, True, alpha * l1  # r_A = alpha s_A on the face
+    lim = thr - dl1 * gmax - drift
+    if agree and lim > 0.0:
+        sc[0] = gprev
+        sc[1] = lim * (1.0 - 1e-6)  # rounded into the working dtype, conservatively
+        gp = sc[0]
+        limw = sc[1]
+        nviol = 0
+        for k in range(K):
+            ck = corr[k] - gp * u[k]
+            nviol += ((ck if positive else abs(ck)) > limw) & (skip[k] != 1)
+        if nviol == 0:
+            l1 = 0.0
+            for i in range(m):
+                l1 += abs(beta[i])
+            return m, steps, True, alpha * l1  # r_A = alpha s_A on the face
     # otherwise: a fresh residual r = c - G_A a_A (float64)
     for k in range(K):
         res[k] = c_in[k]
