@@ -59,19 +59,34 @@ except ImportError as exc:  # pragma: no cover - exercised only without numba
 __all__ = ["lars_lasso_rows", "numba"]
 
 
-_U1 = np.uint64(1)  # (uint64 - int64 is float64 in numba)
-
-
 @intrinsic
 def _cttz(typingctx, x):
-    """Count of trailing zero bits of a uint64 (LLVM's cttz; x != 0), as int64."""
-    sig = types.int64(types.uint64)
+    """Count of trailing zero bits of an int64 (LLVM's cttz; x != 0)."""
+    sig = types.int64(types.int64)
 
     def codegen(context, builder, signature, args):
         i64 = ir.IntType(64)
         fnty = ir.FunctionType(i64, [i64, ir.IntType(1)])
         fn = builder.module.declare_intrinsic("llvm.cttz.i64", fnty=fnty)
         return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 1)])
+
+    return sig, codegen
+
+
+@intrinsic
+def _mask32(typingctx, arr, j):
+    """Bit ``i`` set where ``arr[32 j + i] != 0``, for a uint8 array (one vector
+    compare and a byte mask: ``vpmovmskb`` on AVX2), as int64."""
+    sig = types.int64(arr, types.intp)
+
+    def codegen(context, builder, signature, args):
+        a = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = builder.gep(a.data, [builder.mul(args[1], ir.Constant(ir.IntType(64), 32))])
+        vty = ir.VectorType(ir.IntType(8), 32)
+        v = builder.load(builder.bitcast(ptr, vty.as_pointer()), align=1)
+        bits = builder.bitcast(builder.icmp_unsigned("!=", v, ir.Constant(vty, None)),
+                               ir.IntType(32))
+        return builder.zext(bits, ir.IntType(64))
 
     return sig, codegen
 
@@ -255,20 +270,22 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, cor
                 u[k] = uk
                 d = corr[k] - g0w * uk
                 flag[k] = ((d if positive else abs(d)) > base) & (skip[k] == 0)
-        # the flagged atoms, in index order (flags are read 8 at a time)
-        fw = flag.view(np.uint64)
+        # the flagged atoms, in index order: a bit mask per 32 flags, the
+        # non-zero masks listed branch-free (with their block in the high bits),
+        # then one bit scan per flagged atom
         nc = 0
         nw = 0
-        for j in range(fw.shape[0]):  # the non-zero words, branch-free
-            words[nw] = j
-            nw += fw[j] != 0
+        for j in range(words.shape[0]):
+            msk = _mask32(flag, j)
+            words[nw] = msk | (j << 32)
+            nw += msk != 0
         for q in range(nw):
-            j = words[q]
-            word = fw[j]
-            while word != 0:  # one iteration per set flag byte
-                cand[nc] = 8 * j + (_cttz(word) >> 3)
+            base = (words[q] >> 32) * 32
+            msk = words[q] & 0xFFFFFFFF
+            while msk != 0:
+                cand[nc] = base + _cttz(msk)
                 nc += 1
-                word &= word - _U1
+                msk &= msk - 1
         # exact join times t = (cmax -/+ c_k) / (1 -/+ u_k) of the candidates
         for i in range(nc):
             k = cand[i]
@@ -429,9 +446,9 @@ def _lars_batch(C, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, max_
         u = np.empty(K, dtype=Gw.dtype)
         wf = np.empty(max_active, dtype=Gw.dtype)
         skip = np.empty(K, dtype=np.uint8)
-        flag = np.zeros(((K + 7) // 8) * 8, dtype=np.uint8)
+        flag = np.zeros(((K + 31) // 32) * 32, dtype=np.uint8)  # zero padding
         cand = np.empty(K, dtype=np.int64)
-        words = np.empty(flag.shape[0] // 8, dtype=np.int64)
+        words = np.empty(flag.shape[0] // 32, dtype=np.int64)
         tcand = np.empty(K)
         act = np.empty(max_active, dtype=np.int64)
         sgn = np.empty(max_active)
