@@ -160,7 +160,7 @@ def encode_codes(Xb, state, *, algorithm="exact", alpha=1.0, positive=False, **k
                 Cb, state["G"], float(alpha), positive=positive,
                 gram64=state.get("G64"), n_features=D.shape[1],
             )
-            parts.append(compact_fixed_width(idx.numpy(), val.numpy(), K))
+            parts.append(compact_fixed_width(idx.numpy(), val.numpy(), K, leading=True))
         if len(parts) == 1:
             return _Codes(csr=parts[0])
         if not parts:

@@ -391,6 +391,14 @@ def test_compact_fixed_width_matches_boolean_masking():
     data, cols, counts = compact_fixed_width(idx[:, :4], val[:, :4], 300, np.float32)
     np.testing.assert_array_equal(data, val[:, :4][val[:, :4] != 0].astype(np.float32))
     assert compact_fixed_width(idx[:0], val[:0], 300)[2].shape == (0,)
+    # rows whose non-zeros all come first (the exact kernel's): read up to the first zero
+    lead = -np.sort(-np.abs(val), axis=1)  # non-zeros first, zeros trailing
+    for v in (lead, lead.astype(np.float32)):
+        got = compact_fixed_width(idx, v, 300, leading=True)
+        want = compact_fixed_width(idx, v, 300)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+            assert a.dtype == b.dtype
     with pytest.raises(ValueError, match="one shape"):
         compact_fixed_width(idx, val[:, :3], 300)
 
@@ -458,6 +466,9 @@ def test_kernel_float32_passes_give_the_float64_codes(positive):
                                return_objective=True) for pd in (np.float32, np.float64)}
     (i3, v3, s3, ok3, f3), (i6, v6, s6, ok6, f6) = out[np.float32], out[np.float64]
     assert ok3.all() and ok6.all() and v3.dtype == np.float64
+    # each row: its non-zeros first, then padding (what compact_fixed_width(leading=True) reads)
+    nz = v3 != 0
+    np.testing.assert_array_equal(nz, np.arange(nz.shape[1]) < nz.sum(1, keepdims=True))
     np.testing.assert_array_equal(i3, i6)
     np.testing.assert_allclose(v3, v6, rtol=0, atol=1e-12)
     np.testing.assert_allclose(f3, f6, rtol=1e-12, atol=1e-12)

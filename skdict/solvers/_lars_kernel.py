@@ -470,7 +470,6 @@ def _lars_batch(C, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, max_
                                        dinv, z, flag, words, cand, tcand, res, sc)
             n_steps[r] = s
             ok[r] = good
-            nnz[r] = m
             # objective minus 0.5 ||x||^2: -a.c + 0.5 a G a + alpha |a|_1, with
             # a G a = a.(c - r) (r from the certificate)
             ac = 0.0
@@ -490,10 +489,15 @@ def _lars_batch(C, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, max_
                     j -= 1
                 act[j + 1] = a_i
                 beta[j + 1] = b_i
+            # the non-zeros first (an exact zero, possible on an unpolished path
+            # after a zero-length step, is overwritten), then the padding
+            c = 0
             for i in range(m):
-                idx_out[r, i] = act[i]
-                val_out[r, i] = beta[i]
-            for i in range(m, idx_out.shape[1]):
+                idx_out[r, c] = act[i]
+                val_out[r, c] = beta[i]
+                c += val_out[r, c] != 0
+            nnz[r] = c
+            for i in range(c, idx_out.shape[1]):
                 idx_out[r, i] = 0
                 val_out[r, i] = 0.0
 
@@ -546,8 +550,9 @@ def lars_lasso_rows(
     Returns
     -------
     indices : int64 ndarray (n, w), values : ndarray (n, w) of C's dtype
-        Each row's support in increasing atom order, padded with index 0 and
-        value 0 (``w`` is the largest support).
+        Each row's non-zeros in increasing atom order, then padding of index 0
+        and value 0 (``w`` is the largest support; no zero comes before a
+        non-zero in a row).
     steps : int64 ndarray (n,)
         Homotopy steps of each row (of the float64 retry for retried rows).
     ok : bool ndarray (n,)

@@ -218,8 +218,8 @@ def lasso_exact_compact(C, G, alpha, *, positive=False, tol=1e-7, gram64=None, m
 
     The compiled homotopy (:mod:`skdict.solvers._lars_kernel`) solves every row;
     the rows whose KKT check fails are finished by the active-set method. Each
-    row's support comes in increasing atom order, padded with index 0 and value
-    0, so that ``torch.zeros(n, K).scatter_add_(1, indices, values)`` gives the
+    row's non-zeros come first, in increasing atom order, then padding of index 0
+    and value 0 (no zero before a non-zero), so that ``torch.zeros(n, K).scatter_add_(1, indices, values)`` gives the
     dense codes and the non-zeros give the CSR row directly (no dense ``(n, K)``
     block is formed).
 
