@@ -91,6 +91,18 @@ def _mask32(typingctx, arr, j):
     return sig, codegen
 
 
+@intrinsic
+def _fetch_add(typingctx, arr, v):
+    """Atomically add ``v`` to ``arr[0]`` (an int64 array); returns the old value."""
+    sig = types.int64(arr, types.int64)
+
+    def codegen(context, builder, signature, args):
+        a = context.make_array(signature.args[0])(context, builder, args[0])
+        return builder.atomic_rmw("add", a.data, args[1], "monotonic")
+
+    return sig, codegen
+
+
 @njit(cache=True, nogil=True, fastmath=True)
 def _forward(Lc, dinv, m, rhs, out):
     """``out = L^{-1} rhs`` (leading ``m x m`` block)."""
@@ -434,14 +446,13 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, cor
 
 @njit(cache=True, parallel=True, nogil=True)
 def _lars_batch(C, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, max_active, idx_out,
-                val_out, nnz, n_steps, ok, fpart, n_chunks):
+                val_out, nnz, n_steps, ok, fpart, n_workers, chunk, counter):
     n, K = C.shape
-    per = (n + n_chunks - 1) // n_chunks
-    for t in prange(n_chunks):
-        start = t * per
-        stop = min(n, start + per)
-        if start >= stop:
-            continue
+    n_chunks = (n + chunk - 1) // chunk
+    # one workspace per worker; the workers take chunks of rows from a shared
+    # atomic counter (rows differ in cost, and on a shared machine a core can
+    # stall: a static split would leave the other waiting)
+    for t in prange(n_workers):
         corr = np.empty(K, dtype=Gw.dtype)
         u = np.empty(K, dtype=Gw.dtype)
         wf = np.empty(max_active, dtype=Gw.dtype)
@@ -462,44 +473,48 @@ def _lars_batch(C, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, max_
         res = np.empty(K)
         c_row = np.empty(K)
         sc = np.empty(3, dtype=Gw.dtype)
-        for r in range(start, stop):
-            for k in range(K):
-                c_row[k] = C[r, k]
-            m, s, good, ar = _lars_one(c_row, G, Gw, alpha, positive, max_steps, kkt_tol, gmax,
-                                       eps_w, corr, u, skip, act, sgn, beta, w, wf, rhs, tmp, Lc,
-                                       dinv, z, flag, words, cand, tcand, res, sc)
-            n_steps[r] = s
-            ok[r] = good
-            # objective minus 0.5 ||x||^2: -a.c + 0.5 a G a + alpha |a|_1, with
-            # a G a = a.(c - r) (r from the certificate)
-            ac = 0.0
-            l1 = 0.0
-            for i in range(m):
-                ac += beta[i] * c_row[act[i]]
-                l1 += abs(beta[i])
-            fpart[r] = -0.5 * (ac + ar) + alpha * l1
-            # the support in increasing atom order (insertion sort: m is small)
-            for i in range(1, m):
-                a_i = act[i]
-                b_i = beta[i]
-                j = i - 1
-                while j >= 0 and act[j] > a_i:
-                    act[j + 1] = act[j]
-                    beta[j + 1] = beta[j]
-                    j -= 1
-                act[j + 1] = a_i
-                beta[j + 1] = b_i
-            # the non-zeros first (an exact zero, possible on an unpolished path
-            # after a zero-length step, is overwritten), then the padding
-            c = 0
-            for i in range(m):
-                idx_out[r, c] = act[i]
-                val_out[r, c] = beta[i]
-                c += val_out[r, c] != 0
-            nnz[r] = c
-            for i in range(c, idx_out.shape[1]):
-                idx_out[r, i] = 0
-                val_out[r, i] = 0.0
+        while True:
+            q = _fetch_add(counter, 1)
+            if q >= n_chunks:
+                break
+            for r in range(q * chunk, min(n, (q + 1) * chunk)):
+                for k in range(K):
+                    c_row[k] = C[r, k]
+                m, s, good, ar = _lars_one(c_row, G, Gw, alpha, positive, max_steps, kkt_tol, gmax,
+                                           eps_w, corr, u, skip, act, sgn, beta, w, wf, rhs, tmp, Lc,
+                                           dinv, z, flag, words, cand, tcand, res, sc)
+                n_steps[r] = s
+                ok[r] = good
+                # objective minus 0.5 ||x||^2: -a.c + 0.5 a G a + alpha |a|_1, with
+                # a G a = a.(c - r) (r from the certificate)
+                ac = 0.0
+                l1 = 0.0
+                for i in range(m):
+                    ac += beta[i] * c_row[act[i]]
+                    l1 += abs(beta[i])
+                fpart[r] = -0.5 * (ac + ar) + alpha * l1
+                # the support in increasing atom order (insertion sort: m is small)
+                for i in range(1, m):
+                    a_i = act[i]
+                    b_i = beta[i]
+                    j = i - 1
+                    while j >= 0 and act[j] > a_i:
+                        act[j + 1] = act[j]
+                        beta[j + 1] = beta[j]
+                        j -= 1
+                    act[j + 1] = a_i
+                    beta[j + 1] = b_i
+                # the non-zeros first (an exact zero, possible on an unpolished path
+                # after a zero-length step, is overwritten), then the padding
+                c = 0
+                for i in range(m):
+                    idx_out[r, c] = act[i]
+                    val_out[r, c] = beta[i]
+                    c += val_out[r, c] != 0
+                nnz[r] = c
+                for i in range(c, idx_out.shape[1]):
+                    idx_out[r, i] = 0
+                    val_out[r, i] = 0.0
 
 
 # the same row loop without the thread pool: for one thread, and for calls from
@@ -604,13 +619,15 @@ def _run(C, G, Gw, alpha, positive, max_steps, kkt_tol, max_active, nt, fresh_ce
         args = (C, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, max_active, idx, val,
                 nnz, steps, ok, fpart)
         nt = max(1, min(nt, numba.config.NUMBA_NUM_THREADS, n))
+        counter = np.zeros(1, dtype=np.int64)
         if nt == 1 or threading.current_thread() is not threading.main_thread():
-            _lars_batch_serial(*args, 1)
+            _lars_batch_serial(*args, 1, n, counter)
         else:
             prev = numba.get_num_threads()
             try:
                 numba.set_num_threads(nt)
-                _lars_batch(*args, min(n, 4 * nt))
+                # chunks of ~1/16 of a thread's share, at least 16 rows
+                _lars_batch(*args, nt, max(16, n // (16 * nt)), counter)
             finally:
                 numba.set_num_threads(prev)
     return idx, val, nnz, steps, ok, fpart
