@@ -129,19 +129,18 @@ def encode_batch(
     raise ValueError(f"Unknown algorithm {algorithm!r}; use one of {ALGORITHMS}.")
 
 
-# rows per block of the CPU exact path: the correlations of one block stay within
-# ~4 MB (cache-resident for the kernel, and MKL's GEMM runs 2-3x faster on such
-# blocks than on one tall matrix); every block writes into one buffer (a fresh
-# 4 MB tensor per block is page-faulted anew: 18 vs 11 ms per 20k float64 rows
-# on two threads)
+# rows per block of the CPU exact path: the kernel's fixed-width output of a block
+# (rows x (n_features + 1) indices and values) and the block's correlations, had
+# they been formed, stay within ~4 MB
 _EXACT_BLOCK_BYTES = 4 * 2**20
 
 
 def encode_codes(Xb, state, *, algorithm="exact", alpha=1.0, positive=False, **kwargs):
     """Codes of one batch in the form transforms consume: CSR pieces (a
     :class:`~skdict.base._Codes` with ``csr``) for the exact lasso on CPU (the
-    compiled homotopy writes supports directly, no dense ``(b, K)`` block), else
-    the dense codes of :func:`encode_batch`."""
+    compiled homotopy computes the correlations of each chunk of rows itself and
+    writes supports directly: no ``(b, K)`` block), else the dense codes of
+    :func:`encode_batch`."""
     if algorithm == "exact" and Xb.device.type == "cpu":
         from ._compact import compact_fixed_width
 
@@ -149,16 +148,10 @@ def encode_codes(Xb, state, *, algorithm="exact", alpha=1.0, positive=False, **k
         n, K = Xb.shape[0], D.shape[0]
         step = max(64, _EXACT_BLOCK_BYTES // (K * Xb.element_size()))
         parts = []
-        buf = torch.empty(min(step, n), K, dtype=Xb.dtype)
         for s in range(0, n, step):
-            # (torch's GEMM, not numpy's: OpenBLAS threads keep spinning after a call
-            # and slow the compiled kernel that follows by ~25% on two cores)
-            Cb = buf[: min(step, n - s)]
-            with torch.no_grad():
-                torch.matmul(Xb[s : s + step], D.T, out=Cb)
             idx, val, *_ = lasso_exact_compact(
-                Cb, state["G"], float(alpha), positive=positive,
-                gram64=state.get("G64"), n_features=D.shape[1],
+                Xb[s : s + step], state["G"], float(alpha), positive=positive,
+                gram64=state.get("G64"), n_features=D.shape[1], dictionary=D,
             )
             parts.append(compact_fixed_width(idx.numpy(), val.numpy(), K, leading=True))
         if len(parts) == 1:

@@ -498,9 +498,64 @@ def test_kernel_retries_uncertified_float32_rows_with_float64_passes():
     C, G = _near_duplicates(seed=3, n=2000)
     alpha = 0.05 * np.abs(C).max(1).mean()
     opts = (alpha, False, 8 * G.shape[0], 1e-7, G.shape[0] + 1, 1, False)
-    ok32 = lk._run(C, G, G.astype(np.float32), *opts)[4]
-    ok64 = lk._run(C, G, G, *opts)[4]
+    ok32 = lk._run(C, C[:0, :0], G, G.astype(np.float32), *opts)[4]
+    ok64 = lk._run(C, C[:0, :0], G, G, *opts)[4]
     assert (ok64 & ~ok32).any()  # rows only float64 passes certify
     idx, val, _, ok = lk.lars_lasso_rows(C, G, alpha, kkt_tol=1e-7, n_threads=1)
     np.testing.assert_array_equal(ok, ok32 | ok64)
     assert (_kkt_violation(C[ok], G, idx[ok], val[ok], alpha, False) <= 1e-7).all()
+
+
+@pytest.mark.parametrize("K,P,n", [(45, 13, 103), (64, 16, 64), (7, 3, 5)])
+def test_kernel_computes_correlations_per_chunk(K, P, n):
+    # with the dictionary, the kernel forms X D^T itself, chunk by chunk (4 x 2
+    # register tiles, an odd last atom, rows left over): same codes as from C
+    from skdict.solvers._lars_kernel import _corr_rows, lars_lasso_rows
+
+    X, D, C, G = _problem(n=n, K=K, P=P, coherent=True, seed=K)
+    C, G = C.numpy(), G.numpy()
+    out = np.full((n, K), np.nan)
+    _corr_rows(X, D, 0, n, out)
+    np.testing.assert_allclose(out, C, rtol=0, atol=1e-13)
+    part = np.full((n - 3, K), np.nan)
+    _corr_rows(X, D, 3, n, part)  # a chunk starting inside the matrix
+    np.testing.assert_allclose(part, C[3:], rtol=0, atol=1e-13)
+    for nt in (1, 2):
+        ref = lars_lasso_rows(C, G, 0.05, kkt_tol=1e-7, n_threads=nt, return_objective=True)
+        got = lars_lasso_rows(X, G, 0.05, kkt_tol=1e-7, n_threads=nt, return_objective=True,
+                              dictionary=D)
+        # (C from the tiles and from BLAS differ in the last bits: codes to 1e-10)
+        np.testing.assert_array_equal(got[0], ref[0])
+        np.testing.assert_allclose(got[1], ref[1], rtol=0, atol=1e-10)
+        np.testing.assert_array_equal(got[3], ref[3])
+        np.testing.assert_allclose(got[4], ref[4], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="dictionary must have shape"):
+        lars_lasso_rows(X, G, 0.05, dictionary=D[:, :-1])
+    with pytest.raises(ValueError, match="columns but G"):
+        lars_lasso_rows(X, G, 0.05)
+
+
+def test_compact_with_dictionary_finishes_uncertified_rows(monkeypatch):
+    # rows the kernel cannot certify are finished by the active set on X D^T
+    from skdict.solvers import _lars_kernel
+    from skdict.solvers.exact import lasso_exact_compact
+
+    X, D, C, G = _problem(n=40, coherent=True, seed=9)
+    real = _lars_kernel.lars_lasso_rows
+
+    def wrong(*args, **kw):
+        idx, val, steps, ok, *rest = real(*args, **kw)
+        val[[2, 17]] *= 0.5
+        ok[[2, 17]] = False
+        return (idx, val, steps, ok, *rest)
+
+    monkeypatch.setattr(_lars_kernel, "lars_lasso_rows", wrong)
+    idx, val, _, conv, n_bad, fpart = lasso_exact_compact(
+        torch.tensor(X), G, 0.1, dictionary=torch.tensor(D), return_objective=True)
+    assert conv and n_bad == 2
+    dense = torch.zeros_like(C).scatter_add_(1, idx, val)
+    ref = lasso_exact(C, G, 0.1, method="active_set").codes
+    torch.testing.assert_close(dense, ref, rtol=0, atol=1e-9)
+    A = dense.numpy()
+    np.testing.assert_allclose(fpart.numpy() + 0.5 * (X * X).sum(1), _obj(X, A, D, 0.1),
+                               rtol=1e-10)

@@ -213,18 +213,22 @@ def _objective_part(a, C, G, alpha):
 
 
 def lasso_exact_compact(C, G, alpha, *, positive=False, tol=1e-7, gram64=None, max_iter=200,
-                        chunk_size=2048, n_features=None, return_objective=False):
+                        chunk_size=2048, n_features=None, return_objective=False,
+                        dictionary=None):
     """Exact lasso codes of CPU rows as fixed-width ``(indices, values)``.
 
     The compiled homotopy (:mod:`skdict.solvers._lars_kernel`) solves every row;
     the rows whose KKT check fails are finished by the active-set method. Each
     row's non-zeros come first, in increasing atom order, then padding of index 0
-    and value 0 (no zero before a non-zero), so that ``torch.zeros(n, K).scatter_add_(1, indices, values)`` gives the
-    dense codes and the non-zeros give the CSR row directly (no dense ``(n, K)``
-    block is formed).
+    and value 0 (no zero before a non-zero), so that
+    ``torch.zeros(n, K).scatter_add_(1, indices, values)`` gives the dense codes
+    and the non-zeros give the CSR row directly (no dense ``(n, K)`` block is
+    formed).
 
     ``n_features`` (the dictionary's, when known) bounds the rank of ``G`` and
     hence every support; it sizes the kernel's buffers (default ``min(K, 1024)``).
+    With ``dictionary`` (K, P), ``C`` holds the rows ``X`` (n, P) and the kernel
+    computes their correlations ``X D^T`` chunk by chunk (no ``(n, K)`` matrix).
 
     Returns
     -------
@@ -239,12 +243,13 @@ def lasso_exact_compact(C, G, alpha, *, positive=False, tol=1e-7, gram64=None, m
     if C.device.type != "cpu":
         raise ValueError(f"the homotopy kernel (method='homotopy') runs on CPU tensors only; "
                          f"got a tensor on {C.device}.")
-    n, K = C.shape
+    n, K = C.shape[0], G.shape[0]
     kkt_tol = max(float(tol), 100 * torch.finfo(C.dtype).eps)
     G64 = (gram64 if gram64 is not None else G).detach().to(torch.float64).numpy()
     idx, val, steps, ok, fpart = lars_lasso_rows(
         C.detach().numpy(), G64, float(alpha), positive=positive, kkt_tol=kkt_tol,
         n_threads=torch.get_num_threads(), rank_bound=n_features, return_objective=True,
+        dictionary=None if dictionary is None else dictionary.detach().numpy(),
     )
     idx, val = torch.from_numpy(idx), torch.from_numpy(val)
     fpart = torch.from_numpy(fpart).to(C.dtype)
@@ -253,8 +258,9 @@ def lasso_exact_compact(C, G, alpha, *, positive=False, tol=1e-7, gram64=None, m
     converged = True
     if bad.size:
         bi = torch.from_numpy(bad)
+        Cb = C[bi] if dictionary is None else C[bi] @ dictionary.T
         a0 = torch.zeros(bad.size, K, dtype=C.dtype).scatter_add_(1, idx[bi], val[bi])
-        res = lasso_exact(C[bi], G, alpha, a0=a0, positive=positive, max_iter=max_iter, tol=tol,
+        res = lasso_exact(Cb, G, alpha, a0=a0, positive=positive, max_iter=max_iter, tol=tol,
                           chunk_size=chunk_size, gram64=gram64, method="active_set")
         fi, fv = _compact_from_dense(res.codes, K)
         fi = torch.where(fi == K, 0, fi)
@@ -266,7 +272,7 @@ def lasso_exact_compact(C, G, alpha, *, positive=False, tol=1e-7, gram64=None, m
         converged = res.converged
         n_steps += res.n_iter
         if return_objective:
-            fpart[bi] = _objective_part(res.codes, C[bi], gram64 if gram64 is not None else G,
+            fpart[bi] = _objective_part(res.codes, Cb, gram64 if gram64 is not None else G,
                                         float(alpha))
     if return_objective:
         return idx, val, n_steps, converged, int(bad.size), fpart
