@@ -130,28 +130,40 @@ def encode_batch(
 
 
 # rows per block of the CPU exact path: the kernel's fixed-width output of a block
-# (rows x (n_features + 1) indices and values) and the block's correlations, had
-# they been formed, stay within ~4 MB
+# (rows x (n_features + 1) indices and values) and the block's correlations stay
+# within ~4 MB
 _EXACT_BLOCK_BYTES = 4 * 2**20
 
 
 def encode_codes(Xb, state, *, algorithm="exact", alpha=1.0, positive=False, **kwargs):
     """Codes of one batch in the form transforms consume: CSR pieces (a
     :class:`~skdict.base._Codes` with ``csr``) for the exact lasso on CPU (the
-    compiled homotopy computes the correlations of each chunk of rows itself and
-    writes supports directly: no ``(b, K)`` block), else the dense codes of
-    :func:`encode_batch`."""
+    compiled homotopy writes supports directly: no dense ``(b, K)`` codes), else
+    the dense codes of :func:`encode_batch`."""
     if algorithm == "exact" and Xb.device.type == "cpu":
         from ._compact import compact_fixed_width
 
         D = state["D"]
         n, K = Xb.shape[0], D.shape[0]
         step = max(64, _EXACT_BLOCK_BYTES // (K * Xb.element_size()))
+        # float64: the kernel forms each chunk's correlations itself, in its
+        # workers (after the kernel has run, MKL's float64 GEMM of a block takes
+        # about twice its time in isolation: 20-24 vs 11 ms per 20k rows on two
+        # cores); float32: MKL's GEMM, into one buffer (the compiled tiles are
+        # slower than MKL's sgemm on short float32 dot products)
+        fused = Xb.dtype == torch.float64
+        buf = None if fused else torch.empty(min(step, n), K, dtype=Xb.dtype)
         parts = []
         for s in range(0, n, step):
+            Cb = Xb[s : s + step]
+            if not fused:
+                # (torch's GEMM, not numpy's: OpenBLAS threads keep spinning after
+                # a call and slow the compiled kernel that follows by ~25% on two cores)
+                with torch.no_grad():
+                    Cb = torch.matmul(Cb, D.T, out=buf[: Cb.shape[0]])
             idx, val, *_ = lasso_exact_compact(
-                Xb[s : s + step], state["G"], float(alpha), positive=positive,
-                gram64=state.get("G64"), n_features=D.shape[1], dictionary=D,
+                Cb, state["G"], float(alpha), positive=positive, gram64=state.get("G64"),
+                n_features=D.shape[1], dictionary=D if fused else None,
             )
             parts.append(compact_fixed_width(idx.numpy(), val.numpy(), K, leading=True))
         if len(parts) == 1:
