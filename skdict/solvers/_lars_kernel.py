@@ -38,6 +38,10 @@ active atoms at ``alpha s_a`` with matching signs). Float32 ``G`` (256 KB for
 256 atoms) stays in L2 where float64 ``G`` does not: the passes take half the
 cycles. A row the float32 path cannot certify (a near-tie ordered wrongly by
 float32 rounding) is solved again with float64 passes.
+
+Rows are handed to the threads in chunks from an atomic counter (rows differ
+in cost). Given the dictionary, each thread also forms its chunk's correlations
+``X D^T`` (register-tiled dot products) instead of reading a precomputed ``C``.
 """
 
 from __future__ import annotations
