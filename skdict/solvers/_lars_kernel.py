@@ -36,8 +36,9 @@ support, the coefficients come from a float64 face solve, and every row is
 certified against float64 KKT conditions (inactive atoms within ``alpha``,
 active atoms at ``alpha s_a`` with matching signs). Float32 ``G`` (256 KB for
 256 atoms) stays in L2 where float64 ``G`` does not: the passes take half the
-cycles. A row the float32 path cannot certify (a near-tie ordered wrongly by
-float32 rounding) is solved again with float64 passes.
+cycles. Rows the float32 path cannot certify (near-ties ordered wrongly by
+float32 rounding; many only with nearly collinear atoms) are solved again with
+float64 passes when there are many of them, else left to the caller's fallback.
 
 Rows are handed to the threads in chunks from an atomic counter (rows differ
 in cost). Given the dictionary, each thread also forms its chunk's correlations
@@ -591,6 +592,11 @@ def _lars_batch(C, Dx, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, 
 _lars_batch_serial = njit(cache=True, nogil=True)(_lars_batch.py_func)
 
 
+# uncertified rows of a call from which the float32-pass kernel retries them
+# with float64 passes (fewer: left to the caller's fallback)
+_RETRY_MIN_ROWS = 64
+
+
 def lars_lasso_rows(
     C, G, alpha, positive=False, max_steps=None, kkt_tol=1e-6, n_threads=None, rank_bound=None,
     return_objective=False, fresh_certificate=False, pass_dtype=np.float32, dictionary=None,
@@ -629,7 +635,12 @@ def lars_lasso_rows(
         the memory traffic: ``G`` in float32 stays in L2) give the same codes as
         float64 ones up to the certificate's tolerance. Rows that the float32 path
         cannot certify (a near-tie that float32 rounding ordered wrongly) are
-        solved again with float64 passes.
+        solved again with float64 passes when there are at least
+        ``_RETRY_MIN_ROWS`` of them (a dictionary with nearly collinear atoms);
+        the odd one is left uncertified for the caller's fallback (the active-set
+        method in :func:`~skdict.solvers.exact.lasso_exact_compact`): the
+        float64-pass kernel takes ~8 s to compile, which a fit should not pay in
+        the middle of its run for one row in ten thousand.
     dictionary : ndarray of shape (K, P), optional
         The atoms, of ``C``'s dtype, when ``C`` holds the (finite) rows ``X``:
         each worker computes the correlations of its chunk of rows itself (in
@@ -671,8 +682,8 @@ def lars_lasso_rows(
     opts = (float(alpha), bool(positive), max_steps, float(kkt_tol), max_active, nt,
             fresh_certificate)
     idx, val, nnz, steps, ok, fpart = _run(C, Dx, G, G.astype(pass_dtype, copy=False), *opts)
-    if pass_dtype != np.float64 and n and not ok.all():
-        bad = np.flatnonzero(~ok)
+    bad = np.flatnonzero(~ok)
+    if pass_dtype != np.float64 and bad.size >= _RETRY_MIN_ROWS:
         i2, v2, nnz2, s2, ok2, f2 = _run(np.ascontiguousarray(C[bad]), Dx, G, G, *opts)
         w2 = i2.shape[1]
         idx[bad] = 0
