@@ -464,7 +464,7 @@ def test_kernel_float32_passes_give_the_float64_codes(positive):
     C, G = C.numpy(), G.numpy()
     out = {pd: lars_lasso_rows(C, G, 0.05, positive=positive, kkt_tol=1e-7, pass_dtype=pd,
                                return_objective=True) for pd in (np.float32, np.float64)}
-    (i3, v3, s3, ok3, f3), (i6, v6, s6, ok6, f6) = out[np.float32], out[np.float64]
+    (i3, v3, _, ok3, f3), (i6, v6, _, ok6, f6) = out[np.float32], out[np.float64]
     assert ok3.all() and ok6.all() and v3.dtype == np.float64
     # each row: its non-zeros first, then padding (what compact_fixed_width(leading=True) reads)
     nz = v3 != 0

@@ -513,7 +513,7 @@ def _lars_batch(C, Dx, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, 
     # one workspace per worker; the workers take chunks of rows from a shared
     # atomic counter (rows differ in cost, and on a shared machine a core can
     # stall: a static split would leave the other waiting)
-    for t in prange(n_workers):
+    for _ in prange(n_workers):
         corr = np.empty(K, dtype=Gw.dtype)
         u = np.empty(K, dtype=Gw.dtype)
         wf = np.empty(max_active, dtype=Gw.dtype)
@@ -550,9 +550,9 @@ def _lars_batch(C, Dx, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, 
                 else:
                     for k in range(K):
                         c_row[k] = C[r, k]
-                m, s, good, ar = _lars_one(c_row, G, Gw, alpha, positive, max_steps, kkt_tol, gmax,
-                                           eps_w, corr, u, skip, act, sgn, beta, w, wf, rhs, tmp, Lc,
-                                           dinv, z, flag, words, cand, tcand, res, sc)
+                m, s, good, ar = _lars_one(c_row, G, Gw, alpha, positive, max_steps, kkt_tol,
+                                           gmax, eps_w, corr, u, skip, act, sgn, beta, w, wf, rhs,
+                                           tmp, Lc, dinv, z, flag, words, cand, tcand, res, sc)
                 n_steps[r] = s
                 ok[r] = good
                 # objective minus 0.5 ||x||^2: -a.c + 0.5 a G a + alpha |a|_1, with
