@@ -297,10 +297,10 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, cor
             words[nw] = msk | (j << 32)
             nw += msk != 0
         for q in range(nw):
-            base = (words[q] >> 32) * 32
+            first = (words[q] >> 32) * 32  # the block's first atom
             msk = words[q] & 0xFFFFFFFF
             while msk != 0:
-                cand[nc] = base + _cttz(msk)
+                cand[nc] = first + _cttz(msk)
                 nc += 1
                 msk &= msk - 1
         # exact join times t = (cmax -/+ c_k) / (1 -/+ u_k) of the candidates
