@@ -81,19 +81,27 @@ def test_homotopy_threads_do_not_change_codes(n_threads):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
-def test_homotopy_falls_back_to_the_active_set_for_uncertified_rows(monkeypatch):
+def _kernel_fails(monkeypatch, rows):
+    """Make the compiled kernel report ``rows`` uncertified, as a kernel that
+    stopped early would: halved codes and a wrong objective on those rows."""
     from skdict.solvers import _lars_kernel
 
-    _, _, C, G = _problem(n=40, coherent=True, seed=7)
     real = _lars_kernel.lars_lasso_rows
 
-    def wrong(*args, **kw):  # pretend the kernel stopped early on rows 3 and 11
-        idx, val, steps, ok, *rest = real(*args, **kw)
-        val[[3, 11]] *= 0.5
-        ok[[3, 11]] = False
-        return (idx, val, steps, ok, *rest)
+    def fails(*args, **kw):
+        out = list(real(*args, **kw))
+        out[1][rows] *= 0.5
+        out[3][rows] = False
+        if len(out) > 4:
+            out[4][rows] = 123.0
+        return tuple(out)
 
-    monkeypatch.setattr(_lars_kernel, "lars_lasso_rows", wrong)
+    monkeypatch.setattr(_lars_kernel, "lars_lasso_rows", fails)
+
+
+def test_homotopy_falls_back_to_the_active_set_for_uncertified_rows(monkeypatch):
+    _, _, C, G = _problem(n=40, coherent=True, seed=7)
+    _kernel_fails(monkeypatch, [3, 11])
     res = lasso_exact(C, G, 0.1, method="homotopy")
     assert res.converged and res.history == [2]
     ref = lasso_exact(C, G, 0.1, method="active_set").codes
@@ -296,18 +304,8 @@ def test_exact_objective_by_product(method, positive, dtype):
 
 def test_exact_objective_of_rows_finished_by_fallback(monkeypatch):
     # rows the kernel does not certify get their objective from the active-set codes
-    import skdict.solvers._lars_kernel as lk
-
     X, D, C, G = _problem(n=40, coherent=True, seed=4)
-    real = lk.lars_lasso_rows
-
-    def half_bad(*args, **kwargs):
-        out = list(real(*args, **kwargs))
-        out[3][::2] = False  # ok
-        out[4][::2] = 123.0  # a wrong objective that must be replaced
-        return tuple(out)
-
-    monkeypatch.setattr(lk, "lars_lasso_rows", half_bad)
+    _kernel_fails(monkeypatch, slice(None, None, 2))
     Xt = torch.tensor(X)
     res = lasso_exact(C, G, 0.1, xnorm2=(Xt * Xt).sum(1), method="homotopy")
     np.testing.assert_allclose(res.objective.numpy(), _obj(X, res.codes.numpy(), D, 0.1),
@@ -443,15 +441,16 @@ def _kkt_violation(C, G, idx, val, alpha, positive):
     return np.maximum(inactive.max(1), active.max(1)) / alpha
 
 
-def _near_duplicates(seed=0, n=1000):
+def _near_duplicates(seed=0, n=1000, pairs=96, P=48):
     # pairs of atoms 1e-4 apart: the lasso puts large opposite coefficients on a
-    # pair only where that pays, and the path must order near-ties correctly
+    # pair only where that pays, and the path must order near-ties correctly;
+    # returns X, D, C = X D^T, G = D D^T
     rng = np.random.default_rng(seed)
-    D = rng.standard_normal((96, 48))
+    D = rng.standard_normal((pairs, P))
     D = np.vstack([D, D + 1e-4 * rng.standard_normal(D.shape)])
     D /= np.linalg.norm(D, axis=1, keepdims=True)
-    X = rng.standard_normal((n, 48))
-    return X @ D.T, D @ D.T
+    X = rng.standard_normal((n, P))
+    return X, D, X @ D.T, D @ D.T
 
 
 @pytest.mark.parametrize("positive", [False, True])
@@ -484,7 +483,7 @@ def test_kernel_certificate_checks_the_active_atoms(pass_dtype):
     # correlation has the wrong sign; such a row must not be certified
     from skdict.solvers._lars_kernel import lars_lasso_rows
 
-    C, G = _near_duplicates()
+    _, _, C, G = _near_duplicates()
     alpha = 0.2 * np.abs(C).max(1).mean()
     idx, val, _, ok, fpart = lars_lasso_rows(C, G, alpha, kkt_tol=1e-7, pass_dtype=pass_dtype,
                                              return_objective=True)
@@ -495,7 +494,7 @@ def test_kernel_certificate_checks_the_active_atoms(pass_dtype):
 def test_kernel_retries_uncertified_float32_rows_with_float64_passes(monkeypatch):
     from skdict.solvers import _lars_kernel as lk
 
-    C, G = _near_duplicates(seed=3, n=2000)
+    _, _, C, G = _near_duplicates(seed=3, n=2000)
     alpha = 0.05 * np.abs(C).max(1).mean()
     opts = (alpha, False, 8 * G.shape[0], 1e-7, G.shape[0] + 1, 1, False)
     ok32 = lk._run(C, C[:0, :0], G, G.astype(np.float32), *opts)[4]
@@ -542,19 +541,10 @@ def test_kernel_computes_correlations_per_chunk(K, P, n):
 
 def test_compact_with_dictionary_finishes_uncertified_rows(monkeypatch):
     # rows the kernel cannot certify are finished by the active set on X D^T
-    from skdict.solvers import _lars_kernel
     from skdict.solvers.exact import lasso_exact_compact
 
     X, D, C, G = _problem(n=40, coherent=True, seed=9)
-    real = _lars_kernel.lars_lasso_rows
-
-    def wrong(*args, **kw):
-        idx, val, steps, ok, *rest = real(*args, **kw)
-        val[[2, 17]] *= 0.5
-        ok[[2, 17]] = False
-        return (idx, val, steps, ok, *rest)
-
-    monkeypatch.setattr(_lars_kernel, "lars_lasso_rows", wrong)
+    _kernel_fails(monkeypatch, [2, 17])
     idx, val, _, conv, n_bad, fpart = lasso_exact_compact(
         torch.tensor(X), G, 0.1, dictionary=torch.tensor(D), return_objective=True)
     assert conv and n_bad == 2
@@ -571,12 +561,7 @@ def test_exact_transform_with_nearly_collinear_atoms_is_certified():
     # retry threshold) are finished by the active set; every row meets the KKT
     from skdict import SparseCoder
 
-    rng = np.random.default_rng(2)
-    D = rng.standard_normal((40, 20))
-    D = np.vstack([D, D + 1e-4 * rng.standard_normal(D.shape)])
-    D /= np.linalg.norm(D, axis=1, keepdims=True)
-    X = rng.standard_normal((300, 20))
-    C, G = X @ D.T, D @ D.T
+    X, D, C, G = _near_duplicates(seed=2, n=300, pairs=40, P=20)
     alpha = 0.05 * np.abs(C).max(1).mean()
     A = SparseCoder(D, alpha=alpha).transform(X).toarray()
     idx = np.argsort(A == 0, axis=1, kind="stable")  # non-zeros first
