@@ -165,7 +165,7 @@ def _resolve_layer(layer) -> int:
 
 
 def _resolve_device(device) -> str:
-    from ._torch_utils import resolve_device
+    from ._backend import resolve_device
 
     return str(resolve_device(device))
 

@@ -23,7 +23,7 @@ from sklearn.base import BaseEstimator, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._torch_utils import make_generator, numpy_dtype, torch_dtype
+from ._backend import make_generator, numpy_dtype, torch_dtype
 from .base import _DEVICE_CONSTRAINT, SparseCodingMixin, _shape_error, check_input
 from .losses import AdaptiveSparsityScheduler, sparsity_loss
 from .solvers.topk import (

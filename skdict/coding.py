@@ -10,8 +10,9 @@ import torch
 from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from ._torch_utils import torch_dtype
-from .base import BaseSparseCoder, _Codes, check_input
+from ._backend import torch_dtype
+from .base import BaseSparseCoder, check_input
+from .data.codes import Codes
 from .solvers import fista, ista, lasso_exact, lca, omp, power_iteration
 from .solvers.exact import lasso_exact_compact
 
@@ -137,11 +138,11 @@ _EXACT_BLOCK_BYTES = 4 * 2**20
 
 def encode_codes(Xb, state, *, algorithm="exact", alpha=1.0, positive=False, **kwargs):
     """Codes of one batch in the form transforms consume: CSR pieces (a
-    :class:`~skdict.base._Codes` with ``csr``) for the exact lasso on CPU (the
+    :class:`~skdict.data.codes.Codes` with ``csr``) for the exact lasso on CPU (the
     compiled homotopy writes supports directly: no dense ``(b, K)`` codes), else
     the dense codes of :func:`encode_batch`."""
     if algorithm == "exact" and Xb.device.type == "cpu":
-        from ._compact import compact_fixed_width
+        from .data._compact import compact_fixed_width
 
         D = state["D"]
         n, K = Xb.shape[0], D.shape[0]
@@ -167,11 +168,11 @@ def encode_codes(Xb, state, *, algorithm="exact", alpha=1.0, positive=False, **k
             )
             parts.append(compact_fixed_width(idx.numpy(), val.numpy(), K, leading=True))
         if len(parts) == 1:
-            return _Codes(csr=parts[0])
+            return Codes(csr=parts[0])
         if not parts:
-            return _Codes(csr=(Xb.new_zeros(0).numpy(), np.zeros(0, np.int32),
+            return Codes(csr=(Xb.new_zeros(0).numpy(), np.zeros(0, np.int32),
                                np.zeros(0, np.int64)))
-        return _Codes(csr=tuple(np.concatenate(p) for p in zip(*parts, strict=True)))
+        return Codes(csr=tuple(np.concatenate(p) for p in zip(*parts, strict=True)))
     return encode_batch(Xb, state, algorithm=algorithm, alpha=alpha, positive=positive,
                         **kwargs).codes
 

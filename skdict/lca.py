@@ -10,7 +10,7 @@ from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._torch_utils import make_generator, torch_dtype
+from ._backend import make_generator, torch_dtype
 from .base import BaseSparseCoder, check_input, iter_batches, n_samples_of
 from .coding import ALGORITHMS, encode_batch, encode_codes, prepare_dictionary, transform_state
 from .dictionary.online import (

@@ -24,7 +24,7 @@ from sklearn.base import BaseEstimator, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._torch_utils import torch_dtype
+from ._backend import torch_dtype
 from .base import (
     BaseSparseCoder,
     SparseCodingMixin,

@@ -371,7 +371,7 @@ def test_kernel_cheap_certificate_agrees_with_the_fresh_residual(dtype, positive
 
 
 def test_compact_fixed_width_matches_boolean_masking():
-    from skdict._compact import compact_fixed_width
+    from skdict.data._compact import compact_fixed_width
 
     rng = np.random.default_rng(0)
     idx = np.sort(rng.integers(0, 300, (40, 9)), axis=1)

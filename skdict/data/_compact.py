@@ -1,6 +1,6 @@
 """Compiled helper: fixed-width ``(indices, values)`` rows to CSR pieces.
 
-Imported lazily (it loads numba). Used by :class:`skdict.base.CSRBuilder` for CPU
+Imported lazily (it loads numba). Used by :class:`skdict.data.codes.CSRBuilder` for CPU
 batches: one pass counts each row's non-zeros, one writes them, with no boolean
 mask, no temporary copies and ``int32`` column indices (scipy's default).
 """

@@ -1,0 +1,1 @@
+"""Where rows come from (:mod:`.sources`) and where codes go (:mod:`.codes`)."""
