@@ -9,7 +9,7 @@ One minibatch step:
 2. **Code** -- batched ``s x s`` least squares on each row's active set
    (:func:`skdict.solvers.active_lstsq.active_lstsq`), optionally non-negative
    or with an L1 term.
-3. **Decoder** -- sparse normal equations (:class:`skdict.dictionary.SparseStats`):
+3. **Decoder** -- sparse normal equations (:class:`skdict.updates.SparseStats`):
    ``B`` (K x P) via ``index_add``, the co-occurrence ``A`` as a pruned sparse
    matrix plus its diagonal, decayed as in online learning; touched atoms get a
    block-coordinate (MOD) refresh (a Jacobi step; for non-negative codes, whose
@@ -38,16 +38,19 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._backend import make_generator, torch_dtype
 from .base import BaseSparseCoder, check_input, iter_batches, n_samples_of
-from .dictionary.sparse_stats import (
-    SparseStats,
-    decay_factor,
-    project_unit_norm,
-    refresh_atoms,
-    resample_dead_atoms,
-)
 from .solvers.active_lstsq import active_lstsq
 from .solvers.decode import topk_decode
 from .solvers.routing import ClusterIndex, route_approx, route_topk
+from .updates import (
+    SparseStats,
+    dead_atoms,
+    forgetting_factor,
+    init_atoms,
+    project_unit_norm,
+    refresh_atoms,
+    resample_dead_atoms,
+    update_since_used,
+)
 
 __all__ = ["CollapsedDictionaryLearner"]
 
@@ -355,7 +358,7 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
                 )
             if not np.all(np.isfinite(D0)):
                 raise ValueError("dict_init contains NaN or infinity.")
-            D = torch.from_numpy(D0.copy()).to(device)
+            D = project_unit_norm(torch.from_numpy(D0.copy()).to(device), inplace=True)
         else:
             if X is not None:
                 n = n_samples_of(X)
@@ -367,21 +370,13 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
                     sample = X[torch.from_numpy(rows).to(X.device)].detach().cpu().numpy()
                 else:
                     sample = np.asarray(X[rows])
-                sample = torch.from_numpy(np.asarray(sample, dtype=np.float32)).to(device)
+                sample = torch.from_numpy(np.asarray(sample, dtype=np.float32))
             else:
                 m = min(first_batch.shape[0], K)
                 perm = torch.randperm(first_batch.shape[0], generator=generator_cpu)[:m]
-                sample = first_batch[perm.to(first_batch.device)].to(device, torch.float32)
-            noise = torch.randn(K, self.n_features_in_, generator=generator_cpu).to(device)
-            D = noise.clone()
-            D[:m] = sample
-            # rows equal to zero would give zero atoms: fall back to noise
-            zero = D.norm(dim=1) < 1e-12
-            D[zero] = noise[zero]
-        project_unit_norm(D, fallback=None)
-        zero = D.norm(dim=1) < 0.5
-        if bool(zero.any()):
-            D[zero] = 1.0 / math.sqrt(D.shape[1])
+                sample = first_batch[perm.to(first_batch.device)]
+            D = init_atoms(K, self.n_features_in_, rows=sample, generator=generator_cpu,
+                           device=device, dtype=torch.float32)
         return D
 
     def _build_index(self, D, generator_cpu):
@@ -390,16 +385,21 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
             positive=self.positive_code,
         )
 
-    def _step(self, Xb, D, stats, index, Dsorted, generator_cpu):
+    def _step(self, Xb, D, stats, since_used, step, index, Dsorted, generator_cpu):
         """One minibatch step; returns the batch's mean squared error (before update)."""
         idx, vals = self._code(Xb, D, index, Dsorted)
         R = Xb - topk_decode(idx, vals, D)
         mse = float((R.double() ** 2).mean())
-        stats.update(Xb, idx, vals, decay_factor(stats.n_seen, Xb.shape[0]))
+        stats.update(Xb, idx, vals, forgetting_factor(step, Xb.shape[0]))
         touched = torch.unique(idx[vals != 0])
         refresh_atoms(D, stats, touched,
                       preconditioner="gershgorin" if self.positive_code else "jacobi")
-        resampled = resample_dead_atoms(D, stats, self._window(), R, generator=generator_cpu)
+        used = torch.zeros(D.shape[0], dtype=torch.bool, device=D.device)
+        used[touched] = True
+        update_since_used(since_used, used, Xb.shape[0])
+        dead = dead_atoms(since_used, self._window())
+        resampled = resample_dead_atoms(D, dead, R, generator=generator_cpu, stats=stats,
+                                        since_used=since_used)
         return mse, int(resampled.numel())
 
     def _run(self, X, *, state, n_epochs, first_call, verbose):
@@ -410,7 +410,8 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
         D = stats = index = None
         if state is not None:
             D = torch.as_tensor(state["D"]).to(device=device, dtype=torch.float32).clone()
-            stats = SparseStats.from_dict(state["stats"], device)
+            stats = SparseStats.from_state_dict(state["stats"], device)
+            since_used = torch.as_tensor(state["since_used"]).to(device).clone()
         epoch_losses, losses = [], []
         n_resampled = 0 if state is None else state["n_resampled"]
         n_steps = 0 if state is None else state["n_steps"]
@@ -434,12 +435,14 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
                     stats = SparseStats(
                         self.n_components, D.shape[1], max_nnz=self._max_nnz(), device=device
                     )
+                    since_used = torch.zeros(self.n_components, dtype=torch.long,
+                                             device=device)
                 if self.routing == "approximate" and (
                     index is None or n_steps % self.index_refresh == 0
                 ):
                     index = self._build_index(D, gen)
                 Dsorted = D[index.order] if index is not None else None
-                mse, nr = self._step(Xb, D, stats, index, Dsorted, gen)
+                mse, nr = self._step(Xb, D, stats, since_used, n_steps, index, Dsorted, gen)
                 if not math.isfinite(mse):
                     raise ValueError(
                         "The reconstruction error became non-finite; check the scale "
@@ -463,7 +466,7 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
         if D is None:
             raise ValueError("No rows were given to fit.")
         return {
-            "D": D, "stats": stats, "gen": gen, "losses": losses,
+            "D": D, "stats": stats, "since_used": since_used, "gen": gen, "losses": losses,
             "epoch_losses": epoch_losses, "n_resampled": n_resampled,
             "n_steps": n_steps, "epochs": n_done,
         }
@@ -491,7 +494,8 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
             self.loss_curve_ = losses
             self.epoch_loss_ = epochs
         self._learner_state = {
-            "D": self.components_, "stats": run["stats"].to_dict(),
+            "D": self.components_, "stats": run["stats"].state_dict(),
+            "since_used": run["since_used"].cpu().numpy(),
             "gen_state": run["gen"].get_state(),
             "n_resampled": run["n_resampled"], "n_steps": run["n_steps"],
         }

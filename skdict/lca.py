@@ -13,14 +13,17 @@ from sklearn.utils.validation import check_is_fitted
 from ._backend import make_generator, torch_dtype
 from .base import BaseSparseCoder, check_input, iter_batches, n_samples_of
 from .coding import ALGORITHMS, encode_batch, encode_codes, prepare_dictionary, transform_state
-from .dictionary.online import (
+from .updates import (
+    OnlineStats,
     bcd_update,
+    dead_atoms,
     forgetting_factor,
-    init_dictionary,
-    normalize_atoms,
-    online_statistics_update,
-    resample_atoms,
-    sgd_update,
+    hebbian_update,
+    init_atoms,
+    project_unit_norm,
+    resample_dead_atoms,
+    statistics_update,
+    update_since_used,
 )
 
 __all__ = ["LCASparseCoder"]
@@ -247,13 +250,13 @@ class LCASparseCoder(BaseSparseCoder):
                 )
             if not np.all(np.isfinite(D0)):
                 raise ValueError("dict_init contains NaN or infinity.")
-            D = normalize_atoms(torch.as_tensor(D0, dtype=tdtype).to(device))
+            D = project_unit_norm(torch.as_tensor(D0, dtype=tdtype).to(device))
         else:
             n = n_samples_of(X)
-            m = min(n, max(4 * K, 1024))
-            rows = np.sort(np_rng.permutation(n)[:m])
+            rows = np.sort(np_rng.permutation(n)[:K])
             Xs = _rows(X, rows, device, tdtype)
-            D = init_dictionary(Xs, K, generator)
+            D = init_atoms(K, n_features, rows=Xs, generator=generator, device=device,
+                           dtype=tdtype)
         return {
             "D": D,
             "A": torch.zeros(K, K, dtype=tdtype, device=device),
@@ -289,24 +292,18 @@ class LCASparseCoder(BaseSparseCoder):
             obj = float(_batch_objective(Xb, codes, D, self.alpha, self.threshold).mean())
         b = Xb.shape[0]
         if self.dict_update == "online":
-            beta = forgetting_factor(st["n_seen"], b, self.forget_window)
-            online_statistics_update(st["A"], st["B"], codes, Xb, beta)
+            beta = forgetting_factor(st["n_steps"], b, self.forget_window)
+            statistics_update(st["A"], st["B"], codes, Xb, beta)
             bcd_update(D, st["A"], st["B"])
         else:
-            D = sgd_update(D, Xb, codes, self.learning_rate)
-        used = (codes != 0).any(0)
-        st["since_used"] = torch.where(
-            used, torch.zeros_like(st["since_used"]), st["since_used"] + b
-        )
-        if self.resample_window is not None:
-            dead = st["since_used"] >= self.resample_window
-            if bool(dead.any()):
-                D, idx = resample_atoms(D, dead, Xb, codes, generator)
-                st["A"][idx, :] = 0
-                st["A"][:, idx] = 0
-                st["B"][idx] = 0
-                st["since_used"][idx] = 0
-                st["n_resampled"] += int(idx.numel())
+            D = hebbian_update(D, Xb, codes, self.learning_rate)
+        update_since_used(st["since_used"], (codes != 0).any(0), b)
+        dead = dead_atoms(st["since_used"], self.resample_window)
+        if bool(dead.any()):
+            idx = resample_dead_atoms(D, dead, Xb - codes @ D, generator=generator,
+                                      stats=OnlineStats(st["A"], st["B"]),
+                                      since_used=st["since_used"])
+            st["n_resampled"] += int(idx.numel())
         st["D"] = D
         st["n_seen"] += b
         st["n_steps"] += 1
