@@ -196,6 +196,15 @@ def test_init_atoms_from_rows_with_gaussian_fallback():
     D3 = init_atoms(3, 8, rows=rows, noise=0.0, dtype=torch.float64)
     torch.testing.assert_close(D3[[0, 1]], rows[[0, 1]] / rows[[0, 1]].norm(dim=1,
                                                                               keepdim=True))
+    # a given dictionary: normalised, its zero atom replaced by the Gaussian one
+    given = rows[:4].clone()
+    D4 = init_atoms(4, 8, init=given, generator=torch.Generator().manual_seed(1),
+                    dtype=torch.float64)
+    torch.testing.assert_close(D4[[0, 1, 3]], given[[0, 1, 3]]
+                               / given[[0, 1, 3]].norm(dim=1, keepdim=True))
+    torch.testing.assert_close(D4[2], G[2])
+    with pytest.raises(ValueError, match=r"dict_init has shape \(4, 8\), expected"):
+        init_atoms(5, 8, init=given, name="dict_init")
     with pytest.raises(ValueError, match="method"):
         init_atoms(3, 8, method="pca")
     with pytest.raises(ValueError, match="features"):

@@ -35,23 +35,30 @@ def _gen_device(generator):
     return generator.device if generator is not None else torch.device("cpu")
 
 
-def init_atoms(n_components, n_features, *, rows=None, method="data", noise=0.01,
-               generator=None, device=None, dtype=torch.float32):
+def init_atoms(n_components, n_features, *, init=None, rows=None, method="data", noise=0.01,
+               generator=None, device=None, dtype=torch.float32, name="init"):
     """Initial unit-norm dictionary of shape ``(n_components, n_features)``.
 
     Parameters
     ----------
     n_components, n_features : int
+    init : Tensor or ndarray of shape (n_components, n_features), optional
+        A given initial dictionary (e.g. an estimator's ``dict_init``), scaled to
+        unit-norm atoms; ``rows`` and ``method`` are then ignored.
     rows : Tensor of shape (m, n_features), optional
         Data rows for ``method="data"`` (e.g. a random sample of the training set):
         atom ``k < m`` is row ``k`` scaled to unit norm plus Gaussian noise of
-        norm about ``noise`` (so repeated rows still give distinct atoms); atoms
-        beyond the ``m`` rows, and those of all-zero rows, are Gaussian.
+        norm about ``noise`` (so repeated rows still give distinct atoms).
     method : {"data", "gaussian"}
         ``"gaussian"``: every atom is Gaussian (``rows`` is ignored).
     noise : float
     generator : torch.Generator, optional
     device, dtype : the output's (default: CPU, float32).
+    name : str
+        How errors call ``init``.
+
+    Atoms with nothing to start from (beyond the ``m`` rows, all-zero rows or
+    zero atoms of ``init``) are Gaussian.
 
     Returns
     -------
@@ -63,15 +70,25 @@ def init_atoms(n_components, n_features, *, rows=None, method="data", noise=0.01
     device = torch.device("cpu") if device is None else torch.device(device)
     D = torch.randn(K, P, generator=generator, device=_gen_device(generator),
                     dtype=dtype).to(device)
-    if method == "data" and rows is not None and rows.shape[0] > 0:
+    if init is not None:
+        init = torch.as_tensor(init)
+        if tuple(init.shape) != (K, P):
+            raise ValueError(
+                f"{name} has shape {tuple(init.shape)}, expected (n_components, n_features)"
+                f" = {(K, P)}."
+            )
+        start, jitter = init.to(device=device, dtype=dtype), 0.0
+    elif method == "data" and rows is not None and rows.shape[0] > 0:
         if rows.shape[1] != P:
             raise ValueError(f"rows have {rows.shape[1]} features, expected {P}.")
-        m = min(int(rows.shape[0]), K)
-        R = rows[:m].to(device=device, dtype=dtype)
-        nrm = R.norm(dim=1, keepdim=True)
-        ok = nrm > 1e-12 * nrm.max().clamp_min(torch.finfo(dtype).tiny)
-        jitter = D[:m] * (noise / math.sqrt(P))
-        D[:m] = torch.where(ok, R / nrm.clamp_min(torch.finfo(dtype).tiny) + jitter, D[:m])
+        start, jitter = rows[:K].to(device=device, dtype=dtype), noise / math.sqrt(P)
+    else:
+        return project_unit_norm(D, inplace=True)
+    m = start.shape[0]
+    tiny = torch.finfo(dtype).tiny
+    nrm = start.norm(dim=1, keepdim=True)
+    ok = nrm > 1e-12 * nrm.max().clamp_min(tiny)
+    D[:m] = torch.where(ok, start / nrm.clamp_min(tiny) + jitter * D[:m], D[:m])
     return project_unit_norm(D, inplace=True)
 
 
