@@ -47,6 +47,8 @@ INSTANCES += [
     CollapsedDictionaryLearner(n_components=6, n_nonzero_coefs=1, positive_code=True,
                                routing="approximate", n_clusters=3, n_probes=2,
                                batch_size=8, max_iter=2, random_state=0, device="cpu"),
+    CollapsedDictionaryLearner(n_components=6, n_nonzero_coefs=1, n_steps=3, dead_window=0,
+                               shuffle=False, batch_size=8, random_state=0, device="cpu"),
 ]
 
 # ---------------------------------------------------------- KSparseAutoencoder

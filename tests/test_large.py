@@ -163,11 +163,12 @@ def planted_fit():
 
 def test_recovers_planted_dictionary(planted_fit):
     est, X, D = planted_fit
-    assert _recovered(est.components_, D) >= 0.95
+    # over random_state 0..15 between 60 and 64 of the 64 atoms are recovered
+    assert _recovered(est.components_, D) >= 0.9
     np.testing.assert_allclose(np.linalg.norm(est.components_, axis=1), 1, atol=1e-5)
-    assert est.n_iter_ == 10 and est.epoch_loss_.shape == (10,)
-    assert est.loss_curve_.shape == (est.n_steps_,) and est.n_steps_ == 10 * 24
-    assert est.epoch_loss_[-1] < 0.5 * est.epoch_loss_[0]
+    assert est.n_iter_ == 10 and est.loss_curve_.shape == (10,)
+    assert est.history_["loss"].shape == (est.n_steps_,) and est.n_steps_ == 10 * 24
+    assert est.loss_curve_[-1] < 0.5 * est.loss_curve_[0]
 
 
 def test_recovers_planted_dictionary_positive_codes():
@@ -266,7 +267,7 @@ def test_partial_fit_continues_and_failure_keeps_state():
         est.partial_fit(X[:, :5])
     np.testing.assert_array_equal(est.components_, D1)
     est.partial_fit(X[400:])
-    assert est.n_steps_ == steps + 4 and est.loss_curve_.shape == (steps + 4,)
+    assert est.n_steps_ == steps + 4 and est.history_["loss"].shape == (steps + 4,)
     assert not np.allclose(est.components_, D1)
     est2 = pickle.loads(pickle.dumps(est))
     np.testing.assert_array_equal(est2.transform(X[:20]).toarray(),
@@ -274,6 +275,32 @@ def test_partial_fit_continues_and_failure_keeps_state():
     est2.partial_fit(X[:100])  # the pickled learner keeps its statistics
     est.partial_fit(X[:100])
     np.testing.assert_allclose(est2.components_, est.components_, atol=1e-6)
+
+
+def test_failing_stream_commits_nothing_and_callbacks_stop():
+    X, _ = _planted(n=800, K=32, P=16)
+    est = CollapsedDictionaryLearner(32, n_nonzero_coefs=3, batch_size=100, random_state=0,
+                                     device="cpu").fit(X)
+    before = (est.components_.copy(), est.n_steps_, est.history_["loss"].copy(),
+              est.loss_curve_.copy())
+    bad = X[200:300].copy()
+    bad[7, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        est.partial_fit(iter([X[:100], X[100:200], bad]))  # fails at its third batch
+    np.testing.assert_array_equal(est.components_, before[0])
+    assert est.n_steps_ == before[1]
+    np.testing.assert_array_equal(est.history_["loss"], before[2])
+    np.testing.assert_array_equal(est.loss_curve_, before[3])
+    # n_steps: exact step count; a callback returning False stops after its step
+    kw = dict(n_components=32, n_nonzero_coefs=3, batch_size=100, random_state=0,
+              device="cpu")
+    est = CollapsedDictionaryLearner(n_steps=11, **kw).fit(X)
+    assert est.n_steps_ == 11 and est.n_iter_ == 2 and est.history_["loss"].shape == (11,)
+    seen = []
+    est = CollapsedDictionaryLearner(max_iter=5, tol=0, callbacks=[
+        lambda info: seen.append(info) or info["step"] < 3], **kw).fit(X)
+    assert est.n_steps_ == 3 and [m["step"] for m in seen] == [1, 2, 3]
+    np.testing.assert_allclose([m["loss"] for m in seen], est.history_["loss"])
 
 
 def test_fit_is_reproducible_and_tol_stops_early():

@@ -137,11 +137,11 @@ def dead_atoms(since_used, window):
 def resample_dead_atoms(D, dead, residuals, *, generator=None, stats=None, since_used=None):
     """Replace the ``dead`` atoms by badly reconstructed directions, in place.
 
-    Each replaced atom becomes a normalised residual row of the batch, the rows
-    drawn without replacement with probability proportional to their squared
-    residual norm (rows reconstructed exactly are never drawn). With more dead
-    atoms than usable rows, a random subset of the dead atoms is replaced; the
-    others wait for the next batch.
+    Each replaced atom becomes one of the batch's residual rows with the largest
+    norms (the worst-reconstructed rows, as in K-SVD), normalised; rows
+    reconstructed exactly are never used. With more dead atoms than usable rows,
+    a random subset of the dead atoms is replaced; the others wait for the next
+    batch.
 
     Parameters
     ----------
@@ -165,18 +165,16 @@ def resample_dead_atoms(D, dead, residuals, *, generator=None, stats=None, since
     dead_idx = dead.nonzero(as_tuple=True)[0]
     if dead_idx.numel() == 0:
         return dead_idx
-    gdev = _gen_device(generator)
     err = (residuals.double() ** 2).sum(1)
-    err = torch.where(err > 1e-24 * err.max().clamp_min(1e-300), err, torch.zeros_like(err))
-    n_valid = int((err > 0).sum())
+    n_valid = int((err > 1e-24 * err.max().clamp_min(1e-300)).sum())
     m = min(dead_idx.numel(), n_valid)
     if m == 0:
         return dead_idx[:0]
     if dead_idx.numel() > m:
-        pick = torch.randperm(dead_idx.numel(), generator=generator, device=gdev)[:m]
+        pick = torch.randperm(dead_idx.numel(), generator=generator,
+                              device=_gen_device(generator))[:m]
         dead_idx = dead_idx[pick.to(dead_idx.device)].sort().values
-    rows = torch.multinomial(err.to(gdev), m, replacement=False, generator=generator)
-    new = residuals[rows.to(residuals.device)].to(D.dtype)
+    new = residuals[err.topk(m).indices].to(D.dtype)
     D[dead_idx] = new / new.norm(dim=1, keepdim=True)
     if stats is not None:
         stats.reset_atoms(dead_idx)
