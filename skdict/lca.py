@@ -326,7 +326,7 @@ class LCASparseCoder(BaseSparseCoder):
             )
 
     # ------------------------------------------------------------------ training
-    def _train(self, X, *, first, n_epochs, n_steps):
+    def _train(self, X, *, first, n_epochs, n_steps, shuffle):
         """Shared wiring of fit and partial_fit: source -> state -> Trainer; the
         fitted attributes are committed only once training returned."""
         self._check_params()
@@ -344,7 +344,7 @@ class LCASparseCoder(BaseSparseCoder):
                                              dtype=torch_dtype(dtype))
         trainer = Trainer(max_iter=n_epochs, n_steps=n_steps, callbacks=self.callbacks,
                           verbose=self.verbose, desc=type(self).__name__,
-                          batch_size=self.batch_size, shuffle=self.shuffle)
+                          batch_size=self.batch_size, shuffle=shuffle)
         result = trainer.run(learner, src, state=state, generator=state.generator)
         st = result.state
         self.components_ = st.D.detach().cpu().numpy()
@@ -370,11 +370,13 @@ or an iterable of such minibatches
         -------
         self
         """
-        return self._train(X, first=True, n_epochs=self.max_iter, n_steps=self.n_steps)
+        return self._train(X, first=True, n_epochs=self.max_iter, n_steps=self.n_steps,
+                           shuffle=self.shuffle)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y=None):
-        """Update the dictionary with one pass over ``X`` in minibatches.
+        """Update the dictionary with one pass over ``X`` in minibatches, in row
+        order (the caller orders a stream).
 
         On failure (invalid input, a non-finite batch) the previous fitted state
         is left unchanged.
@@ -390,7 +392,7 @@ or an iterable of such minibatches
         self
         """
         first = not hasattr(self, "_train_state")
-        return self._train(X, first=first, n_epochs=1, n_steps=None)
+        return self._train(X, first=first, n_epochs=1, n_steps=None, shuffle=False)
 
     # ------------------------------------------------------------------ transform
     def _transform_state(self, device, dtype):

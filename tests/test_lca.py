@@ -331,3 +331,19 @@ def test_fit_on_cuda_unpickles_on_cpu(planted):
     assert isinstance(clone.components_, np.ndarray)
     clone.set_params(device="cpu")
     assert clone.transform(X[:10]).shape == (10, 8)
+
+
+def test_exact_fit_algorithm_is_deterministic_and_matches_converged_lca():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 12))
+    kw = dict(n_components=16, alpha=0.3, batch_size=64, random_state=0, device="cpu")
+    est = LCASparseCoder(fit_algorithm="exact", max_iter=2, **kw).fit(X)
+    np.testing.assert_allclose(np.linalg.norm(est.components_, axis=1), 1, atol=1e-10)
+    assert np.all(np.isfinite(est.loss_curve_))
+    again = LCASparseCoder(fit_algorithm="exact", max_iter=2, **kw).fit(X)
+    np.testing.assert_array_equal(est.components_, again.components_)
+    # the exact codes solve the lasso the LCA converges to: same first step
+    lca = LCASparseCoder(fit_algorithm="lca", fit_max_iter=3000, tol=1e-10, max_iter=1,
+                         **kw).fit(X[:64])
+    ex = LCASparseCoder(fit_algorithm="exact", max_iter=1, **kw).fit(X[:64])
+    np.testing.assert_allclose(lca.components_, ex.components_, atol=1e-5)
