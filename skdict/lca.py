@@ -337,9 +337,15 @@ class LCASparseCoder(BaseSparseCoder):
             learner = _LCALearner(self, K, device, src.dtype)
             state = learner.init_state(src, make_generator(self.random_state, "cpu"))
         else:
+            K = self.components_.shape[0]
+            if self.n_components is not None and self.n_components != K:
+                raise ValueError(
+                    f"n_components changed from {K} to {self.n_components} between "
+                    "partial_fit calls; call fit instead."
+                )
             dtype = self.components_.dtype
             src = as_source(X, estimator=self, reset=False, dtype=dtype)
-            learner = _LCALearner(self, self.components_.shape[0], device, dtype)
+            learner = _LCALearner(self, K, device, dtype)
             state = LCAState.from_state_dict(self._train_state, device=device,
                                              dtype=torch_dtype(dtype))
         trainer = Trainer(max_iter=n_epochs, n_steps=n_steps, callbacks=self.callbacks,

@@ -187,6 +187,9 @@ def test_partial_fit_streams_and_failure_leaves_state(planted):
     np.testing.assert_array_equal(est.components_, before)
     assert est.n_steps_ == steps and len(est.loss_curve_) == 5
     np.testing.assert_array_equal(est.history_["loss"], history["loss"])
+    with pytest.raises(ValueError, match="n_components changed from 12 to 7"):
+        est.set_params(n_components=7).partial_fit(X[:100])
+    np.testing.assert_array_equal(est.components_, before)
 
 
 def test_partial_fit_resumes_exactly_after_pickling(planted):
