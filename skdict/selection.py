@@ -78,7 +78,7 @@ class SparseTokenSelector(SparseCodingMixin, BaseEstimator):
       checked against every token tile by tile; violators are added and the
       lasso re-solved until it holds, so the result is the exact lasso over all
       tokens.
-    * ``"threshold"``: the seed's adaptive soft threshold: weights
+    * ``"threshold"``: an adaptive soft threshold: weights
       ``max(s - lam, 0)`` with ``lam = alpha * mean|s|`` (mean over all tokens),
       renormalised to sum to one.
     * ``"sparsemax"``: the Euclidean projection of the scores onto the simplex
