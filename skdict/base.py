@@ -128,29 +128,38 @@ class SparseCodingMixin(ClassNamePrefixFeaturesOutMixin, TransformerMixin):
             out[start:stop] = dense.detach().cpu().numpy()
         return out
 
-    def _reduce(self, X, sums=None):
+    def _reduce(self, X, sums=None, *, fn=None):
         """The one loop behind ``score`` and batch-wise metrics.
 
-        Encodes and decodes ``X`` batch by batch and adds up, in float64, the
-        quantities named in ``sums`` (default :data:`BATCH_SUMS`): ``"rss"``
-        (squared residual), ``"nnz"`` (non-zero codes), ``"s1"`` (column sums of
-        ``X``, a vector) and ``"s2"`` (squared norm of ``X``). Returns
-        ``(totals, n_samples, n_features)``.
+        Encodes ``X`` batch by batch and adds up, in float64, what each batch
+        contributes: by default the quantities named in ``sums`` (see
+        :data:`BATCH_SUMS`: ``"rss"`` squared residual, ``"nnz"`` non-zero codes,
+        ``"s1"`` column sums of ``X``, ``"s2"`` squared norm of ``X``), or the
+        dict returned by ``fn(Xb, codes, state)``. Values stay on the device
+        until the end (no host sync per batch). Returns ``(totals, n_samples,
+        n_features)`` with floats (vectors as numpy arrays).
         """
         sums = BATCH_SUMS if sums is None else tuple(sums)
         src = self._source(X)
         device = self._device()
         state = self._transform_state(device, src.dtype)
-        D, offset = self._decoder(device, src.dtype)
-        n_codes = self._n_codes()
-        bs = self._batch_size_for(n_codes, src.dtype)
+        if fn is None:
+            D, offset = self._decoder(device, src.dtype)
+
+            def fn(Xb, codes, state):
+                return batch_sums(Xb, codes, D, offset, sums)
+
+        bs = self._batch_size_for(self._n_codes(), src.dtype)
         totals = {}
         for _, _, Xb in src.ordered(bs, device=device):
-            codes = as_codes(self._encode(Xb, state))
-            for name, value in batch_sums(Xb, codes, D, offset, sums).items():
+            for name, value in fn(Xb, as_codes(self._encode(Xb, state)), state).items():
                 totals[name] = totals[name] + value if name in totals else value
-        out = {k: (v.cpu().numpy() if isinstance(v, torch.Tensor) and v.dim() else float(v))
-               for k, v in totals.items()}
+        out = {}
+        for k, v in totals.items():
+            if isinstance(v, torch.Tensor):
+                v = v.double().cpu()
+                v = v.numpy() if v.dim() else float(v)
+            out[k] = v
         return out, src.n_samples, src.n_features
 
     def score(self, X, y=None):
