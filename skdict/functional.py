@@ -19,6 +19,7 @@ import torch
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 
 from ._backend import numpy_dtype, resolve_device, torch_dtype
+from ._validation import DEVICE_CONSTRAINT, check_dictionary
 from .data.codes import Codes, CSRBuilder
 from .operators import DenseOperator, as_operator
 from .solvers import SolverResult
@@ -118,22 +119,6 @@ def _exact_cpu_codes(Xb, op, alpha, positive):
     return Codes(csr=tuple(np.concatenate(p) for p in zip(*parts, strict=True)))
 
 
-def _check_dictionary(dictionary):
-    """The dictionary as a finite 2-D numeric ndarray (ValueError otherwise)."""
-    if isinstance(dictionary, torch.Tensor):
-        dictionary = dictionary.detach().cpu().numpy()
-    D = np.asarray(dictionary)
-    if D.ndim != 2:
-        raise ValueError(f"dictionary must be 2-D (n_components, n_features), got shape {D.shape}.")
-    if D.shape[0] < 1 or D.shape[1] < 1:
-        raise ValueError(f"dictionary must be non-empty, got shape {D.shape}.")
-    if D.dtype.kind not in "fiu":
-        raise ValueError(f"dictionary must be numeric, got dtype {D.dtype}.")
-    if not np.all(np.isfinite(D)):
-        raise ValueError("dictionary contains NaN or infinity.")
-    return D
-
-
 def _float_dtype(dtype):
     return np.dtype(dtype) if np.dtype(dtype) in (np.float32, np.float64) else np.dtype(np.float64)
 
@@ -183,7 +168,7 @@ def _rows(X, start, stop, device, dtype):
         "max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
         "tol": [Interval(numbers.Real, 0, None, closed="left")],
         "init": ["array-like", torch.Tensor, None],
-        "device": [str, torch.device],
+        "device": DEVICE_CONSTRAINT,
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left"), None],
     },
     prefer_skip_nested_validation=True,
@@ -262,7 +247,7 @@ def sparse_encode(
     array([[2., 0.]])
     """
     X = _check_X(X)
-    D = _check_dictionary(dictionary)
+    D = check_dictionary(dictionary)
     n, p = X.shape
     K = D.shape[0]
     if D.shape[1] != p:
