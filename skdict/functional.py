@@ -76,14 +76,29 @@ def encode_block(
 _EXACT_BLOCK_BYTES = 4 * 2**20
 
 
-def encode_codes(Xb, op, *, algorithm, alpha, positive=False, **kwargs) -> Codes:
+def encode_codes(
+    Xb,
+    op,
+    *,
+    algorithm,
+    alpha,
+    positive=False,
+    n_nonzero_coefs=None,
+    max_iter=1000,
+    tol=1e-5,
+    tau=None,
+    threshold="soft",
+    init=None,
+) -> Codes:
     """Codes of one block in the form transforms consume: CSR pieces for the exact
     lasso of a dense dictionary on CPU (the compiled homotopy writes supports
-    directly: no dense ``(b, K)`` codes), else the dense codes of
-    :func:`encode_block` (same arguments)."""
+    directly: no dense ``(b, K)`` codes; it starts from zero, so ``init`` is not
+    used there), else the dense codes of :func:`encode_block` (same arguments)."""
     if algorithm == "exact" and Xb.device.type == "cpu" and isinstance(op, DenseOperator):
         return _exact_cpu_codes(Xb, op, float(alpha), positive)
-    res = encode_block(Xb, op, algorithm=algorithm, alpha=alpha, positive=positive, **kwargs)
+    res = encode_block(Xb, op, algorithm=algorithm, alpha=alpha, positive=positive,
+                       n_nonzero_coefs=n_nonzero_coefs, max_iter=max_iter, tol=tol, tau=tau,
+                       threshold=threshold, init=init)
     return Codes(dense=res.codes)
 
 
