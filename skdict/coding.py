@@ -8,8 +8,9 @@ import torch
 from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from .base import BaseSparseCoder, check_input
-from .functional import BlockEncoder, _check_dictionary
+from ._validation import check_dictionary
+from .base import BaseSparseCoder
+from .functional import BlockEncoder
 from .solvers.registry import get_solver, solver_names
 
 __all__ = ["SparseCoder"]
@@ -122,7 +123,7 @@ class SparseCoder(BaseSparseCoder):
     # The dictionary is the model: these are derived, not learned.
     @property
     def components_(self):
-        return _check_dictionary(self.dictionary)
+        return check_dictionary(self.dictionary)
 
     @property
     def n_components_(self):
@@ -161,7 +162,7 @@ class SparseCoder(BaseSparseCoder):
         self
         """
         self._check_ready()
-        check_input(self, X, reset=False)
+        self._source(X)  # validates X (shape, finiteness, feature count)
         return self
 
     def _transform_state(self, device, dtype):

@@ -19,6 +19,7 @@ import torch
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 
 from ._backend import numpy_dtype, resolve_device, torch_dtype
+from ._validation import DEVICE_CONSTRAINT, check_dictionary
 from .data.codes import Codes, CSRBuilder
 from .operators import DenseOperator, as_operator
 from .solvers import SolverResult
@@ -75,14 +76,29 @@ def encode_block(
 _EXACT_BLOCK_BYTES = 4 * 2**20
 
 
-def encode_codes(Xb, op, *, algorithm, alpha, positive=False, **kwargs) -> Codes:
+def encode_codes(
+    Xb,
+    op,
+    *,
+    algorithm,
+    alpha,
+    positive=False,
+    n_nonzero_coefs=None,
+    max_iter=1000,
+    tol=1e-5,
+    tau=None,
+    threshold="soft",
+    init=None,
+) -> Codes:
     """Codes of one block in the form transforms consume: CSR pieces for the exact
     lasso of a dense dictionary on CPU (the compiled homotopy writes supports
-    directly: no dense ``(b, K)`` codes), else the dense codes of
-    :func:`encode_block` (same arguments)."""
+    directly: no dense ``(b, K)`` codes; it starts from zero, so ``init`` is not
+    used there), else the dense codes of :func:`encode_block` (same arguments)."""
     if algorithm == "exact" and Xb.device.type == "cpu" and isinstance(op, DenseOperator):
         return _exact_cpu_codes(Xb, op, float(alpha), positive)
-    res = encode_block(Xb, op, algorithm=algorithm, alpha=alpha, positive=positive, **kwargs)
+    res = encode_block(Xb, op, algorithm=algorithm, alpha=alpha, positive=positive,
+                       n_nonzero_coefs=n_nonzero_coefs, max_iter=max_iter, tol=tol, tau=tau,
+                       threshold=threshold, init=init)
     return Codes(dense=res.codes)
 
 
@@ -116,22 +132,6 @@ def _exact_cpu_codes(Xb, op, alpha, positive):
     if not parts:
         return Codes(csr=(Xb.new_zeros(0).numpy(), np.zeros(0, np.int32), np.zeros(0, np.int64)))
     return Codes(csr=tuple(np.concatenate(p) for p in zip(*parts, strict=True)))
-
-
-def _check_dictionary(dictionary):
-    """The dictionary as a finite 2-D numeric ndarray (ValueError otherwise)."""
-    if isinstance(dictionary, torch.Tensor):
-        dictionary = dictionary.detach().cpu().numpy()
-    D = np.asarray(dictionary)
-    if D.ndim != 2:
-        raise ValueError(f"dictionary must be 2-D (n_components, n_features), got shape {D.shape}.")
-    if D.shape[0] < 1 or D.shape[1] < 1:
-        raise ValueError(f"dictionary must be non-empty, got shape {D.shape}.")
-    if D.dtype.kind not in "fiu":
-        raise ValueError(f"dictionary must be numeric, got dtype {D.dtype}.")
-    if not np.all(np.isfinite(D)):
-        raise ValueError("dictionary contains NaN or infinity.")
-    return D
 
 
 def _float_dtype(dtype):
@@ -183,7 +183,7 @@ def _rows(X, start, stop, device, dtype):
         "max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
         "tol": [Interval(numbers.Real, 0, None, closed="left")],
         "init": ["array-like", torch.Tensor, None],
-        "device": [str, torch.device],
+        "device": DEVICE_CONSTRAINT,
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left"), None],
     },
     prefer_skip_nested_validation=True,
@@ -262,7 +262,7 @@ def sparse_encode(
     array([[2., 0.]])
     """
     X = _check_X(X)
-    D = _check_dictionary(dictionary)
+    D = check_dictionary(dictionary)
     n, p = X.shape
     K = D.shape[0]
     if D.shape[1] != p:

@@ -1,4 +1,4 @@
-"""Correctness of the fast paths of issue 3 (no timing asserts): the compact
+"""Correctness of the fast paths (no timing asserts): the compiled homotopy and the
 active-set lasso solver (chunks, warm starts, float32, positive), the
 ``fit_algorithm`` option of LCASparseCoder, and the benchmark helpers."""
 

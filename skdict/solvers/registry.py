@@ -16,7 +16,9 @@ operator, e.g. convolutional) or ``("gram",)`` (indexes the explicit Gram
 matrix). ``kind``: ``"exact"`` (certified optimum), ``"iterative"`` (stops on a
 tolerance) or ``"greedy"``. ``problem``: ``"lasso"`` (the L1 objective with
 ``alpha``) or ``"l0"`` (a number of non-zeros, ``n_nonzero_coefs``).
-Estimators build their ``StrOptions`` from :func:`solver_names`.
+Estimators build their ``StrOptions`` from :func:`solver_names`. A new algorithm
+is one file with its entry, imported in ``skdict/solvers/__init__.py`` (importing
+the package registers every built-in solver).
 """
 
 from __future__ import annotations
