@@ -76,6 +76,7 @@ def _line_search(val, d, g0, h, alpha, positive):
     t = torch.maximum(t, left.gather(1, k).squeeze(1))
     return t, tb
 
+
 def _compact_from_dense(a, K):
     """(idx, val) of the non-zeros of dense rows ``a`` (pads: index K, value 0)."""
     nz = a != 0
@@ -84,6 +85,7 @@ def _compact_from_dense(a, K):
     val = a.gather(1, order)
     idx = torch.where(val != 0, order, K)
     return idx, val
+
 
 def lasso_active_set(C, G, alpha, *, a0=None, positive=False, max_iter=200, tol=1e-7,
                      chunk_size=2048, gram64=None):

@@ -123,6 +123,7 @@ def _objective_part(a, C, G, alpha):
     part = -(a64 * C.to(torch.float64)).sum(1) + 0.5 * (aG * a64).sum(1) + alpha * a64.abs().sum(1)
     return part.to(a.dtype)
 
+
 def lasso_exact_compact(C, G, alpha, *, positive=False, tol=1e-7, gram64=None, max_iter=200,
                         chunk_size=2048, n_features=None, return_objective=False,
                         dictionary=None):
@@ -188,6 +189,7 @@ def lasso_exact_compact(C, G, alpha, *, positive=False, tol=1e-7, gram64=None, m
     if return_objective:
         return idx, val, n_steps, converged, int(bad.size), fpart
     return idx, val, n_steps, converged, int(bad.size)
+
 
 def _lasso_homotopy(C, G, alpha, positive, gram64, max_iter, tol, chunk_size, n_features):
     """CPU path of :func:`lasso_exact` (dense codes from the compact ones), and each
