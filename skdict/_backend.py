@@ -16,6 +16,7 @@ __all__ = [
     "numpy_dtype",
     "make_generator",
     "to_numpy",
+    "default_batch_size",
 ]
 
 
@@ -110,3 +111,10 @@ def make_generator(random_state, device) -> torch.Generator:
 def to_numpy(t: torch.Tensor) -> np.ndarray:
     """Detach, move to the CPU and return a numpy array (no copy on CPU)."""
     return t.detach().cpu().numpy()
+
+
+def default_batch_size(width, dtype, *, lo=256, hi=65536, target_bytes=64 * 2**20) -> int:
+    """Rows per batch when the caller gives none: about ``target_bytes`` of a dense
+    ``(rows, width)`` block (the codes, or a score tile), between ``lo`` and ``hi``."""
+    itemsize = np.dtype(numpy_dtype(dtype)).itemsize
+    return int(max(lo, min(hi, target_bytes // max(1, int(width) * itemsize))))

@@ -6,13 +6,14 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 import torch
+from sklearn.base import BaseEstimator
 from sklearn.utils._param_validation import StrOptions
 from sklearn.utils.validation import validate_data
 
 from ._backend import numpy_dtype
 
-__all__ = ["DEVICE_CONSTRAINT", "check_input", "check_dictionary", "check_n_features",
-           "shape_error"]
+__all__ = ["DEVICE_CONSTRAINT", "FeatureProbe", "check_dictionary", "check_input",
+           "check_n_features", "feature_probe", "shape_error"]
 
 DEVICE_CONSTRAINT = [StrOptions({"auto", "cpu", "cuda", "mps"}), str, torch.device, None]
 
@@ -125,3 +126,17 @@ def check_dictionary(dictionary, name="dictionary"):
     if not np.all(np.isfinite(D)):
         raise ValueError(f"{name} contains NaN or infinity.")
     return D
+
+
+class FeatureProbe(BaseEstimator):
+    """Stands in for an estimator at the input boundary of a function: carries the
+    expected feature count; errors name the function (see :func:`feature_probe`)."""
+
+    def __init__(self, n_features=None):
+        self.n_features = n_features
+        self.n_features_in_ = n_features
+
+
+def feature_probe(n_features, name):
+    """A :class:`FeatureProbe` whose errors read "... but ``name`` is expecting ..."."""
+    return type(name, (FeatureProbe,), {})(n_features)

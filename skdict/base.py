@@ -27,7 +27,7 @@ from sklearn.base import (
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
-from ._backend import numpy_dtype, resolve_device, torch_dtype
+from ._backend import default_batch_size, numpy_dtype, resolve_device, torch_dtype
 from ._validation import DEVICE_CONSTRAINT as _DEVICE_CONSTRAINT
 from ._validation import check_input, check_n_features  # noqa: F401
 from ._validation import is_torch as _is_torch
@@ -88,19 +88,13 @@ class SparseCodingMixin(ClassNamePrefixFeaturesOutMixin, TransformerMixin):
       ``X_hat = codes @ D + offset`` (offset may be None).
     """
 
-    # default batch size when batch_size=None: aim at ~64 MB of dense codes
-    _batch_target_bytes = 64 * 2**20
-
     # ---------------------------------------------------------------- settings
     def _device(self):
         return resolve_device(getattr(self, "device", "auto"))
 
     def _batch_size_for(self, n_codes, dtype):
         bs = getattr(self, "batch_size", None)
-        if bs is not None:
-            return int(bs)
-        itemsize = np.dtype(dtype).itemsize
-        return int(max(256, min(65536, self._batch_target_bytes // max(1, n_codes * itemsize))))
+        return int(bs) if bs is not None else default_batch_size(n_codes, dtype)
 
     @property
     def _n_features_out(self):

@@ -14,13 +14,13 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 
-from ._backend import numpy_dtype, resolve_device, torch_dtype
-from ._validation import DEVICE_CONSTRAINT, check_dictionary
+from ._backend import default_batch_size, numpy_dtype, resolve_device, torch_dtype
+from ._validation import DEVICE_CONSTRAINT, check_dictionary, feature_probe
 from .data.codes import Codes, CSRBuilder
+from .data.sources import ArraySource, as_source
 from .operators import DenseOperator, as_operator
 from .solvers import SolverResult
 from .solvers.exact import lasso_exact_compact
@@ -134,44 +134,6 @@ def _exact_cpu_codes(Xb, op, alpha, positive):
     return Codes(csr=tuple(np.concatenate(p) for p in zip(*parts, strict=True)))
 
 
-def _float_dtype(dtype):
-    return np.dtype(dtype) if np.dtype(dtype) in (np.float32, np.float64) else np.dtype(np.float64)
-
-
-def _check_X(X):
-    """X as a float32/float64 ndarray, CSR matrix or torch tensor (kept on its device)."""
-    if isinstance(X, torch.Tensor):
-        if X.ndim != 2:
-            raise ValueError(f"Expected a 2-D X (n_samples, n_features), got {X.ndim}-D.")
-        if X.is_complex() or X.dtype == torch.bool:
-            raise ValueError(f"X must be real numeric, got dtype {X.dtype}.")
-        if X.dtype not in (torch.float32, torch.float64):
-            X = X.to(torch.float64)
-        if X.shape[0] < 1 or X.shape[1] < 1:
-            raise ValueError(f"X is empty (shape {tuple(X.shape)}); at least one row is needed.")
-        if not bool(torch.isfinite(X).all()):
-            raise ValueError("X contains NaN or infinity.")
-        return X
-    from sklearn.utils import check_array
-
-    return check_array(X, accept_sparse="csr", dtype=[np.float64, np.float32],
-                       input_name="X")
-
-
-def _default_batch_size(n_components, dtype):
-    # ~64 MB of dense codes per block, the estimators' default
-    itemsize = np.dtype(dtype).itemsize
-    return int(max(256, min(65536, (64 * 2**20) // max(1, n_components * itemsize))))
-
-
-def _rows(X, start, stop, device, dtype):
-    if isinstance(X, torch.Tensor):
-        return X[start:stop].to(device=device, dtype=torch_dtype(dtype))
-    blk = X[start:stop]
-    blk = blk.toarray() if sp.issparse(blk) else blk
-    return torch.from_numpy(np.ascontiguousarray(blk, dtype=dtype)).to(device)
-
-
 @validate_params(
     {
         "X": ["array-like", "sparse matrix", torch.Tensor],
@@ -261,22 +223,16 @@ def sparse_encode(
     >>> sparse_encode(np.array([[3.0, -0.5]]), D, alpha=1.0, device="cpu")
     array([[2., 0.]])
     """
-    X = _check_X(X)
     D = check_dictionary(dictionary)
-    n, p = X.shape
-    K = D.shape[0]
-    if D.shape[1] != p:
-        raise ValueError(
-            f"X has {p} features but the dictionary has {D.shape[1]} (dictionary shape "
-            f"{D.shape}, X shape {tuple(X.shape)}); they must match."
-        )
+    src = as_source(X, estimator=feature_probe(D.shape[1], "sparse_encode"),
+                    reset=False, allow_stream=False)
+    n, K, dtype = src.n_samples, D.shape[0], src.dtype
     spec = get_solver(algorithm)
     if spec.problem == "l0" and n_nonzero_coefs is not None and n_nonzero_coefs > K:
         raise ValueError(
             f"n_nonzero_coefs={n_nonzero_coefs} exceeds the {K} atoms of the dictionary; "
             f"use at most {K}."
         )
-    dtype = (numpy_dtype(X.dtype) if isinstance(X, torch.Tensor) else _float_dtype(X.dtype))
     if init is not None:
         if isinstance(init, torch.Tensor):
             init = init.detach().cpu().numpy()
@@ -289,12 +245,11 @@ def sparse_encode(
             raise ValueError("init contains NaN or infinity.")
     dev = resolve_device(device)
     op = as_operator(D, dev, dtype)
-    bs = int(batch_size) if batch_size is not None else _default_batch_size(K, dtype)
+    bs = int(batch_size) if batch_size is not None else default_batch_size(K, dtype)
     out = np.zeros((n, K), dtype=dtype)
     params = dict(algorithm=algorithm, alpha=alpha, positive=positive,
                   n_nonzero_coefs=n_nonzero_coefs, max_iter=max_iter, tol=tol)
-    for s in range(0, n, bs):
-        Xb = _rows(X, s, min(n, s + bs), dev, dtype)
+    for s, _, Xb in src.ordered(bs, device=dev):
         if init is None:
             codes = encode_codes(Xb, op, **params).to_dense(K)
         else:
@@ -302,6 +257,9 @@ def sparse_encode(
             codes = encode_block(Xb, op, init=a0, **params).codes
         out[s : s + Xb.shape[0]] = codes.detach().cpu().numpy()
     return out
+
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64), torch.float32, torch.float64)
 
 
 class BlockEncoder:
@@ -360,16 +318,17 @@ class BlockEncoder:
     def __call__(self, X):
         """CSR codes (scikit-learn's sparse interface) of a block ``X`` (ndarray,
         scipy sparse or torch tensor)."""
-        if isinstance(X, torch.Tensor):
-            dtype = numpy_dtype(self.dtype or X.dtype)
+        if self.dtype is not None:
+            dtype = numpy_dtype(self.dtype)
         else:
-            dtype = numpy_dtype(self.dtype) if self.dtype is not None else _float_dtype(X.dtype)
+            dtype = X.dtype if isinstance(X, torch.Tensor) else np.dtype(X.dtype)
+            dtype = numpy_dtype(dtype) if dtype in _FLOATS else np.dtype(np.float64)
+        src = ArraySource(X, dtype, name=type(self).__name__)  # unchecked by design
         dev = resolve_device(self.device)
-        n, K = X.shape[0], self.n_components
-        bs = self.batch_size or _default_batch_size(K, dtype)
+        K = self.n_components
         builder = CSRBuilder(K, dtype)
-        for s in range(0, n, bs):
-            self.codes(_rows(X, s, min(n, s + bs), dev, dtype)).add_to(builder)
+        for Xb in src.batches(self.batch_size or default_batch_size(K, dtype), device=dev):
+            self.codes(Xb).add_to(builder)
         return builder.build()
 
     def __getstate__(self):

@@ -6,10 +6,11 @@ import numbers
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, clone
+from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.utils import check_random_state
 
+from ._validation import feature_probe
 from .data.sources import as_source
 from .solvers.registry import get_solver
 
@@ -34,7 +35,8 @@ def alpha_max(dictionary, X, *, positive=False, device="cpu"):
     """
     D = torch.as_tensor(np.asarray(dictionary, dtype=np.float64), device=device)
     out = 0.0
-    src = as_source(X, estimator=_Probe(D.shape[1]), reset=False, allow_stream=False)
+    src = as_source(X, estimator=feature_probe(D.shape[1], "alpha_max"), reset=False,
+                    allow_stream=False)
     for Xb in src.batches(4096, device=device, dtype=np.float64):
         C = Xb @ D.T
         m = C.max() if positive else C.abs().max()
@@ -117,7 +119,8 @@ def alpha_for_sparsity(
         raise ValueError(f"target_l0 must be in (0, n_components={K}], got {target_l0!r}.")
     if not hasattr(estimator, "alpha"):
         raise ValueError(f"{type(estimator).__name__} has no 'alpha' parameter to tune.")
-    src = as_source(X, estimator=_Probe(D.shape[1]), reset=False, allow_stream=False)
+    src = as_source(X, estimator=feature_probe(D.shape[1], "alpha_for_sparsity"), reset=False,
+                    allow_stream=False)
     Xc, n = src.X, src.n_samples
     if max_samples is not None and n > max_samples:
         rows = np.sort(check_random_state(random_state).choice(n, max_samples, replace=False))
@@ -167,11 +170,3 @@ def alpha_for_sparsity(
             log_hi = np.log(mid)
     alpha = best[1]
     return (alpha, history) if return_history else alpha
-
-
-class _Probe(BaseEstimator):
-    """Minimal estimator for the feature-count check of :func:`as_source`."""
-
-    def __init__(self, n_features=None):
-        self.n_features = n_features
-        self.n_features_in_ = n_features

@@ -24,7 +24,7 @@ from sklearn.base import BaseEstimator, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._backend import torch_dtype
+from ._backend import default_batch_size, torch_dtype
 from .base import BaseSparseCoder, SparseCodingMixin
 from .data.codes import Codes
 from .data.sources import as_source
@@ -263,9 +263,8 @@ class SparseTokenSelector(SparseCodingMixin, BaseEstimator):
         bs = getattr(self, "batch_size", None)
         if bs is not None:
             return int(bs)
-        width = min(n_codes, self.tile_size)
-        itemsize = np.dtype(dtype).itemsize
-        return int(max(16, min(4096, self._batch_target_bytes // max(1, width * itemsize))))
+        # the dense block here is the (batch, tile_size) score tile, not the codes
+        return default_batch_size(min(n_codes, self.tile_size), dtype, lo=16, hi=4096)
 
     # ------------------------------------------------------------------ state
     def _transform_state(self, device, dtype):

@@ -105,9 +105,9 @@ def test_parameter_errors(kwargs, match):
 def test_input_errors_where_sklearn_also_refuses():
     X, D = _problem()
     cases = [
-        ((X[:, :5], D), "X has 5 features but the dictionary has 16"),
+        ((X[:, :5], D), "X has 5 features, but sparse_encode is expecting 16"),
         ((np.where(np.eye(40, 16) > 0, np.nan, X), D), "NaN"),
-        ((X[0], D), "Expected 2D array"),
+        ((X[0], D), "Expected a 2-D array"),
         ((np.zeros((0, 16)), D), "0 sample"),
         ((X, D[0]), r"dictionary must be 2-D"),
         ((X, np.where(np.eye(30, 16) > 0, np.inf, D)), "dictionary contains NaN or infinity"),
@@ -121,7 +121,7 @@ def test_input_errors_where_sklearn_also_refuses():
     Xt[3, 2] = float("nan")
     with pytest.raises(ValueError, match="X contains NaN or infinity"):
         sparse_encode(Xt, D, device="cpu")
-    with pytest.raises(ValueError, match="Expected a 2-D X"):
+    with pytest.raises(ValueError, match="Expected a 2-D array"):
         sparse_encode(torch.zeros(3), D, device="cpu")
 
 
