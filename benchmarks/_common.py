@@ -1,4 +1,4 @@
-"""Shared helpers of the speed benchmarks (issue 3): data, SPAMS import, timing,
+"""Shared helpers of the speed benchmarks: data, SPAMS import, timing,
 objectives and table printing."""
 
 from __future__ import annotations

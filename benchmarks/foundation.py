@@ -1,4 +1,4 @@
-"""Issue-2 figures: exact lasso transform vs scikit-learn's lasso_lars on the demo data.
+"""Exact lasso transform vs scikit-learn's lasso_lars on the demo data.
 
     python -m benchmarks.foundation [--n-rows 2000] [--alpha 1.0]
 

@@ -1,14 +1,14 @@
 """The shared estimator base of skdict.
 
-Everything that is the same for every skdict estimator lives here: the device and
-dtype policy, the conversion of numpy / scipy sparse / torch inputs, batching,
-assembly of CSR outputs without a dense ``(n_samples, n_components)`` block,
-``inverse_transform`` from CSR or dense codes, the default ``score`` and
+Everything that is the same for every skdict transformer lives here: the device
+policy, ``transform`` assembled batch by batch into CSR (never a dense
+``(n_samples, n_components)`` block), ``inverse_transform`` from CSR or dense
+codes, the one reduce loop that ``score`` and batch-wise metrics run on, and
 portable pickling.
 
-Subclasses implement ``_encode(Xb, state)`` (one batch, a torch tensor on the
-device, to codes) and ``_transform_state(device, dtype)`` (tensors the encoder
-needs, such as the dictionary and its Gram matrix, prepared once per call).
+Subclasses implement ``_transform_state(device, dtype)`` (tensors prepared once
+per call), ``_encode(Xb, state) -> Codes`` (one batch), ``_decoder(device,
+dtype) -> (D, offset)`` and, for ``score``, ``_score_from(sums, n, p)``.
 """
 
 from __future__ import annotations
@@ -24,129 +24,37 @@ from sklearn.base import (
     ClassNamePrefixFeaturesOutMixin,
     TransformerMixin,
 )
-from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils._param_validation import Interval
+from sklearn.utils.validation import check_is_fitted
 
 from ._backend import numpy_dtype, resolve_device, torch_dtype
+from ._validation import DEVICE_CONSTRAINT as _DEVICE_CONSTRAINT
+from ._validation import check_input, check_n_features  # noqa: F401
+from ._validation import is_torch as _is_torch
+from ._validation import shape_error as _shape_error  # noqa: F401
 from .data.codes import Codes, CSRBuilder, as_codes, make_csr  # noqa: F401
-from .solvers.decode import sparse_decode
+from .data.sources import as_source
+from .solvers.decode import sparse_decode, topk_decode
 
 __all__ = [
+    "BATCH_SUMS",
     "SparseCodingMixin",
     "BaseSparseCoder",
     "CSRBuilder",
     "check_input",
-    "iter_batches",
-    "n_samples_of",
     "make_csr",
     "lasso_information_criterion",
+    "batch_sums",
+    "decode_codes",
 ]
-
-_DEVICE_CONSTRAINT = [StrOptions({"auto", "cpu", "cuda", "mps"}), str, torch.device, None]
-
-
-# --------------------------------------------------------------------------------------
-# Input handling
-# --------------------------------------------------------------------------------------
-
-
-def _shape_error(X_ndim, shape, name):
-    if X_ndim == 1:
-        return ValueError(
-            f"Expected a 2-D array (n_samples, n_features), got a 1-D array of shape "
-            f"{tuple(shape)}. Reshape your data using X.reshape(-1, 1) if it has a "
-            "single feature or X.reshape(1, -1) if it contains a single sample."
-        )
-    return ValueError(
-        f"Expected a 2-D array (n_samples, n_features), got a {X_ndim}-D array of "
-        f"shape {tuple(shape)}. {name} treats each row as one sample: reshape, e.g. "
-        "X.reshape(-1, X.shape[-1]) to treat every token / position as a sample."
-    )
-
-
-def _is_torch(X):
-    return isinstance(X, torch.Tensor)
-
-
-def check_input(estimator, X, *, reset, dtype_default=np.float64):
-    """Validate ``X`` for an skdict estimator and record its feature count.
-
-    Returns ``(X, dtype)`` where ``X`` is a 2-D numpy array (possibly a memmap,
-    never copied when it is already float32/float64 C-or-F contiguous), a scipy
-    CSR matrix, or a 2-D floating torch tensor left on its device; and ``dtype``
-    is the numpy floating dtype of the computation (float32 or float64).
-    """
-    name = type(estimator).__name__
-    if _is_torch(X):
-        if X.ndim != 2:
-            raise _shape_error(X.ndim, X.shape, name)
-        if X.shape[0] < 1:
-            raise ValueError(
-                f"Found array with 0 sample(s) (shape={tuple(X.shape)}) while a "
-                f"minimum of 1 is required by {name}."
-            )
-        if X.shape[1] < 1:
-            raise ValueError(
-                f"Found array with 0 feature(s) (shape={tuple(X.shape)}) while a "
-                f"minimum of 1 is required by {name}."
-            )
-        if X.dtype not in (torch.float32, torch.float64):
-            X = X.to(torch.float64 if not X.is_floating_point() else torch.float32)
-        if not bool(torch.isfinite(X).all()):
-            raise ValueError(
-                "Input X contains NaN or infinity. Remove or impute non-finite values "
-                f"before calling {name}."
-            )
-        n_features = X.shape[1]
-        if reset:
-            estimator.n_features_in_ = n_features
-            if hasattr(estimator, "feature_names_in_"):
-                del estimator.feature_names_in_
-        else:
-            _check_n_features(estimator, n_features)
-        return X, numpy_dtype(X.dtype)
-
-    ndim = getattr(X, "ndim", None)
-    if ndim is not None and ndim not in (2,) and not sp.issparse(X):
-        if ndim == 0:
-            raise ValueError(f"Expected a 2-D array (n_samples, n_features), got a scalar ({X!r}).")
-        raise _shape_error(ndim, X.shape, name)
-    X = validate_data(
-        estimator,
-        X,
-        reset=reset,
-        accept_sparse="csr",
-        dtype=[np.float64, np.float32],
-        ensure_min_samples=1,
-        ensure_min_features=1,
-        order=None,
-        copy=False,
-    )
-    if sp.issparse(X):
-        X = sp.csr_matrix(X)
-        X.sort_indices()
-    return X, X.dtype
-
-
-def _check_n_features(estimator, n_features):
-    expected = getattr(estimator, "n_features_in_", None)
-    if expected is not None and n_features != expected:
-        raise ValueError(
-            f"X has {n_features} features, but {type(estimator).__name__} is "
-            f"expecting {expected} features as input."
-        )
-
 
 def n_samples_of(X):
     return int(X.shape[0])
 
 
 def iter_batches(X, batch_size, device, dtype):
-    """Yield ``(start, stop, Xb)`` with ``Xb`` a dense torch tensor on ``device``.
-
-    Only one batch of ``X`` is ever materialised densely on the device. Torch
-    inputs already on ``device`` are sliced without a copy.
-    """
+    """``(start, stop, Xb)`` over an already validated array (callers being moved
+    to :class:`~skdict.data.sources.RowSource`)."""
     n = n_samples_of(X)
     tdtype = torch_dtype(dtype)
     batch_size = max(1, int(batch_size))
@@ -155,11 +63,9 @@ def iter_batches(X, batch_size, device, dtype):
         if _is_torch(X):
             Xb = X[start:stop].to(device=device, dtype=tdtype)
         elif sp.issparse(X):
-            Xb = torch.from_numpy(X[start:stop].toarray().astype(dtype, copy=False))
-            Xb = Xb.to(device)
+            Xb = torch.from_numpy(X[start:stop].toarray().astype(dtype, copy=False)).to(device)
         else:
-            chunk = np.ascontiguousarray(X[start:stop], dtype=dtype)
-            Xb = torch.from_numpy(chunk).to(device)
+            Xb = torch.from_numpy(np.ascontiguousarray(X[start:stop], dtype=dtype)).to(device)
         yield start, stop, Xb
 
 
@@ -201,23 +107,79 @@ class SparseCodingMixin(ClassNamePrefixFeaturesOutMixin, TransformerMixin):
         return self._n_codes()
 
     # ---------------------------------------------------------------- transform
+    def _source(self, X):
+        return as_source(X, estimator=self, reset=False, allow_stream=False)
+
     def _transform_impl(self, X, *, sparse_output=None):
-        X, dtype = check_input(self, X, reset=False)
+        src = self._source(X)
         device = self._device()
-        state = self._transform_state(device, dtype)
+        state = self._transform_state(device, src.dtype)
         n_codes = self._n_codes()
         sparse_output = self.sparse_output if sparse_output is None else sparse_output
-        bs = self._batch_size_for(n_codes, dtype)
+        bs = self._batch_size_for(n_codes, src.dtype)
         if sparse_output:
-            builder = CSRBuilder(n_codes, dtype)
-            for _, _, Xb in iter_batches(X, bs, device, dtype):
+            builder = CSRBuilder(n_codes, src.dtype)
+            for _, _, Xb in src.ordered(bs, device=device):
                 as_codes(self._encode(Xb, state)).add_to(builder)
             return builder.build()
-        out = np.zeros((n_samples_of(X), n_codes), dtype=dtype)
-        for start, stop, Xb in iter_batches(X, bs, device, dtype):
+        out = np.zeros((src.n_samples, n_codes), dtype=src.dtype)
+        for start, stop, Xb in src.ordered(bs, device=device):
             dense = as_codes(self._encode(Xb, state)).to_dense(n_codes)
             out[start:stop] = dense.detach().cpu().numpy()
         return out
+
+    def _reduce(self, X, sums=None, *, fn=None):
+        """The one loop behind ``score`` and batch-wise metrics.
+
+        Encodes ``X`` batch by batch and adds up, in float64, what each batch
+        contributes: by default the quantities named in ``sums`` (see
+        :data:`BATCH_SUMS`: ``"rss"`` squared residual, ``"nnz"`` non-zero codes,
+        ``"s1"`` column sums of ``X``, ``"s2"`` squared norm of ``X``), or the
+        dict returned by ``fn(Xb, codes, state)``. Values stay on the device
+        until the end (no host sync per batch). Returns ``(totals, n_samples,
+        n_features)`` with floats (vectors as numpy arrays).
+        """
+        sums = BATCH_SUMS if sums is None else tuple(sums)
+        src = self._source(X)
+        device = self._device()
+        state = self._transform_state(device, src.dtype)
+        if fn is None:
+            D, offset = self._decoder(device, src.dtype)
+
+            def fn(Xb, codes, state):
+                return batch_sums(Xb, codes, D, offset, sums)
+
+        bs = self._batch_size_for(self._n_codes(), src.dtype)
+        totals = {}
+        for _, _, Xb in src.ordered(bs, device=device):
+            for name, value in fn(Xb, as_codes(self._encode(Xb, state)), state).items():
+                totals[name] = totals[name] + value if name in totals else value
+        out = {}
+        for k, v in totals.items():
+            if isinstance(v, torch.Tensor):
+                v = v.double().cpu()
+                v = v.numpy() if v.dim() else float(v)
+            out[k] = v
+        return out, src.n_samples, src.n_features
+
+    def score(self, X, y=None):
+        """Score of the codes of ``X`` (higher is better); see ``_score_from``.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix, torch.Tensor} of shape (n_samples, n_features)
+        y : Ignored
+
+        Returns
+        -------
+        score : float
+        """
+        self._check_ready()
+        totals, n, p = self._reduce(X)
+        return float(self._score_from(totals, n, p))
+
+    def _score_from(self, sums, n, p):
+        raise NotImplementedError  # pragma: no cover - every estimator defines its criterion
 
     def transform(self, X):
         """Encode ``X`` into sparse codes.
@@ -424,23 +386,44 @@ class BaseSparseCoder(SparseCodingMixin, BaseEstimator):
         -------
         score : float
         """
-        self._check_ready()
-        rss, nnz, n, p = self._rss_nnz(X)
-        return -lasso_information_criterion((n, p), nnz, rss, self._n_codes(), "ebic")
+        return super().score(X, y)
 
-    def _rss_nnz(self, X):
-        X, dtype = check_input(self, X, reset=False)
-        device = self._device()
-        state = self._transform_state(device, dtype)
-        D, offset = self._decoder(device, dtype)
-        bs = self._batch_size_for(self._n_codes(), dtype)
-        rss = 0.0
-        nnz = 0
-        for _, _, Xb in iter_batches(X, bs, device, dtype):
-            A = as_codes(self._encode(Xb, state)).to_dense(D.shape[0], device).to(Xb.dtype)
-            R = Xb - A @ D
-            if offset is not None:
-                R = R - offset
-            rss += float((R.double() ** 2).sum())
-            nnz += int((A != 0).sum())
-        return rss, nnz, n_samples_of(X), X.shape[1]
+    def _score_from(self, sums, n, p):
+        return -lasso_information_criterion((n, p), sums["nnz"], sums["rss"], self._n_codes(),
+                                            "ebic")
+
+
+BATCH_SUMS = ("rss", "nnz", "s1", "s2")
+
+
+def decode_codes(codes, D, offset=None):
+    """``codes @ D (+ offset)`` for any :class:`~skdict.data.codes.Codes`, without
+    densifying fixed-width or CSR codes."""
+    if codes.dense is not None:
+        Xh = codes.dense.to(D.dtype) @ D
+    elif codes.csr is not None:
+        data, cols, counts = codes.csr
+        crow = torch.zeros(len(counts) + 1, dtype=torch.int64)
+        torch.cumsum(torch.as_tensor(np.asarray(counts), dtype=torch.int64), 0, out=crow[1:])
+        col = torch.as_tensor(np.asarray(cols), dtype=torch.int64)
+        val = torch.as_tensor(np.asarray(data)).to(D.dtype)
+        Xh = sparse_decode(crow.to(D.device), col.to(D.device), val.to(D.device), D)
+    else:
+        Xh = topk_decode(codes.indices, codes.values.to(D.dtype), D)
+    return Xh if offset is None else Xh + offset
+
+
+def batch_sums(Xb, codes, D, offset=None, sums=BATCH_SUMS):
+    """The float64 sums of one batch that :meth:`SparseCodingMixin._reduce` adds up
+    (0-d or 1-d tensors on the batch's device: no host sync per batch)."""
+    out = {}
+    if "rss" in sums:
+        R = Xb - decode_codes(codes, D, offset)
+        out["rss"] = (R.double() ** 2).sum()
+    if "nnz" in sums:
+        out["nnz"] = codes.nnz()
+    if "s1" in sums:
+        out["s1"] = Xb.double().sum(0)
+    if "s2" in sums:
+        out["s2"] = (Xb.double() ** 2).sum()
+    return out

@@ -10,7 +10,7 @@ from sklearn.base import BaseEstimator, clone
 from sklearn.exceptions import NotFittedError
 from sklearn.utils import check_random_state
 
-from .base import check_input, iter_batches, n_samples_of
+from .data.sources import as_source
 
 __all__ = ["alpha_for_sparsity", "alpha_max"]
 
@@ -33,8 +33,8 @@ def alpha_max(dictionary, X, *, positive=False, device="cpu"):
     """
     D = torch.as_tensor(np.asarray(dictionary, dtype=np.float64), device=device)
     out = 0.0
-    Xv = np.asarray(X, dtype=np.float64) if not hasattr(X, "tocsr") else X
-    for _, _, Xb in iter_batches(Xv, 4096, device, np.float64):
+    src = as_source(X, estimator=_Probe(D.shape[1]), reset=False, allow_stream=False)
+    for Xb in src.batches(4096, device=device, dtype=np.float64):
         C = Xb @ D.T
         m = C.max() if positive else C.abs().max()
         out = max(out, float(m))
@@ -116,8 +116,8 @@ def alpha_for_sparsity(
         raise ValueError(f"target_l0 must be in (0, n_components={K}], got {target_l0!r}.")
     if not hasattr(estimator, "alpha"):
         raise ValueError(f"{type(estimator).__name__} has no 'alpha' parameter to tune.")
-    Xc, dtype = check_input(_Probe(D.shape[1]), X, reset=False)
-    n = n_samples_of(Xc)
+    src = as_source(X, estimator=_Probe(D.shape[1]), reset=False, allow_stream=False)
+    Xc, n = src.X, src.n_samples
     if max_samples is not None and n > max_samples:
         rows = np.sort(check_random_state(random_state).choice(n, max_samples, replace=False))
         Xc = Xc[rows] if not isinstance(Xc, torch.Tensor) else Xc[torch.as_tensor(rows)]
@@ -169,7 +169,7 @@ def alpha_for_sparsity(
 
 
 class _Probe(BaseEstimator):
-    """Minimal estimator for check_input's feature-count check."""
+    """Minimal estimator for the feature-count check of :func:`as_source`."""
 
     def __init__(self, n_features=None):
         self.n_features = n_features

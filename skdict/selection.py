@@ -25,13 +25,9 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._backend import torch_dtype
-from .base import (
-    BaseSparseCoder,
-    SparseCodingMixin,
-    check_input,
-    iter_batches,
-    n_samples_of,
-)
+from .base import BaseSparseCoder, SparseCodingMixin
+from .data.codes import Codes
+from .data.sources import as_source
 from .nn.attention import budget_size, candidate_weights
 from .solvers import lasso_exact, power_iteration, topk_decode
 
@@ -82,7 +78,7 @@ class SparseTokenSelector(SparseCodingMixin, BaseEstimator):
       checked against every token tile by tile; violators are added and the
       lasso re-solved until it holds, so the result is the exact lasso over all
       tokens.
-    * ``"threshold"``: the seed's adaptive soft threshold: weights
+    * ``"threshold"``: an adaptive soft threshold: weights
       ``max(s - lam, 0)`` with ``lam = alpha * mean|s|`` (mean over all tokens),
       renormalised to sum to one.
     * ``"sparsemax"``: the Euclidean projection of the scores onto the simplex
@@ -222,7 +218,8 @@ class SparseTokenSelector(SparseCodingMixin, BaseEstimator):
         self
         """
         self._device()
-        X, dtype = check_input(self, X, reset=True)
+        src = as_source(X, estimator=self, reset=True, allow_stream=False)
+        X, dtype = src.X, src.dtype
         if isinstance(X, torch.Tensor):
             X = X.detach().cpu().numpy()
         elif sp.issparse(X):
@@ -477,7 +474,8 @@ class SparseTokenSelector(SparseCodingMixin, BaseEstimator):
         return idx, wts
 
     def _encode(self, Xb, state):
-        return self._select(Xb, state)
+        idx, w = self._select(Xb, state)
+        return Codes(indices=idx, values=w)
 
     # ------------------------------------------------------------------ public
     def get_support(self, X):
@@ -503,11 +501,11 @@ class SparseTokenSelector(SparseCodingMixin, BaseEstimator):
         moderate sizes only.
         """
         check_is_fitted(self)
-        X, dtype = check_input(self, X, reset=False)
-        state = self._transform_state(self._device(), dtype)
-        out = np.empty((n_samples_of(X), state["n"]), dtype=dtype)
-        for a, b, Qb in iter_batches(X, self._batch_size_for(state["n"], dtype),
-                                     self._device(), dtype):
+        src = self._source(X)
+        device = self._device()
+        state = self._transform_state(device, src.dtype)
+        out = np.empty((src.n_samples, state["n"]), dtype=src.dtype)
+        for a, b, Qb in src.ordered(self._batch_size_for(state["n"], src.dtype), device=device):
             out[a:b] = self._tile_scores(Qb, state, 0, state["n"]).cpu().numpy()
         return out
 
@@ -538,40 +536,36 @@ class SparseTokenSelector(SparseCodingMixin, BaseEstimator):
         score : float
         """
         check_is_fitted(self)
-        X, dtype = check_input(self, X, reset=False)
-        device = self._device()
-        state = self._transform_state(device, dtype)
-        V, _ = self._decoder(device, dtype)
+        totals, nq, _ = self._reduce(X, fn=self._fidelity_sums)
+        n = self.n_tokens_
+        return totals["fidelity"] / nq - float(self.compute_cost) * totals["nnz"] / (nq * n)
+
+    def _fidelity_sums(self, Qb, codes, state):
+        """Per batch: the sum of output fidelities against the dense softmax and
+        the number of selected tokens (see :meth:`score`)."""
+        V, _ = self._decoder(Qb.device, Qb.dtype)
         n = state["n"]
-        fid_sum = 0.0
-        nnz_sum = 0.0
-        bs = self._batch_size_for(n, dtype)
-        for _, _, Qb in iter_batches(X, bs, device, dtype):
-            idx, w = self._select(Qb, state)
-            WV = topk_decode(idx, w, V)
-            mrun = lrun = acc = None
-            for s0, s1 in self._tiles(n):
-                St = self._tile_scores(Qb, state, s0, s1)
-                mt = St.amax(1)
-                mnew = mt if mrun is None else torch.maximum(mrun, mt)
-                P = torch.exp(St - mnew[:, None])
-                if mrun is None:
-                    lrun = P.sum(1)
-                    acc = P @ V[s0:s1]
-                else:
-                    f = torch.exp(mrun - mnew)
-                    lrun = lrun * f + P.sum(1)
-                    acc = acc * f[:, None] + P @ V[s0:s1]
-                mrun = mnew
-            AV = acc / lrun[:, None]
-            den = torch.linalg.vector_norm(AV, dim=1)
-            num = torch.linalg.vector_norm(WV - AV, dim=1)
-            tiny = torch.finfo(AV.dtype).tiny
-            rel = torch.where(den > tiny, num / den.clamp(min=tiny), num)
-            fid_sum += float((1 - rel).double().sum())
-            nnz_sum += float((w != 0).sum())
-        nq = n_samples_of(X)
-        return fid_sum / nq - float(self.compute_cost) * nnz_sum / (nq * n)
+        WV = topk_decode(codes.indices, codes.values, V)
+        mrun = lrun = acc = None
+        for s0, s1 in self._tiles(n):
+            St = self._tile_scores(Qb, state, s0, s1)
+            mt = St.amax(1)
+            mnew = mt if mrun is None else torch.maximum(mrun, mt)
+            P = torch.exp(St - mnew[:, None])
+            if mrun is None:
+                lrun = P.sum(1)
+                acc = P @ V[s0:s1]
+            else:
+                f = torch.exp(mrun - mnew)
+                lrun = lrun * f + P.sum(1)
+                acc = acc * f[:, None] + P @ V[s0:s1]
+            mrun = mnew
+        AV = acc / lrun[:, None]
+        den = torch.linalg.vector_norm(AV, dim=1)
+        num = torch.linalg.vector_norm(WV - AV, dim=1)
+        tiny = torch.finfo(AV.dtype).tiny
+        rel = torch.where(den > tiny, num / den.clamp(min=tiny), num)
+        return {"fidelity": (1 - rel).double().sum(), "nnz": (codes.values != 0).sum()}
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -125,6 +125,14 @@ class Codes:
                             device=self.values.device)
         return dense.scatter_add_(1, self.indices, self.values)
 
+    def nnz(self):
+        """Number of non-zero codes (an int for CSR pieces, else a 0-d tensor)."""
+        if self.dense is not None:
+            return (self.dense != 0).sum()
+        if self.csr is not None:
+            return int(np.asarray(self.csr[2]).sum())
+        return (self.values != 0).sum()
+
     def add_to(self, builder):
         """Append these rows to a :class:`CSRBuilder`."""
         if self.dense is not None:

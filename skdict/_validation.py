@@ -1,0 +1,127 @@
+"""Validation at the estimator boundary: input arrays, dictionaries and the
+parameter-constraint fragments every estimator shares."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.utils._param_validation import StrOptions
+from sklearn.utils.validation import validate_data
+
+from ._backend import numpy_dtype
+
+__all__ = ["DEVICE_CONSTRAINT", "check_input", "check_dictionary", "check_n_features",
+           "shape_error"]
+
+DEVICE_CONSTRAINT = [StrOptions({"auto", "cpu", "cuda", "mps"}), str, torch.device, None]
+
+
+# --------------------------------------------------------------------------------------
+# Input handling
+# --------------------------------------------------------------------------------------
+
+
+def shape_error(X_ndim, shape, name):
+    if X_ndim == 1:
+        return ValueError(
+            f"Expected a 2-D array (n_samples, n_features), got a 1-D array of shape "
+            f"{tuple(shape)}. Reshape your data using X.reshape(-1, 1) if it has a "
+            "single feature or X.reshape(1, -1) if it contains a single sample."
+        )
+    return ValueError(
+        f"Expected a 2-D array (n_samples, n_features), got a {X_ndim}-D array of "
+        f"shape {tuple(shape)}. {name} treats each row as one sample: reshape, e.g. "
+        "X.reshape(-1, X.shape[-1]) to treat every token / position as a sample."
+    )
+
+
+def is_torch(X):
+    return isinstance(X, torch.Tensor)
+
+
+def check_input(estimator, X, *, reset, dtype_default=np.float64):
+    """Validate ``X`` for an skdict estimator and record its feature count.
+
+    Returns ``(X, dtype)`` where ``X`` is a 2-D numpy array (possibly a memmap,
+    never copied when it is already float32/float64 C-or-F contiguous), a scipy
+    CSR matrix, or a 2-D floating torch tensor left on its device; and ``dtype``
+    is the numpy floating dtype of the computation (float32 or float64).
+    """
+    name = type(estimator).__name__
+    if is_torch(X):
+        if X.ndim != 2:
+            raise shape_error(X.ndim, X.shape, name)
+        if X.shape[0] < 1:
+            raise ValueError(
+                f"Found array with 0 sample(s) (shape={tuple(X.shape)}) while a "
+                f"minimum of 1 is required by {name}."
+            )
+        if X.shape[1] < 1:
+            raise ValueError(
+                f"Found array with 0 feature(s) (shape={tuple(X.shape)}) while a "
+                f"minimum of 1 is required by {name}."
+            )
+        if X.dtype not in (torch.float32, torch.float64):
+            X = X.to(torch.float64 if not X.is_floating_point() else torch.float32)
+        if not bool(torch.isfinite(X).all()):
+            raise ValueError(
+                "Input X contains NaN or infinity. Remove or impute non-finite values "
+                f"before calling {name}."
+            )
+        n_features = X.shape[1]
+        if reset:
+            estimator.n_features_in_ = n_features
+            if hasattr(estimator, "feature_names_in_"):
+                del estimator.feature_names_in_
+        else:
+            check_n_features(estimator, n_features)
+        return X, numpy_dtype(X.dtype)
+
+    ndim = getattr(X, "ndim", None)
+    if ndim is not None and ndim not in (2,) and not sp.issparse(X):
+        if ndim == 0:
+            raise ValueError(f"Expected a 2-D array (n_samples, n_features), got a scalar ({X!r}).")
+        raise shape_error(ndim, X.shape, name)
+    X = validate_data(
+        estimator,
+        X,
+        reset=reset,
+        accept_sparse="csr",
+        dtype=[np.float64, np.float32],
+        ensure_min_samples=1,
+        ensure_min_features=1,
+        order=None,
+        copy=False,
+    )
+    if sp.issparse(X):
+        X = sp.csr_matrix(X)
+        X.sort_indices()
+    return X, X.dtype
+
+
+def check_n_features(estimator, n_features):
+    expected = getattr(estimator, "n_features_in_", None)
+    if expected is not None and n_features != expected:
+        raise ValueError(
+            f"X has {n_features} features, but {type(estimator).__name__} is "
+            f"expecting {expected} features as input."
+        )
+
+
+
+
+def check_dictionary(dictionary, name="dictionary"):
+    """A dictionary (atoms as rows) as a finite, numeric, non-empty 2-D numpy array."""
+    if isinstance(dictionary, torch.Tensor):
+        dictionary = dictionary.detach().cpu().numpy()
+    D = np.asarray(dictionary)
+    if D.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n_components, n_features), got shape {D.shape}.")
+    if D.shape[0] < 1 or D.shape[1] < 1:
+        raise ValueError(f"{name} must be non-empty, got shape {D.shape}.")
+    if D.dtype.kind not in "fiu":
+        raise ValueError(f"{name} must be numeric, got dtype {D.dtype}.")
+    if not np.all(np.isfinite(D)):
+        raise ValueError(f"{name} contains NaN or infinity.")
+    return D

@@ -1,0 +1,333 @@
+"""Where rows come from: one :class:`RowSource` over every input kind.
+
+Every estimator reads its rows through :func:`as_source`, so that numpy arrays,
+memory maps, scipy sparse matrices, torch tensors (on any device), pandas frames
+and iterables of batches (lists, generators, torch ``DataLoader``) get the same
+validation, the same errors and, for the same seed, the same shuffled batches.
+
+* Arrays are validated once at the boundary. Memory maps are never loaded whole:
+  their shape and dtype are checked up front and their finiteness batch by batch.
+* Shuffling draws from a CPU :class:`torch.Generator`, so a seed gives the same
+  batches whatever the device and whatever the array kind.
+* A stream (an iterable of 2-D batches) is validated block by block; its first
+  block is read when the source is made (to learn the feature count) and replayed,
+  so a one-pass generator loses nothing.
+
+Batches are dense tensors on the requested device. On the CPU an in-order batch
+of a C-contiguous numpy array of the right dtype is a view of the caller's
+memory: treat batches as read-only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from .._backend import numpy_dtype, torch_dtype
+from .._validation import check_input, check_n_features, shape_error
+
+__all__ = ["RowSource", "ArraySource", "StreamSource", "as_source", "is_stream"]
+
+
+def is_stream(X) -> bool:
+    """True when ``X`` is an iterable of 2-D batches rather than one array-like.
+
+    Arrays, tensors, sparse matrices and anything with ``shape`` or ``__array__``
+    (pandas, memmaps) are one array. A list or tuple is a stream only when every
+    element is itself 2-D (a nested list of numbers is an array). Any other
+    iterable (generator, iterator, ``DataLoader``) is a stream.
+    """
+    if isinstance(X, (np.ndarray, torch.Tensor, str, bytes, dict)) or sp.issparse(X):
+        return False
+    if hasattr(X, "__array__") or hasattr(X, "shape"):
+        return False
+    if isinstance(X, (list, tuple)):
+        return len(X) > 0 and all(_is_block(b) for b in X)
+    return isinstance(X, Iterable)
+
+
+def _is_block(b):
+    if isinstance(b, (list, tuple)) and len(b) > 0 and isinstance(b[0], torch.Tensor):
+        b = b[0]  # (x, y) / [x] batches of a DataLoader
+    return sp.issparse(b) or getattr(b, "ndim", None) == 2
+
+
+def _resolve_dtype(dtype, data_dtype):
+    if dtype is None:
+        return numpy_dtype(data_dtype)
+    if isinstance(dtype, torch.dtype):
+        return numpy_dtype(dtype)
+    return np.dtype(dtype)
+
+
+def _nonfinite_error(name):
+    return ValueError(
+        "Input X contains NaN or infinity. Remove or impute non-finite values before "
+        f"calling {name}."
+    )
+
+
+def _to_tensor(block, device, tdtype):
+    """A numpy / scipy / torch block as a dense tensor on ``device``."""
+    if isinstance(block, torch.Tensor):
+        return block.to(device=device, dtype=tdtype)
+    if sp.issparse(block):
+        block = block.toarray()
+    arr = np.ascontiguousarray(block, dtype=numpy_dtype(tdtype))
+    if not arr.flags.writeable:  # torch.from_numpy wants writeable memory
+        arr = arr.copy()
+    return torch.from_numpy(arr).to(device)
+
+
+class RowSource:
+    """Rows of a data set, read batch by batch.
+
+    Attributes
+    ----------
+    n_samples : int or None
+        Number of rows (None for streams).
+    n_features : int
+    dtype : numpy.dtype
+        Compute dtype (float32 or float64).
+    is_stream : bool
+    reiterable : bool
+        False for a one-pass iterator: it can be read once.
+    """
+
+    n_samples: int | None
+    n_features: int
+    dtype: np.dtype
+    is_stream = False
+    reiterable = True
+
+    def batches(self, batch_size, *, device, shuffle=False, generator=None, dtype=None):
+        """Dense batches of at most ``batch_size`` rows on ``device``.
+
+        ``shuffle``: False (row order), True (a permutation of all rows drawn
+        with ``generator``; each batch's rows in increasing order) or
+        ``"blocks"`` (contiguous blocks of ``batch_size`` rows in a random order,
+        rows permuted within each block: contiguous reads for memory maps).
+        Streams yield their blocks in the order given (``shuffle`` is ignored).
+        """
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def ordered(self, batch_size, *, device, dtype=None):
+        """``(start, stop, Xb)`` over all rows in order."""
+        start = 0
+        for Xb in self.batches(batch_size, device=device, dtype=dtype):
+            stop = start + Xb.shape[0]
+            yield start, stop, Xb
+            start = stop
+
+    def sample(self, n, *, generator, device, dtype=None):
+        """Up to ``n`` distinct random rows (for initialisation), as one tensor."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _tdtype(self, dtype):
+        return torch_dtype(self.dtype if dtype is None else _resolve_dtype(dtype, self.dtype))
+
+
+class ArraySource(RowSource):
+    """numpy arrays, memory maps, scipy sparse matrices and torch tensors."""
+
+    def __init__(self, X, dtype, *, name, check_finite_per_batch=False):
+        self.X = X
+        self.n_samples = int(X.shape[0])
+        self.n_features = int(X.shape[1])
+        self.dtype = np.dtype(dtype)
+        self._name = name
+        self._check_finite = check_finite_per_batch
+        self.is_torch = isinstance(X, torch.Tensor)
+
+    def _rows(self, idx, device, tdtype):
+        X = self.X
+        if self.is_torch:
+            idx = torch.as_tensor(idx, device=X.device)
+            out = X.index_select(0, idx).to(device=device, dtype=tdtype)
+        else:
+            out = _to_tensor(X[np.asarray(idx)], device, tdtype)
+        return self._checked(out)
+
+    def _slice(self, start, stop, device, tdtype):
+        return self._checked(_to_tensor(self.X[start:stop], device, tdtype))
+
+    def _checked(self, Xb):
+        if self._check_finite and not bool(torch.isfinite(Xb).all()):
+            raise _nonfinite_error(self._name)
+        return Xb
+
+    def batches(self, batch_size, *, device, shuffle=False, generator=None, dtype=None):
+        n, bs = self.n_samples, max(1, int(batch_size))
+        tdtype = self._tdtype(dtype)
+        if not shuffle:
+            for start in range(0, n, bs):
+                yield self._slice(start, min(n, start + bs), device, tdtype)
+            return
+        if shuffle == "blocks":
+            n_blocks = -(-n // bs)
+            for b in torch.randperm(n_blocks, generator=generator).tolist():
+                start, stop = b * bs, min(n, (b + 1) * bs)
+                within = torch.randperm(stop - start, generator=generator)
+                Xb = self._slice(start, stop, device, tdtype)
+                yield Xb[within.to(Xb.device)]
+            return
+        perm = torch.randperm(n, generator=generator)
+        for start in range(0, n, bs):
+            idx = perm[start : start + bs].sort().values
+            yield self._rows(idx if self.is_torch else idx.numpy(), device, tdtype)
+
+    def ordered(self, batch_size, *, device, dtype=None):
+        n, bs = self.n_samples, max(1, int(batch_size))
+        tdtype = self._tdtype(dtype)
+        for start in range(0, n, bs):
+            stop = min(n, start + bs)
+            yield start, stop, self._slice(start, stop, device, tdtype)
+
+    def sample(self, n, *, generator, device, dtype=None):
+        m = min(int(n), self.n_samples)
+        idx = torch.randperm(self.n_samples, generator=generator)[:m].sort().values
+        return self._rows(idx if self.is_torch else idx.numpy(), device, self._tdtype(dtype))
+
+
+class StreamSource(RowSource):
+    """An iterable of 2-D batches, validated block by block."""
+
+    is_stream = True
+    n_samples = None
+
+    def __init__(self, X, *, estimator, reset, dtype):
+        self._X = X
+        self._name = type(estimator).__name__
+        self.reiterable = not isinstance(X, Iterator)
+        it = iter(X)
+        first = next(it, None)
+        if first is None:
+            raise ValueError(
+                f"The iterable of batches given to {self._name} is empty; pass at least "
+                "one 2-D batch of shape (n_rows, n_features)."
+            )
+        first, data_dtype = self._validate(first, estimator, reset=reset)
+        self.n_features = int(first.shape[1])
+        self._expected = self.n_features
+        self.dtype = _resolve_dtype(dtype, data_dtype)
+        self._first = first
+        self._it = it  # continuation of the first pass
+        self._passes = 0
+
+    def _validate(self, block, estimator, *, reset):
+        if isinstance(block, (list, tuple)) and len(block) > 0 and isinstance(
+            block[0], torch.Tensor
+        ):
+            block = block[0]
+        if not (sp.issparse(block) or hasattr(block, "ndim") or hasattr(block, "__array__")):
+            block = np.asarray(block)
+        ndim = getattr(block, "ndim", 2)
+        if ndim != 2:
+            raise shape_error(ndim, block.shape, self._name)
+        block, dtype = check_input(estimator, block, reset=reset)
+        return block, dtype
+
+    def _check_block(self, block):
+        if isinstance(block, (list, tuple)) and len(block) > 0 and isinstance(
+            block[0], torch.Tensor
+        ):
+            block = block[0]
+        if not (sp.issparse(block) or isinstance(block, torch.Tensor)):
+            block = np.asarray(block)
+        if block.ndim != 2:
+            raise shape_error(block.ndim, block.shape, self._name)
+        if block.shape[1] != self._expected:
+            raise ValueError(
+                f"A batch has {block.shape[1]} features, but {self._name} is expecting "
+                f"{self._expected} features as input (from the first batch)."
+            )
+        if block.shape[0] == 0:
+            return None
+        return block
+
+    def _blocks(self):
+        if self._passes == 0:
+            self._passes = 1
+            yield self._first
+            yield from self._it
+            return
+        if not self.reiterable:
+            raise ValueError(
+                f"{self._name} was given a one-pass iterator, which has been read; pass a "
+                "list of batches or a re-iterable (e.g. a DataLoader) to read it again."
+            )
+        self._passes += 1
+        yield from iter(self._X)
+
+    def batches(self, batch_size, *, device, shuffle=False, generator=None, dtype=None):
+        bs = max(1, int(batch_size))
+        tdtype = self._tdtype(dtype)
+        for block in self._blocks():
+            block = self._check_block(block)
+            if block is None:
+                continue
+            Xb = _to_tensor(block, device, tdtype)
+            if not bool(torch.isfinite(Xb).all()):
+                raise _nonfinite_error(self._name)
+            for s in range(0, Xb.shape[0], bs):
+                yield Xb[s : s + bs]
+
+    def sample(self, n, *, generator, device, dtype=None):
+        Xb = _to_tensor(self._first, device, self._tdtype(dtype))
+        if not bool(torch.isfinite(Xb).all()):
+            raise _nonfinite_error(self._name)
+        m = min(int(n), Xb.shape[0])
+        idx = torch.randperm(Xb.shape[0], generator=generator)[:m].sort().values
+        return Xb[idx.to(Xb.device)]
+
+
+def as_source(X, *, estimator, reset, dtype=None, allow_stream=True) -> RowSource:
+    """Validate ``X`` at the estimator boundary and wrap it as a :class:`RowSource`.
+
+    Parameters
+    ----------
+    X : array-like, np.memmap, sparse matrix, torch.Tensor or iterable of batches
+    estimator : estimator
+        Records ``n_features_in_`` (and ``feature_names_in_``) when ``reset``,
+        checks the feature count otherwise; its class name appears in errors.
+    reset : bool
+    dtype : numpy or torch dtype, optional
+        Compute dtype; None keeps the input's float32 / float64 (other dtypes
+        become float64).
+    allow_stream : bool, default=True
+        Accept iterables of batches (training); transforms pass False.
+    """
+    name = type(estimator).__name__
+    if is_stream(X):
+        if not allow_stream:
+            raise ValueError(
+                f"{name} needs one array here, got an iterable of batches "
+                f"({type(X).__name__}); call it on each batch instead."
+            )
+        return StreamSource(X, estimator=estimator, reset=reset, dtype=dtype)
+    if isinstance(X, np.memmap):
+        # shape and dtype now, finiteness per batch: a memmap is never read whole here
+        if X.ndim != 2:
+            raise shape_error(X.ndim, X.shape, name)
+        if X.shape[0] < 1 or X.shape[1] < 1:
+            raise ValueError(
+                f"Found array with shape {X.shape}; {name} needs at least 1 sample and "
+                "1 feature."
+            )
+        if X.dtype.kind not in "fiub":
+            raise ValueError(f"{name} needs a numeric memmap, got dtype {X.dtype}.")
+        if reset:
+            estimator.n_features_in_ = int(X.shape[1])
+            if hasattr(estimator, "feature_names_in_"):
+                del estimator.feature_names_in_
+        else:
+            check_n_features(estimator, int(X.shape[1]))
+        data_dtype = X.dtype if X.dtype in (np.float32, np.float64) else np.float64
+        return ArraySource(X, _resolve_dtype(dtype, data_dtype), name=name,
+                           check_finite_per_batch=True)
+    X, data_dtype = check_input(estimator, X, reset=reset)
+    return ArraySource(X, _resolve_dtype(dtype, data_dtype), name=name)
+

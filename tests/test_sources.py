@@ -1,0 +1,209 @@
+"""RowSource: every input kind yields the same batches, errors and checks."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from sklearn.base import BaseEstimator
+
+from skdict.data.sources import ArraySource, StreamSource, as_source, is_stream
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class _Est(BaseEstimator):
+    pass
+
+
+def _kinds(X, tmp_path):
+    mm = np.memmap(tmp_path / "x.dat", dtype=X.dtype, mode="w+", shape=X.shape)
+    mm[:] = X
+    mm.flush()
+    ro = np.memmap(tmp_path / "x.dat", dtype=X.dtype, mode="r", shape=X.shape)
+    return {
+        "numpy": X,
+        "fortran": np.asfortranarray(X),
+        "memmap": ro,
+        "csr": sp.csr_matrix(X),
+        "csc": sp.csc_matrix(X),
+        "torch": torch.from_numpy(X.copy()),
+        "list": X.tolist(),
+    }
+
+
+@pytest.mark.parametrize("shuffle", [False, True, "blocks"])
+def test_every_array_kind_yields_the_same_batches(tmp_path, rng, shuffle):
+    X = rng.standard_normal((103, 7))
+    X[rng.random(X.shape) < 0.5] = 0.0  # sparse matrices keep the same values
+    ref = None
+    for name, Xk in _kinds(X, tmp_path).items():
+        src = as_source(Xk, estimator=_Est(), reset=True)
+        assert isinstance(src, ArraySource), name
+        assert (src.n_samples, src.n_features, src.dtype) == (103, 7, np.float64)
+        gen = torch.Generator().manual_seed(3)
+        got = [b.numpy().copy() for b in
+               src.batches(16, device="cpu", shuffle=shuffle, generator=gen)]
+        if ref is None:
+            ref = got
+            continue
+        assert len(got) == len(ref), name
+        for a, b in zip(got, ref, strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+    # every row exactly once per epoch, whatever the shuffle
+    rows = np.concatenate(ref)
+    np.testing.assert_array_equal(np.sort(rows, axis=0), np.sort(X, axis=0))
+    if shuffle:
+        assert not np.array_equal(rows, X)
+    else:
+        np.testing.assert_array_equal(rows, X)
+
+
+def test_shuffled_batches_depend_only_on_the_seed(rng):
+    X = rng.standard_normal((50, 3))
+    src = as_source(X, estimator=_Est(), reset=True)
+
+    def epoch(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return np.concatenate([b.numpy() for b in src.batches(8, device="cpu", shuffle=True,
+                                                             generator=gen)])
+
+    np.testing.assert_array_equal(epoch(1), epoch(1))
+    assert not np.array_equal(epoch(1), epoch(2))
+
+
+def test_blocks_shuffle_keeps_contiguous_blocks(rng):
+    X = np.arange(40, dtype=np.float64).reshape(20, 2)
+    src = as_source(X, estimator=_Est(), reset=True)
+    gen = torch.Generator().manual_seed(0)
+    for b in src.batches(6, device="cpu", shuffle="blocks", generator=gen):
+        first = np.sort(b[:, 0].numpy()) // 2
+        assert first.min() % 6 == 0 and np.array_equal(first, np.arange(first[0],
+                                                                        first[0] + len(first)))
+
+
+def test_dtype_policy(rng):
+    X32 = rng.standard_normal((5, 3)).astype(np.float32)
+    assert as_source(X32, estimator=_Est(), reset=True).dtype == np.float32
+    assert as_source(X32.astype(np.int64), estimator=_Est(), reset=True).dtype == np.float64
+    src = as_source(X32, estimator=_Est(), reset=True, dtype=torch.float64)
+    b = next(src.batches(5, device="cpu"))
+    assert b.dtype == torch.float64
+    b = next(src.batches(5, device="cpu", dtype=np.float32))
+    assert b.dtype == torch.float32
+
+
+def test_feature_count_is_recorded_and_checked(rng):
+    est = _Est()
+    as_source(rng.standard_normal((4, 3)), estimator=est, reset=True)
+    assert est.n_features_in_ == 3
+    with pytest.raises(ValueError, match="X has 5 features, but _Est is expecting 3"):
+        as_source(rng.standard_normal((4, 5)), estimator=est, reset=False)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (np.zeros((0, 3)), "0 sample"),
+    (np.zeros((3, 0)), "0 feature"),
+    (np.zeros(3), "2-D array"),
+    (np.zeros((2, 2, 2)), "2-D array"),
+    (np.array([[1.0, np.nan]]), "NaN"),
+    (torch.tensor([[1.0, float("inf")]]), "NaN or infinity"),
+])
+def test_bad_arrays_are_clear_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        as_source(bad, estimator=_Est(), reset=True)
+
+
+def test_memmap_is_checked_per_batch_not_loaded(tmp_path):
+    X = np.ones((40, 3))
+    X[33, 1] = np.nan
+    mm = np.memmap(tmp_path / "bad.dat", dtype=np.float64, mode="w+", shape=X.shape)
+    mm[:] = X
+    src = as_source(mm, estimator=_Est(), reset=True)  # no full scan at the boundary
+    it = src.batches(10, device="cpu")
+    for _ in range(3):
+        assert bool(torch.isfinite(next(it)).all())
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        next(it)
+
+
+def test_torch_tensor_stays_a_view_on_its_device(rng):
+    T = torch.from_numpy(rng.standard_normal((9, 2)))
+    src = as_source(T, estimator=_Est(), reset=True)
+    b = next(src.batches(4, device="cpu"))
+    assert b.data_ptr() == T.data_ptr()
+
+
+def test_is_stream():
+    X = np.zeros((3, 2))
+    assert not is_stream(X)
+    assert not is_stream([[1.0, 2.0], [3.0, 4.0]])  # nested numbers: one array
+    assert is_stream([X, X])
+    assert is_stream(iter([X]))
+    assert is_stream(b for b in [X])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(6, 2)),
+                                         batch_size=4)
+    assert is_stream(loader)
+    assert not is_stream(sp.csr_matrix(X))
+
+
+def test_streams_yield_their_blocks_split_to_batch_size(rng):
+    blocks = [rng.standard_normal((n, 4)) for n in (5, 12, 0, 3)]
+    est = _Est()
+    src = as_source(blocks, estimator=est, reset=True)
+    assert isinstance(src, StreamSource) and src.reiterable and est.n_features_in_ == 4
+    for _ in range(2):  # a list can be read again
+        got = [b.shape[0] for b in src.batches(5, device="cpu")]
+        assert got == [5, 5, 5, 2, 3]
+    rows = np.concatenate([b.numpy() for b in src.batches(5, device="cpu")])
+    np.testing.assert_array_equal(rows, np.concatenate(blocks))
+
+
+def test_one_pass_generator_loses_nothing_and_cannot_be_reread(rng):
+    blocks = [rng.standard_normal((6, 2)) for _ in range(3)]
+    src = as_source((b for b in blocks), estimator=_Est(), reset=True)
+    assert not src.reiterable
+    sample = src.sample(4, generator=torch.Generator().manual_seed(0), device="cpu")
+    assert sample.shape == (4, 2)
+    rows = np.concatenate([b.numpy() for b in src.batches(100, device="cpu")])
+    np.testing.assert_array_equal(rows, np.concatenate(blocks))
+    with pytest.raises(ValueError, match="one-pass iterator"):
+        next(src.batches(100, device="cpu"))
+
+
+def test_dataloader_batches_are_unwrapped():
+    data = torch.arange(24, dtype=torch.float32).reshape(12, 2)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=5)
+    src = as_source(loader, estimator=_Est(), reset=True)
+    assert src.dtype == np.float32
+    rows = torch.cat(list(src.batches(100, device="cpu")))
+    torch.testing.assert_close(rows, data)
+
+
+def test_stream_errors(rng):
+    with pytest.raises(ValueError, match="empty"):
+        as_source(iter([]), estimator=_Est(), reset=True)
+    blocks = [rng.standard_normal((3, 4)), rng.standard_normal((3, 5))]
+    src = as_source(blocks, estimator=_Est(), reset=True)
+    with pytest.raises(ValueError, match="A batch has 5 features.*expecting 4"):
+        list(src.batches(10, device="cpu"))
+    blocks = [rng.standard_normal((3, 2)), np.array([[np.inf, 0.0]])]
+    src = as_source(blocks, estimator=_Est(), reset=True)
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        list(src.batches(10, device="cpu"))
+    with pytest.raises(ValueError, match="call it on each batch"):
+        as_source([np.zeros((2, 2))], estimator=_Est(), reset=True, allow_stream=False)
+
+
+def test_sample_draws_distinct_rows(rng):
+    X = np.arange(30, dtype=np.float64).reshape(15, 2)
+    src = as_source(X, estimator=_Est(), reset=True)
+    s = src.sample(8, generator=torch.Generator().manual_seed(0), device="cpu").numpy()
+    assert len(np.unique(s[:, 0])) == 8 and set(s[:, 0]) <= set(X[:, 0])
+    assert src.sample(50, generator=torch.Generator(), device="cpu").shape == (15, 2)
+
+
+def test_ordered_covers_rows_in_order(rng):
+    X = rng.standard_normal((11, 2))
+    src = as_source(sp.csr_matrix(X), estimator=_Est(), reset=True)
+    spans = [(a, b) for a, b, _ in src.ordered(4, device="cpu")]
+    assert spans == [(0, 4), (4, 8), (8, 11)]
