@@ -165,7 +165,8 @@ def batch_variance(x):
     (the FVU denominator)."""
     with torch.no_grad():
         denom = ((x - x.mean(0)) ** 2).sum()
-        return torch.clamp(denom, min=1e-12 * float((x * x).sum()) + 1e-30)
+        # a tensor floor: no host synchronisation on the training path
+        return torch.maximum(denom, 1e-12 * (x * x).sum() + 1e-30)
 
 
 def fvu_loss(x, x_hat, denom=None):

@@ -28,10 +28,4 @@ class TopK(SelectingEncoder):
         k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
         if k is None:
             raise ValueError("cfg.json of a topk SAE has no 'k'.")
-        if cfg.get("rescale_acts_by_decoder_norm", False):
-            raise ValueError(
-                "cfg.json sets rescale_acts_by_decoder_norm: true; fold the decoder "
-                "norms into the encoder in SAELens (sae.fold_W_dec_norm()) and save "
-                "again."
-            )
         return {"k": int(k)}, None
