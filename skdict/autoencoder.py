@@ -28,8 +28,9 @@ from ._backend import make_generator, numpy_dtype, torch_dtype
 from ._validation import DEVICE_CONSTRAINT
 from .base import SparseCodingMixin
 from .data.sources import as_source
-from .encoders import encoder_for_saelens, encoder_names, get_encoder
+from .encoders import encoder_names, get_encoder
 from .encoders.base import preactivations
+from .encoders.saelens import read_saelens, write_saelens
 from .losses import AdaptiveSparsityScheduler, auxk_loss, batch_variance, fvu_loss
 from .training import Trainer, TrainState, make_optimizer
 from .training.optim import OPTIMIZERS
@@ -667,13 +668,6 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
         return tags
 
     # ------------------------------------------------------------------ io
-    _SAVE_PARAMS = (
-        "n_components", "k", "sparsity", "alpha", "rho", "bandwidth", "prefix_sizes",
-        "k_aux", "aux_coef", "dead_window", "lr", "batch_size", "n_steps", "max_iter",
-        "optimizer", "normalize_input", "b_dec_init", "dtype", "autocast", "verbose",
-        "sparse_output",
-    )
-
     def save(self, path):
         """Save the fitted model to directory ``path``: ``config.json`` (parameters,
         fitted scalars, the ``k`` schedule) and ``model.safetensors`` (fitted
@@ -695,7 +689,9 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
         self._check_ready()
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        params = {p: getattr(self, p) for p in self._SAVE_PARAMS}
+        # callables are not saved; the k schedule is written below
+        params = {p: v for p, v in self.get_params().items()
+                  if p not in ("callbacks", "k_schedule")}
         if params["prefix_sizes"] is not None:
             params["prefix_sizes"] = [int(m) for m in params["prefix_sizes"]]
         rs = self.random_state
@@ -807,76 +803,19 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
         KSparseAutoencoder
             Fitted; ready for ``transform`` / ``inverse_transform`` / ``score``.
         """
-        from safetensors.numpy import load_file
-
-        path = Path(path)
-        cfg_path = path / "cfg.json"
-        w_path = path / "sae_weights.safetensors"
-        for p in (cfg_path, w_path):
-            if not p.exists():
-                raise ValueError(
-                    f"{p} not found: an SAELens directory holds cfg.json and "
-                    "sae_weights.safetensors."
-                )
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-        t = load_file(str(w_path))
-        missing = {"W_enc", "W_dec", "b_enc", "b_dec"} - set(t)
-        if missing:
-            raise ValueError(f"{w_path} lacks tensors {sorted(missing)}.")
-        W_enc = np.asarray(t["W_enc"])
-        W_dec = np.asarray(t["W_dec"])
-        d_in, d_sae = W_enc.shape
-        if W_dec.shape != (d_sae, d_in):
-            raise ValueError(
-                f"W_dec has shape {W_dec.shape}, expected (d_sae, d_in) = {(d_sae, d_in)}."
-            )
-        if cfg.get("normalize_activations", "none") not in ("none", None):
-            raise ValueError(
-                f"cfg.json normalizes activations ({cfg['normalize_activations']!r}); fold "
-                "the normalisation into the weights in SAELens first."
-            )
-        arch = str(cfg.get("architecture", "standard")).lower()
-        variant_cls = encoder_for_saelens(arch)
-        init, threshold = variant_cls.from_saelens(cfg, t, d_sae)
-        dt = W_enc.dtype if W_enc.dtype in (np.float32, np.float64) else np.dtype(np.float32)
-        b_enc = np.asarray(t["b_enc"], dtype=dt)
-        b_dec = np.asarray(t["b_dec"], dtype=dt)
-        W_enc = W_enc.astype(dt)
-        W_dec = W_dec.astype(dt)
-        if not cfg.get("apply_b_dec_to_input", True):
-            b_enc = b_enc + b_dec @ W_enc
-        if cfg.get("rescale_acts_by_decoder_norm", False):
-            # fold the decoder row norms into the encoder, as SAELens does when it
-            # saves an inference model: same codes, same reconstructions
-            norms = np.linalg.norm(W_dec, axis=1).clip(1e-8)
-            W_enc = W_enc * norms[None, :]
-            b_enc = b_enc * norms
-            W_dec = W_dec / norms[:, None]
-        init = {"n_components": d_sae, "sparsity": variant_cls.name, **init}
-        if "k" not in init:
-            init["k"] = min(32, d_sae)
-        init.update(params)
-        est = cls(**init)
-        arrays = {
-            "W_enc": np.ascontiguousarray(W_enc.T),
-            "b_enc": b_enc,
-            "W_dec": np.ascontiguousarray(W_dec),
-            "b_dec": b_dec,
-            "threshold": (np.zeros(d_sae, dt) if threshold is None
-                          else np.asarray(threshold, dtype=dt)),
-            "tokens_since_fired": np.zeros(d_sae, dtype=np.int64),
-        }
+        _, init, arrays = read_saelens(path)
+        d_sae, d_in = arrays["W_dec"].shape
+        init.setdefault("k", min(32, d_sae))
+        est = cls(**{**init, **params})
+        arrays["tokens_since_fired"] = np.zeros(d_sae, dtype=np.int64)
         for attr, key in _FITTED_ARRAYS.items():
             setattr(est, attr, arrays[key])
-        est.input_scale_ = 1.0
-        est.dead_fraction_ = 0.0
+        fitted = {"n_features_in_": d_in, "n_components_": d_sae, "input_scale_": 1.0,
+                  "dead_fraction_": 0.0, "n_steps_": 0, "n_iter_": 0}
+        for attr, value in fitted.items():
+            setattr(est, attr, value)
         est.history_ = {}
         est.loss_curve_ = np.zeros(0)
-        est.n_steps_ = 0
-        est.n_iter_ = 0
-        est.n_features_in_ = d_in
-        est.n_components_ = d_sae
         return est
 
     def to_saelens(self, path):
@@ -900,43 +839,9 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
         -------
         pathlib.Path
         """
-        from safetensors.numpy import save_file
-
         self._check_ready()
-        variant = self._variant()
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        s = float(self.input_scale_)
-        dt = self.components_.dtype
-        tensors = {
-            "W_enc": np.ascontiguousarray((self.encoder_weight_ / s).T.astype(dt)),
-            "b_enc": np.ascontiguousarray(self.encoder_bias_),
-            "W_dec": np.ascontiguousarray((self.components_ * s).astype(dt)),
-            "b_dec": np.ascontiguousarray((self.decoder_bias_ * s).astype(dt)),
-        }
-        tensors.update({k: v.astype(dt) for k, v in
-                        variant.saelens_tensors(np.asarray(self.threshold_)).items()})
-        cfg = {
-            "architecture": variant.saelens_architecture,
-            "d_in": int(self.n_features_in_),
-            "d_sae": int(self.n_components_),
-            "dtype": str(np.dtype(dt)),
-            "device": "cpu",
-            "apply_b_dec_to_input": True,
-            "normalize_activations": "none",
-            "reshape_activations": "none",
-            "metadata": {"sae_lens_version": _SAELENS_FORMAT_VERSION,
-                         "sae_lens_training_version": _SAELENS_FORMAT_VERSION},
-            **variant.saelens_config(),
-        }
-        with open(path / "cfg.json", "w") as f:
-            json.dump(cfg, f, indent=2)
-        save_file(tensors, str(path / "sae_weights.safetensors"))
-        return path
-
-
-# the SAELens config layout written by to_saelens (SAELens >= 6 reads it as is)
-_SAELENS_FORMAT_VERSION = "6.0.0"
+        arrays = {key: getattr(self, attr) for attr, key in _FITTED_ARRAYS.items()}
+        return write_saelens(path, self._variant(), arrays, self.input_scale_)
 
 
 def _flatten(tree, prefix):

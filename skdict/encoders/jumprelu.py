@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..solvers.topk import SparsePairs, sparse_decode_pairs, sparse_encode
+from ..solvers.topk import SparsePairs, select_threshold, sparse_decode_pairs, sparse_encode
 from .base import Encoder, preactivations, register, selected_output
 
 __all__ = ["JumpReLU", "jumprelu", "step"]
@@ -124,9 +124,10 @@ class _L0(torch.autograd.Function):
         return -g * counts / (eps * B), None, None, None, None
 
 
-def _pairs(mask):
-    row, col = torch.nonzero(mask, as_tuple=True)
-    return SparsePairs(row, col, mask.shape[0], mask.shape[1])
+def _window(pre, theta, eps):
+    """Pairs inside the kernel window ``|pre - theta| < eps / 2`` (row-major)."""
+    row, col = torch.nonzero((pre - theta).abs() < 0.5 * eps, as_tuple=True)
+    return SparsePairs(row, col, pre.shape[0], pre.shape[1])
 
 
 @register
@@ -161,8 +162,8 @@ class JumpReLU(Encoder):
         eps = float(self.bandwidth)
         with torch.no_grad():
             t = theta.detach()
-            pairs = _pairs(pre > t)
-            window = _pairs((pre - t).abs() < 0.5 * eps)
+            pairs = select_threshold(pre, t)
+            window = _window(pre, t, eps)
         vals = sparse_encode(x, P["W_enc"], P["b_enc"], pairs, pre, b_dec=P["b_dec"])
         x_hat = sparse_decode_pairs(vals, P["W_dec"], pairs) + P["b_dec"]
         x_hat = _ThresholdJump.apply(x_hat, theta, P["W_dec"].detach(), window, eps)
