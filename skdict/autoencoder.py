@@ -15,7 +15,7 @@ import copy
 import json
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from .encoders.saelens import read_saelens, write_saelens
 from .losses import AdaptiveSparsityScheduler, auxk_loss, batch_variance, fvu_loss
 from .training import Trainer, TrainState, make_optimizer
 from .training.optim import OPTIMIZERS
+from .training.state import to_portable
 
 __all__ = ["KSparseAutoencoder"]
 
@@ -555,7 +556,9 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
         P = state.params
         np_dt = numpy_dtype(P["W_dec"].dtype)
         with torch.no_grad():
-            arrays = {key: P[key].detach().cpu().numpy().astype(np_dt) for key in _PARAMS}
+            # views where possible: the run's tensors are not used again
+            arrays = {key: P[key].detach().cpu().numpy().astype(np_dt, copy=False)
+                      for key in _PARAMS}
             arrays["threshold"] = (
                 variant.inference_threshold(P, state.buffers).cpu().numpy().astype(np_dt)
             )
@@ -574,11 +577,9 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
         prev = 0 if fresh else int(getattr(self, "n_iter_", 0))
         self.n_iter_ = prev + 1 if single_pass else int(n_epochs)
         # what resuming needs beyond the fitted arrays
-        d = state.state_dict()
-        d["params"] = {k: v for k, v in d["params"].items() if k not in _PARAMS}
-        d.pop("history")
-        d.pop("epoch_loss")
-        self._resume = d
+        state.params = {k: v for k, v in P.items() if k not in _PARAMS}
+        self._resume = {f.name: _export(getattr(state, f.name)) for f in fields(state)
+                        if f.name not in ("history", "epoch_loss")}
 
     def _resume_state(self, variant, device, td):
         """The training state of a fitted model: the saved training state when
@@ -842,6 +843,18 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
         self._check_ready()
         arrays = {key: getattr(self, attr) for attr, key in _FITTED_ARRAYS.items()}
         return write_saelens(path, self._variant(), arrays, self.input_scale_)
+
+
+def _export(value):
+    """:func:`~skdict.training.state.to_portable` without copying tensors (views on
+    the CPU): for the state of a finished run, whose tensors are not used again."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    if isinstance(value, dict):
+        return {k: _export(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_export(v) for v in value)
+    return to_portable(value)
 
 
 def _flatten(tree, prefix):
