@@ -28,7 +28,7 @@ from ._backend import make_generator, numpy_dtype, torch_dtype
 from ._validation import DEVICE_CONSTRAINT
 from .base import SparseCodingMixin
 from .data.sources import as_source
-from .encoders import encoder_names, get_encoder
+from .encoders import encoder_options, get_encoder
 from .encoders.base import preactivations
 from .encoders.saelens import read_saelens, write_saelens
 from .losses import AdaptiveSparsityScheduler, auxk_loss, batch_variance, fvu_loss
@@ -381,7 +381,7 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
     _parameter_constraints: dict = {
         "n_components": [Interval(numbers.Integral, 1, None, closed="left")],
         "k": [Interval(numbers.Integral, 1, None, closed="left")],
-        "sparsity": [StrOptions(set(encoder_names()))],
+        "sparsity": [StrOptions(encoder_options())],
         "alpha": [Interval(numbers.Real, 0, None, closed="left")],
         "rho": [Interval(numbers.Real, 0, 1, closed="neither")],
         "bandwidth": [Interval(numbers.Real, 0, None, closed="neither")],

@@ -61,6 +61,44 @@ def test_registry():
     assert opts == set(VARIANTS)
 
 
+def test_new_variant_is_one_class_and_one_registration():
+    """A variant defined outside the package (here: ReLU codes of the ``k``
+    largest pre-activations of the batch's first half of latents) trains, encodes
+    and exports once registered."""
+    from skdict.encoders import SelectingEncoder, register, unregister
+    from skdict.solvers.topk import select_topk
+
+    @register
+    class FirstHalfTopK(SelectingEncoder):
+        name = "first_half_topk"
+        params = ("k",)
+        saelens_architecture = "topk"
+
+        def select(self, pre, k, buffers):
+            masked = pre.clone()
+            masked[:, self.n_components // 2:] = float("-inf")
+            return select_topk(masked, k)
+
+        def encode(self, pre, threshold, k):
+            pre = pre.clone()
+            pre[:, self.n_components // 2:] = float("-inf")
+            return super().encode(pre, threshold, k)
+
+        def saelens_config(self):
+            return {"k": int(self.k)}
+
+    try:
+        X = _planted(n=500)
+        sae = _fit("first_half_topk", n_components=16, k=2, n_steps=30).fit(X)
+        codes = sae.transform(X)
+        assert codes.indices.max() < 8 and codes.getnnz(axis=1).max() <= 2
+        assert sae.score(X) > 0
+    finally:
+        unregister("first_half_topk")
+    with pytest.raises(ValueError, match="sparsity"):
+        _fit("first_half_topk").fit(X)
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_variant_gradcheck(name):
     """Gradients of every variant's training outputs (reconstructions and

@@ -10,8 +10,10 @@ from .base import (
     TrainOutput,
     encoder_for_saelens,
     encoder_names,
+    encoder_options,
     get_encoder,
     register,
+    unregister,
 )
 
 __all__ = [
@@ -20,6 +22,8 @@ __all__ = [
     "TrainOutput",
     "encoder_for_saelens",
     "encoder_names",
+    "encoder_options",
     "get_encoder",
     "register",
+    "unregister",
 ]

@@ -42,11 +42,16 @@ __all__ = [
     "register",
     "get_encoder",
     "encoder_names",
+    "encoder_options",
     "encoder_for_saelens",
+    "unregister",
     "preactivations",
 ]
 
 _REGISTRY: dict[str, type[Encoder]] = {}
+# the registered names, one live set: the estimator's StrOptions hold it, so a
+# variant registered after import is accepted too
+_NAMES: set = set()
 
 
 def register(cls):
@@ -54,7 +59,19 @@ def register(cls):
     if cls.name in _REGISTRY:
         raise ValueError(f"an encoder named {cls.name!r} is already registered.")
     _REGISTRY[cls.name] = cls
+    _NAMES.add(cls.name)
     return cls
+
+
+def unregister(name):
+    """Remove the variant ``name`` from the registry."""
+    _REGISTRY.pop(name)
+    _NAMES.discard(name)
+
+
+def encoder_options():
+    """The live set of registered names (for ``StrOptions`` constraints)."""
+    return _NAMES
 
 
 def get_encoder(name) -> type[Encoder]:
