@@ -1,5 +1,5 @@
 # ruff: noqa: B023  (closures are called immediately, inside the loop)
-"""Encode benchmark (issue 3, workload 1): exact lasso codes of natural patches.
+"""Encode benchmark: exact lasso codes of natural patches, skdict vs SPAMS and scikit-learn.
 
 Run::
 
@@ -317,7 +317,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--gpu-rows", type=int, default=1_000_000)
     p.add_argument("--memory-rows", type=int, default=0,
-                   help="rows of the memory measurement (0: skip; the issue asks 1000000)")
+                   help="rows of the memory measurement (0: skip; 1000000 for the target)")
     p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_child:

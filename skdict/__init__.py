@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from .autoencoder import KSparseAutoencoder  # noqa: E402
 from .coding import SparseCoder  # noqa: E402
+from .functional import sparse_encode  # noqa: E402
 from .large import CollapsedDictionaryLearner  # noqa: E402
 from .lca import LCASparseCoder  # noqa: E402
 from .selection import SparseTokenSelector  # noqa: E402
@@ -15,4 +16,5 @@ __all__ = [
     "SparseCoder",
     "SparseTokenSelector",
     "__version__",
+    "sparse_encode",
 ]

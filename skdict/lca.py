@@ -12,7 +12,6 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._backend import make_generator, torch_dtype
 from .base import BaseSparseCoder, check_input, iter_batches, n_samples_of
-from .coding import ALGORITHMS, encode_batch, encode_codes, prepare_dictionary, transform_state
 from .dictionary.online import (
     bcd_update,
     forgetting_factor,
@@ -22,6 +21,9 @@ from .dictionary.online import (
     resample_atoms,
     sgd_update,
 )
+from .functional import encode_block, encode_codes
+from .operators import as_operator
+from .solvers.registry import solver_names
 
 __all__ = ["LCASparseCoder"]
 
@@ -148,8 +150,8 @@ class LCASparseCoder(BaseSparseCoder):
         "tol": [Interval(numbers.Real, 0, None, closed="left")],
         "threshold": [StrOptions({"soft", "hard"})],
         "positive_code": ["boolean"],
-        "fit_algorithm": [StrOptions({"lca", "exact", "fista"})],
-        "transform_algorithm": [StrOptions(set(ALGORITHMS))],
+        "fit_algorithm": [StrOptions(set(solver_names(problem="lasso")))],
+        "transform_algorithm": [StrOptions(set(solver_names()))],
         "transform_max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
         "transform_n_nonzero_coefs": [
             Interval(numbers.Integral, 1, None, closed="left"),
@@ -269,8 +271,8 @@ class LCASparseCoder(BaseSparseCoder):
         ``st``."""
         D = st["D"]
         fit_alg = getattr(self, "fit_algorithm", "lca")
-        enc_state = prepare_dictionary(D, D.device, D.dtype, need_L=fit_alg != "exact")
-        res = encode_batch(
+        enc_state = as_operator(D)
+        res = encode_block(
             Xb,
             enc_state,
             algorithm=fit_alg,
@@ -435,7 +437,7 @@ class LCASparseCoder(BaseSparseCoder):
 
     # ------------------------------------------------------------------ transform
     def _transform_state(self, device, dtype):
-        return transform_state(self.components_, self.transform_algorithm, device, dtype)
+        return as_operator(self.components_, device, dtype)
 
     def _encode(self, Xb, state):
         return encode_codes(

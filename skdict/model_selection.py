@@ -11,6 +11,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils import check_random_state
 
 from .data.sources import as_source
+from .solvers.registry import get_solver
 
 __all__ = ["alpha_for_sparsity", "alpha_max"]
 
@@ -131,7 +132,7 @@ def alpha_for_sparsity(
         algo = params.get("transform_algorithm", "exact")
         est = SparseCoder(
             D,
-            algorithm=algo if algo != "omp" else "exact",
+            algorithm=algo if get_solver(algo).problem == "lasso" else "exact",
             positive_code=params.get("positive_code", False),
             device=params.get("device", "auto"),
         )

@@ -154,6 +154,26 @@ def test_bad_parameters():
         SparseCoder(np.eye(2), algorithm="omp", n_nonzero_coefs=5, device="cpu").fit(X)
     with pytest.raises(ValueError, match="codes have 3 columns"):
         SparseCoder(np.eye(2), device="cpu").inverse_transform(np.ones((2, 3)))
+    with pytest.raises(ValueError, match="'algorithm' parameter of SparseCoder must be a str"):
+        SparseCoder(np.eye(2), algorithm="lasso_lars", device="cpu").fit(X)
+
+
+def test_every_registered_solver_is_an_algorithm_and_encodes():
+    from skdict.solvers import solver_names
+
+    rng = np.random.default_rng(0)
+    D = rng.standard_normal((6, 4))
+    X = rng.standard_normal((5, 4))
+    ref = SparseCoder(D, alpha=0.2, device="cpu", sparse_output=False).fit_transform(X)
+    for name in solver_names():
+        coder = SparseCoder(D, algorithm=name, alpha=0.2, n_nonzero_coefs=2, tol=1e-9,
+                            max_iter=50000, device="cpu")
+        codes = coder.fit_transform(X)
+        assert codes.shape == (5, 6)
+        if name != "omp":  # every lasso solver reaches the exact codes
+            np.testing.assert_allclose(codes.toarray(), ref, rtol=0, atol=1e-6)
+        else:
+            assert (codes.getnnz(axis=1) == 2).all()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")

@@ -6,6 +6,8 @@ import torch
 from sklearn.decomposition import SparseCoder as SkSparseCoder
 from sklearn.linear_model import orthogonal_mp_gram
 
+from skdict.operators import GramOperator
+from skdict.penalties import L0, L1, NonNegativeL1, TopK
 from skdict.solvers import (
     dense_decode,
     fista,
@@ -64,6 +66,35 @@ def test_topk_threshold_keeps_k_largest_magnitudes():
     assert torch.equal(outp, torch.tensor([[0.0, 0, 2.0, 3.0], [0, 2.0, 3.0, 0]]))
 
 
+def test_penalty_prox_is_the_argmin_and_value_matches():
+    # prox(z, s) minimises 0.5 (a - z)^2 + s * penalty(a): compare with a fine grid
+    z = torch.tensor([[-2.0, -0.7, 0.2, 0.9, 3.0]], dtype=torch.float64)
+    grid = torch.linspace(-4, 4, 80001, dtype=torch.float64)
+    grid[40000] = 0.0  # exactly (linspace leaves a rounding residue)
+    for pen in (L1(0.5), NonNegativeL1(0.5), L0(1.2), L0(0.9, positive=True)):
+        for step in (1.0, 0.25):
+            a = pen.prox(z, step)
+            vals = 0.5 * (grid[:, None] - z[0]) ** 2 + step * pen.value(grid[:, None, None])
+            best = grid[vals.argmin(0)]
+            torch.testing.assert_close(a[0], best, rtol=0, atol=2e-4)
+    a = torch.tensor([[0.0, -1.5, 2.0]])
+    assert float(L1(0.3).value(a)) == pytest.approx(0.3 * 3.5)
+    assert float(NonNegativeL1(0.3).value(a)) == float("inf")
+    assert float(L0(2.0).value(a)) == pytest.approx(0.5 * 4.0 * 2)
+    assert float(TopK(1).value(a)) == float("inf") and float(TopK(2).value(a)) == 0.0
+    torch.testing.assert_close(TopK(2).prox(z, 0.1), topk_threshold(z, 2))
+
+
+def test_l1_dual_scale_makes_the_residual_dual_feasible():
+    corr = torch.tensor([[0.2, -0.9, 0.4], [0.1, 0.2, -0.05], [-2.0, 0.6, 0.1]])
+    alpha = 0.5
+    s = L1(alpha).dual_scale(corr)
+    torch.testing.assert_close(s, torch.tensor([alpha / 0.9, 1.0, alpha / 2.0]))
+    assert float((s[:, None] * corr).abs().max(1).values.max()) <= alpha + 1e-7
+    sp = NonNegativeL1(alpha).dual_scale(corr)  # only positive correlations count
+    torch.testing.assert_close(sp, torch.tensor([1.0, 1.0, alpha / 0.6]))
+
+
 def test_power_iteration_matches_eigvalsh():
     _, _, _, G, _ = _problem()
     L = power_iteration(G)
@@ -110,7 +141,7 @@ def test_exact_solver_satisfies_kkt():
 def test_iterative_solvers_match_lasso_lars(solver, kwargs):
     X, D, C, G, xn = _problem(K=30)
     alpha = 0.5
-    res = solver(C, G, alpha, xnorm2=xn, tol=1e-5, **kwargs)
+    res = solver(C, GramOperator(G), alpha, xnorm2=xn, tol=1e-5, **kwargs)
     assert res.converged
     assert res.history and res.history[-1] <= 1e-5
     ref = _sk_codes(X, D, alpha)
@@ -121,7 +152,7 @@ def test_iterative_solvers_match_lasso_lars(solver, kwargs):
 def test_lca_fixed_point_is_the_lasso_solution():
     X, D, C, G, xn = _problem(n=20, K=30, seed=5)
     alpha = 0.5
-    res = lca(C, G, alpha, xnorm2=xn, tol=1e-13, max_iter=20000)
+    res = lca(C, GramOperator(G), alpha, xnorm2=xn, tol=1e-13, max_iter=20000)
     assert res.converged
     exact = lasso_exact(C, G, alpha, xnorm2=xn).codes
     torch.testing.assert_close(res.codes, exact, rtol=0, atol=1e-6)
@@ -132,7 +163,7 @@ def test_lca_fixed_point_is_the_lasso_solution():
 
 def test_lca_hard_threshold_codes_exceed_threshold():
     _, _, C, G, _ = _problem(n=20, K=30, seed=1)
-    res = lca(C, G, 0.5, threshold="hard", max_iter=3000, tol=1e-9)
+    res = lca(C, GramOperator(G), 0.5, threshold="hard", max_iter=3000, tol=1e-9)
     A = res.codes
     assert float(A[A != 0].abs().min()) > 0.5
     assert res.converged
@@ -141,7 +172,7 @@ def test_lca_hard_threshold_codes_exceed_threshold():
 def test_fista_warm_start_from_solution_stops_immediately():
     _, _, C, G, xn = _problem()
     A = lasso_exact(C, G, 0.3, xnorm2=xn).codes
-    res = fista(C, G, 0.3, xnorm2=xn, a0=A, tol=1e-8)
+    res = fista(C, GramOperator(G), 0.3, xnorm2=xn, a0=A, tol=1e-8)
     assert res.n_iter <= 10
 
 

@@ -1,4 +1,4 @@
-"""Correctness of the fast paths of issue 3 (no timing asserts): the compact
+"""Correctness of the fast paths (no timing asserts): the compiled homotopy and the
 active-set lasso solver (chunks, warm starts, float32, positive), the
 ``fit_algorithm`` option of LCASparseCoder, and the benchmark helpers."""
 
@@ -84,7 +84,7 @@ def test_homotopy_threads_do_not_change_codes(n_threads):
 def _kernel_fails(monkeypatch, rows):
     """Make the compiled kernel report ``rows`` uncertified, as a kernel that
     stopped early would: halved codes and a wrong objective on those rows."""
-    from skdict.solvers import _lars_kernel
+    from skdict.solvers._kernels import lars as _lars_kernel
 
     real = _lars_kernel.lars_lasso_rows
 
@@ -327,14 +327,15 @@ def test_fit_objective_curve_uses_exact_objective():
     np.testing.assert_allclose(est.objective_curve_[0], _obj(X, ref, D0, 0.2).mean(), rtol=1e-10)
 
 
-def test_encode_batch_objective_only_when_asked():
-    from skdict.coding import encode_batch, prepare_dictionary
+def test_encode_block_objective_only_when_asked():
+    from skdict.functional import encode_block
+    from skdict.operators import as_operator
 
     X, D, _, _ = _problem(n=30, seed=5)
-    st = prepare_dictionary(D, torch.device("cpu"), torch.float64)
+    op = as_operator(D, torch.device("cpu"), torch.float64)
     Xt = torch.tensor(X)
-    assert encode_batch(Xt, st, algorithm="exact", alpha=0.1).objective is None
-    res = encode_batch(Xt, st, algorithm="exact", alpha=0.1, objective=True)
+    assert encode_block(Xt, op, algorithm="exact", alpha=0.1).objective is None
+    res = encode_block(Xt, op, algorithm="exact", alpha=0.1, objective=True)
     np.testing.assert_allclose(res.objective.numpy(), _obj(X, res.codes.numpy(), D, 0.1),
                                rtol=1e-12)
 
@@ -346,7 +347,7 @@ def test_kernel_cheap_certificate_agrees_with_the_fresh_residual(dtype, positive
     # most rows are certified on the path's own correlations; the verdict, the
     # codes and the objective must be those of the fresh float64 residual check,
     # and every certified row must satisfy the KKT conditions on a fresh residual
-    from skdict.solvers._lars_kernel import lars_lasso_rows
+    from skdict.solvers._kernels.lars import lars_lasso_rows
 
     X, D, C, G = _problem(n=300, K=64, P=16, coherent=True, seed=11)
     C = C.numpy().astype(dtype)
@@ -405,13 +406,13 @@ def test_compact_fixed_width_matches_boolean_masking():
 def test_exact_transform_blocks_do_not_change_codes(monkeypatch, dtype):
     # the CPU exact path encodes a batch in row blocks (correlations <= 4 MB);
     # blocks of a few rows must give the same CSR and dense codes as one block
-    import skdict.coding as coding
+    import skdict.functional as functional
     from skdict import SparseCoder
 
     X, D, _, _ = _problem(n=203, K=40, P=12, coherent=True, seed=5)
     X, D = X.astype(dtype), D.astype(dtype)
     one = SparseCoder(D, alpha=0.1).transform(X)
-    monkeypatch.setattr(coding, "_EXACT_BLOCK_BYTES", 64 * 40 * np.dtype(dtype).itemsize)
+    monkeypatch.setattr(functional, "_EXACT_BLOCK_BYTES", 64 * 40 * np.dtype(dtype).itemsize)
     coder = SparseCoder(D, alpha=0.1)
     many = coder.transform(X)
     assert many.dtype == dtype and many.has_sorted_indices
@@ -457,7 +458,7 @@ def _near_duplicates(seed=0, n=1000, pairs=96, P=48):
 def test_kernel_float32_passes_give_the_float64_codes(positive):
     # the path's passes in float32 only find the support; the coefficients come
     # from the float64 face solve, so codes and objective match float64 passes
-    from skdict.solvers._lars_kernel import lars_lasso_rows
+    from skdict.solvers._kernels.lars import lars_lasso_rows
 
     X, D, C, G = _problem(n=400, K=64, P=16, coherent=True, seed=12)
     C, G = C.numpy(), G.numpy()
@@ -481,7 +482,7 @@ def test_kernel_certificate_checks_the_active_atoms(pass_dtype):
     # with nearly collinear atoms a float32 path can end on a wrong support whose
     # inactive correlations are all within alpha while an active atom's residual
     # correlation has the wrong sign; such a row must not be certified
-    from skdict.solvers._lars_kernel import lars_lasso_rows
+    from skdict.solvers._kernels.lars import lars_lasso_rows
 
     _, _, C, G = _near_duplicates()
     alpha = 0.2 * np.abs(C).max(1).mean()
@@ -492,7 +493,7 @@ def test_kernel_certificate_checks_the_active_atoms(pass_dtype):
 
 
 def test_kernel_retries_uncertified_float32_rows_with_float64_passes(monkeypatch):
-    from skdict.solvers import _lars_kernel as lk
+    from skdict.solvers._kernels import lars as lk
 
     _, _, C, G = _near_duplicates(seed=3, n=2000)
     alpha = 0.05 * np.abs(C).max(1).mean()
@@ -514,7 +515,7 @@ def test_kernel_retries_uncertified_float32_rows_with_float64_passes(monkeypatch
 def test_kernel_computes_correlations_per_chunk(K, P, n):
     # with the dictionary, the kernel forms X D^T itself, chunk by chunk (4 x 2
     # register tiles, an odd last atom, rows left over): same codes as from C
-    from skdict.solvers._lars_kernel import _corr_rows, lars_lasso_rows
+    from skdict.solvers._kernels.lars import _corr_rows, lars_lasso_rows
 
     X, D, C, G = _problem(n=n, K=K, P=P, coherent=True, seed=K)
     C, G = C.numpy(), G.numpy()

@@ -1,15 +1,15 @@
-"""ISTA and FISTA (with adaptive restart) for batched lasso coding in Gram form."""
+"""ISTA for batched lasso coding against a dictionary operator."""
 
 from __future__ import annotations
 
 import torch
 
+from ..penalties import L1
 from ._result import SolverResult
-from .lipschitz import power_iteration
 from .objectives import lasso_duality_gap
-from .thresholds import soft_threshold
+from .registry import register
 
-__all__ = ["ista", "fista", "effective_tol"]
+__all__ = ["ista", "effective_tol", "relative_gap"]
 
 
 def effective_tol(tol: float, dtype: torch.dtype) -> float:
@@ -22,21 +22,15 @@ def effective_tol(tol: float, dtype: torch.dtype) -> float:
     return max(float(tol), 20 * torch.finfo(dtype).eps)
 
 
-def _prep(C, G, xnorm2, L):
-    if L is None:
-        L = power_iteration(G)
-    return float(L)
-
-
-def _rel_gap(A, C, G, xnorm2, alpha, positive):
-    """Per-row relative duality gap (gap / primal)."""
-    primal, gap = lasso_duality_gap(A, C, A @ G, xnorm2, alpha, positive)
+def relative_gap(A, C, op, xnorm2, alpha, positive):
+    """Per-row relative duality gap (gap / primal) of the lasso at ``A``."""
+    primal, gap = lasso_duality_gap(A, C, op.normal(A), xnorm2, alpha, positive)
     return gap / primal.clamp_min(1e-300)
 
 
 def ista(
     C,
-    G,
+    op,
     alpha,
     *,
     xnorm2,
@@ -47,21 +41,22 @@ def ista(
     tol=1e-6,
     check_every=10,
 ):
-    """Iterative shrinkage-thresholding for ``min_a 0.5||x - aD||^2 + alpha||a||_1``.
+    """Iterative shrinkage-thresholding for ``min_a 0.5||x - forward(a)||^2 + alpha||a||_1``.
 
     Parameters
     ----------
     C : Tensor (n, K)
-        Correlations ``X @ D.T``.
-    G : Tensor (K, K)
-        Gram matrix ``D @ D.T``.
+        Correlations ``op.adjoint(X)`` (``X @ D.T`` for a dense dictionary).
+    op : Operator
+        The dictionary operator (:mod:`skdict.operators`); only ``normal`` and
+        ``lipschitz`` are used.
     alpha : float
         L1 weight.
     xnorm2 : Tensor (n,) or None
         Squared row norms of ``X`` (for the duality gap). With None the solver
         runs exactly ``max_iter`` iterations.
     L : float, optional
-        Lipschitz constant (largest eigenvalue of ``G``); power iteration if None.
+        Lipschitz constant; ``op.lipschitz()`` if None.
     a0 : Tensor (n, K), optional
         Warm start.
     positive : bool
@@ -78,7 +73,8 @@ def ista(
     -------
     SolverResult
     """
-    L = _prep(C, G, xnorm2, L)
+    L = float(op.lipschitz() if L is None else L)
+    pen = L1(alpha, positive)
     tol = effective_tol(tol, C.dtype)
     A = torch.zeros_like(C) if a0 is None else a0.clone()
     ia = torch.arange(C.shape[0], device=C.device)  # rows still iterating
@@ -86,9 +82,9 @@ def ista(
     history = []
     it = 0
     for it in range(1, max_iter + 1):
-        a = soft_threshold(a - (a @ G - c) / L, alpha / L, positive)
+        a = pen.prox(a - (op.normal(a) - c) / L, 1.0 / L)
         if xnorm2 is not None and (it % check_every == 0 or it == max_iter):
-            rel = _rel_gap(a, c, G, xnorm2[ia], alpha, positive)
+            rel = relative_gap(a, c, op, xnorm2[ia], alpha, positive)
             history.append(float(rel.max()) if rel.numel() else 0.0)
             A[ia] = a
             keep = rel > tol
@@ -99,54 +95,7 @@ def ista(
     return SolverResult(A, it, history, ia.numel() == 0)
 
 
-def fista(
-    C,
-    G,
-    alpha,
-    *,
-    xnorm2,
-    L=None,
-    a0=None,
-    positive=False,
-    max_iter=1000,
-    tol=1e-6,
-    restart=True,
-    check_every=10,
-):
-    """FISTA (Beck & Teboulle 2009) with gradient-based adaptive restart
-    (O'Donoghue & Candes 2015), per row.
-
-    Same parameters as :func:`ista`, plus ``restart`` to reset a row's momentum
-    when its update direction stops agreeing with the proximal-gradient step.
-    """
-    L = _prep(C, G, xnorm2, L)
-    tol = effective_tol(tol, C.dtype)
-    A = torch.zeros_like(C) if a0 is None else a0.clone()
-    ia = torch.arange(C.shape[0], device=C.device)  # rows still iterating
-    a, c = A.clone(), C
-    y = a.clone()
-    t = torch.ones(C.shape[0], 1, dtype=C.dtype, device=C.device)
-    history = []
-    it = 0
-    for it in range(1, max_iter + 1):
-        a_new = soft_threshold(y - (y @ G - c) / L, alpha / L, positive)
-        t_new = 0.5 * (1 + torch.sqrt(1 + 4 * t * t))
-        if restart:
-            # restart rows where (y - a_new) . (a_new - a) > 0
-            bad = ((y - a_new) * (a_new - a)).sum(1, keepdim=True) > 0
-            t_new = torch.where(bad, torch.ones_like(t_new), t_new)
-            beta = torch.where(bad, torch.zeros_like(t), (t - 1) / t_new)
-        else:
-            beta = (t - 1) / t_new
-        y = a_new + beta * (a_new - a)
-        a, t = a_new, t_new
-        if xnorm2 is not None and (it % check_every == 0 or it == max_iter):
-            rel = _rel_gap(a, c, G, xnorm2[ia], alpha, positive)
-            history.append(float(rel.max()) if rel.numel() else 0.0)
-            A[ia] = a
-            keep = rel > tol
-            ia, a, c, y, t = ia[keep], a[keep], c[keep], y[keep], t[keep]
-            if ia.numel() == 0:
-                break
-    A[ia] = a
-    return SolverResult(A, it, history, ia.numel() == 0)
+@register("ista", requires=("operator",), kind="iterative")
+def _encode(C, op, *, alpha, xnorm2, positive=False, max_iter=1000, tol=1e-5, init=None):
+    return ista(C, op, alpha, xnorm2=xnorm2, a0=init, positive=positive, max_iter=max_iter,
+                tol=tol)

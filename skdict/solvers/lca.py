@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import torch
 
+from ..penalties import penalty_for
 from ._result import SolverResult
 from .ista import effective_tol
-from .lipschitz import power_iteration
 from .objectives import lasso_duality_gap
-from .thresholds import threshold as _threshold
+from .registry import register
 
 __all__ = ["lca"]
 
 
 def lca(
     C,
-    G,
+    op,
     alpha,
     *,
     xnorm2=None,
@@ -25,32 +25,36 @@ def lca(
     max_iter=1000,
     tol=1e-6,
     u0=None,
-    L=None,
     check_every=10,
 ):
-    """Discretised LCA dynamics, batched over rows.
+    """Discretised LCA dynamics, batched over rows, against a dictionary operator.
 
     Membrane potentials ``u`` follow Rozell et al.'s ODE with unit time steps::
 
-        u <- u + (1 / tau) * (b - u - a (G - I)),     a = T_alpha(u)
+        u <- u + (1 / tau) * (b - u - normal(a) + a),     a = T_alpha(u)
 
-    where ``b = D x`` (the rows of ``C``), ``G = D D^T`` and ``T_alpha`` the
-    soft (lasso) or hard (L0) threshold. For the soft threshold the fixed points
-    are exactly the lasso solutions: at a fixed point ``u - a = alpha sign(a)``
-    on the support, so ``b - a G = alpha sign(a)`` (the KKT conditions).
+    where ``b = op.adjoint(x)`` (the rows of ``C``), ``normal(a) = a G`` for a
+    dense dictionary and ``T_alpha`` the prox of the penalty at unit step: the
+    soft threshold (lasso, :class:`~skdict.penalties.L1`) or the hard threshold
+    (:class:`~skdict.penalties.L0`). For the soft threshold the fixed points are
+    exactly the lasso solutions: at a fixed point ``u - a = alpha sign(a)`` on
+    the support, so ``b - a G = alpha sign(a)`` (the KKT conditions).
 
     Parameters
     ----------
-    C, G : Tensors
-        ``X @ D.T`` and ``D @ D.T``.
+    C : Tensor (n, K)
+        ``op.adjoint(X)``.
+    op : Operator
+        Only ``normal`` and ``lipschitz`` are used.
     alpha : float
         Threshold (the L1 weight for the soft threshold).
     xnorm2 : Tensor (n,), optional
         Squared norms of the rows of ``X``; with the soft threshold it enables the
         duality-gap stopping rule.
     tau : float, optional
-        Time constant in units of the step. ``None`` uses ``tau = L`` (largest
-        eigenvalue of ``G``), the fastest setting with a stable discretisation.
+        Time constant in units of the step. ``None`` uses ``tau = op.lipschitz()``
+        (largest eigenvalue of ``G``), the fastest setting with a stable
+        discretisation.
     threshold : {"soft", "hard"}
     positive : bool
         Non-negative (rectified) activations.
@@ -67,24 +71,25 @@ def lca(
     SolverResult
         ``state`` holds the final potentials ``u``.
     """
+    pen = penalty_for(threshold, alpha, positive)
     if tau is None:
-        tau = L if L is not None else power_iteration(G)
+        tau = op.lipschitz()
     eta = 1.0 / float(tau)
     use_gap = threshold == "soft" and xnorm2 is not None
     tol_eff = effective_tol(tol, C.dtype) if use_gap else float(tol)
     U = torch.zeros_like(C) if u0 is None else u0.clone()
     ia = torch.arange(C.shape[0], device=C.device)  # rows still iterating
     u, c = U.clone(), C
-    a = _threshold(u, alpha, threshold, positive)
+    a = pen.prox(u, 1.0)
     history = []
     it = 0
     for it in range(1, max_iter + 1):
-        du = eta * (c - u - a @ G + a)
+        du = eta * (c - u - op.normal(a) + a)
         u = u + du
-        a = _threshold(u, alpha, threshold, positive)
+        a = pen.prox(u, 1.0)
         if it % check_every == 0 or it == max_iter:
             if use_gap:
-                primal, gap = lasso_duality_gap(a, c, a @ G, xnorm2[ia], alpha, positive)
+                primal, gap = lasso_duality_gap(a, c, op.normal(a), xnorm2[ia], alpha, positive)
                 crit = gap / primal.clamp_min(1e-300)
             else:
                 crit = du.norm(dim=1) / u.norm(dim=1).clamp_min(1e-30)
@@ -95,5 +100,12 @@ def lca(
             if ia.numel() == 0:
                 break
     U[ia] = u
-    A = _threshold(U, alpha, threshold, positive)
+    A = pen.prox(U, 1.0)
     return SolverResult(A, it, history, ia.numel() == 0, U)
+
+
+@register("lca", requires=("operator",), kind="iterative")
+def _encode(C, op, *, alpha, xnorm2, positive=False, max_iter=1000, tol=1e-5, tau=None,
+            threshold="soft", init=None):
+    return lca(C, op, alpha, xnorm2=xnorm2, tau=tau, threshold=threshold, positive=positive,
+               max_iter=max_iter, tol=tol, u0=init)

@@ -1,13 +1,14 @@
 """Lasso objective and duality gap in Gram form (no need for X or D).
 
-With ``C = X @ D.T`` (correlations), ``G = D @ D.T`` and ``xnorm2 = ||x||^2`` per
-row, the per-row lasso objective ``0.5 ||x - a D||^2 + alpha ||a||_1`` is
-``0.5 (xnorm2 - 2 a.c + a G a) + alpha ||a||_1``.
+With ``C = X @ D.T`` (correlations, ``op.adjoint(X)``), ``AG = A @ G``
+(``op.normal(A)``) and ``xnorm2 = ||x||^2`` per row, the per-row lasso objective
+``0.5 ||x - a D||^2 + alpha ||a||_1`` is ``0.5 (xnorm2 - 2 a.c + a G a) +
+alpha ||a||_1``.
 """
 
 from __future__ import annotations
 
-import torch
+from ..penalties import L1
 
 __all__ = ["lasso_objective", "lasso_duality_gap", "lasso_objective_dense"]
 
@@ -29,21 +30,18 @@ def lasso_duality_gap(A, C, AG, xnorm2, alpha, positive=False):
 
     The dual point is the residual ``r = x - a D`` scaled into the dual feasible
     set ``{theta: ||D theta||_inf <= alpha}`` (``max(D theta) <= alpha`` when
-    ``positive``). Computed in float64 for accuracy.
+    ``positive``) by :meth:`skdict.penalties.L1.dual_scale`. Computed in float64
+    for accuracy.
     """
+    pen = L1(alpha, positive)
     A = A.double()
     C = C.double()
     AG = AG.double()
     xnorm2 = xnorm2.double()
     ac = (A * C).sum(1)
     rr = (xnorm2 - 2 * ac + (A * AG).sum(1)).clamp_min(0)  # ||r||^2
-    primal = 0.5 * rr + alpha * A.abs().sum(1)
-    corr = C - AG  # D r
-    if positive:
-        m = corr.max(1).values.clamp_min(0)
-    else:
-        m = corr.abs().max(1).values
-    scale = torch.where(m > alpha, alpha / m.clamp_min(1e-300), torch.ones_like(m))
+    primal = 0.5 * rr + pen.alpha * A.abs().sum(1)
+    scale = pen.dual_scale(C - AG)  # C - AG = D r
     xr = xnorm2 - ac  # <x, r>
     # dual(theta) = 0.5 ||x||^2 - 0.5 ||x - theta||^2, theta = scale * r
     dual = scale * xr - 0.5 * scale**2 * rr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._result import SolverResult
+from .registry import register
 
 __all__ = ["omp"]
 
@@ -103,3 +104,10 @@ def omp(C, G, n_nonzero_coefs, *, xnorm2=None, tol=None, positive=False):
         valid = torch.arange(coef.shape[1], device=C.device)[None, :] < count[:, None]
         A.scatter_add_(1, sel, torch.where(valid, coef, torch.zeros_like(coef)))
     return SolverResult(A, int(t), history, True)
+
+
+@register("omp", requires=("gram",), kind="greedy", problem="l0")
+def _encode(C, op, *, xnorm2, n_nonzero_coefs=None, positive=False):
+    # scikit-learn's default: a tenth of the features
+    k = n_nonzero_coefs if n_nonzero_coefs is not None else max(1, op.n_features // 10)
+    return omp(C, op.gram(), k, xnorm2=xnorm2, positive=positive)

@@ -1,0 +1,380 @@
+"""Sparse coding as functions.
+
+:func:`sparse_encode` is the validated public entry point (scikit-learn's
+``sklearn.decomposition.sparse_encode`` with skdict's algorithms, on torch).
+Its unchecked per-block twins run inside estimators' loops:
+:func:`encode_block` (one torch block against an operator -> ``SolverResult``),
+:func:`encode_codes` (-> :class:`~skdict.data.codes.Codes`, CSR pieces straight
+from the compiled kernel on the CPU exact path) and :class:`BlockEncoder`, a
+picklable callable mapping a block of rows to CSR codes (``transform``, Dask).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.utils._param_validation import Interval, StrOptions, validate_params
+
+from ._backend import numpy_dtype, resolve_device, torch_dtype
+from ._validation import DEVICE_CONSTRAINT, check_dictionary
+from .data.codes import Codes, CSRBuilder
+from .operators import DenseOperator, as_operator
+from .solvers import SolverResult
+from .solvers.exact import lasso_exact_compact
+from .solvers.registry import get_solver, solver_names
+
+__all__ = ["sparse_encode", "encode_block", "encode_codes", "BlockEncoder"]
+
+
+def encode_block(
+    Xb,
+    op,
+    *,
+    algorithm,
+    alpha,
+    positive=False,
+    n_nonzero_coefs=None,
+    max_iter=1000,
+    tol=1e-5,
+    tau=None,
+    threshold="soft",
+    init=None,
+    objective=False,
+) -> SolverResult:
+    """Codes of one block ``Xb`` (a torch tensor on the operator's device and
+    dtype) by the registered solver ``algorithm``; no input validation.
+
+    ``init`` warm-starts the solver (LCA: potentials; others: codes).
+    ``objective=True``: the exact solver also fills ``result.objective`` (each
+    row's lasso objective); the other algorithms leave it None. Parameters a
+    solver does not use (``tau`` for FISTA, ``alpha`` for OMP ...) are ignored.
+    """
+    spec = get_solver(algorithm)
+    spec.check(op)
+    return spec(
+        op.adjoint(Xb),
+        op,
+        alpha=float(alpha),
+        xnorm2=(Xb * Xb).sum(1),
+        positive=positive,
+        n_nonzero_coefs=n_nonzero_coefs,
+        max_iter=max_iter,
+        tol=tol,
+        tau=tau,
+        threshold=threshold,
+        init=init,
+        objective=objective,
+    )
+
+
+# rows per block of the CPU exact path: the kernel's fixed-width output of a block
+# (rows x (n_features + 1) indices and values) and the block's correlations stay
+# within ~4 MB
+_EXACT_BLOCK_BYTES = 4 * 2**20
+
+
+def encode_codes(
+    Xb,
+    op,
+    *,
+    algorithm,
+    alpha,
+    positive=False,
+    n_nonzero_coefs=None,
+    max_iter=1000,
+    tol=1e-5,
+    tau=None,
+    threshold="soft",
+    init=None,
+) -> Codes:
+    """Codes of one block in the form transforms consume: CSR pieces for the exact
+    lasso of a dense dictionary on CPU (the compiled homotopy writes supports
+    directly: no dense ``(b, K)`` codes; it starts from zero, so ``init`` is not
+    used there), else the dense codes of :func:`encode_block` (same arguments)."""
+    if algorithm == "exact" and Xb.device.type == "cpu" and isinstance(op, DenseOperator):
+        return _exact_cpu_codes(Xb, op, float(alpha), positive)
+    res = encode_block(Xb, op, algorithm=algorithm, alpha=alpha, positive=positive,
+                       n_nonzero_coefs=n_nonzero_coefs, max_iter=max_iter, tol=tol, tau=tau,
+                       threshold=threshold, init=init)
+    return Codes(dense=res.codes)
+
+
+def _exact_cpu_codes(Xb, op, alpha, positive):
+    from .data._compact import compact_fixed_width
+
+    D = op.D
+    n, K = Xb.shape[0], op.n_atoms
+    step = max(64, _EXACT_BLOCK_BYTES // (K * Xb.element_size()))
+    # float64: the kernel forms each chunk's correlations itself, in its workers
+    # (after the kernel has run, MKL's float64 GEMM of a block takes about twice
+    # its time in isolation); float32: MKL's GEMM, into one buffer (the compiled
+    # tiles are slower than MKL's sgemm on short float32 dot products)
+    fused = Xb.dtype == torch.float64
+    buf = None if fused else torch.empty(min(step, n), K, dtype=Xb.dtype)
+    parts = []
+    for s in range(0, n, step):
+        Cb = Xb[s : s + step]
+        if not fused:
+            # torch's GEMM, not numpy's: OpenBLAS threads keep spinning after a
+            # call and slow the compiled kernel that follows
+            with torch.no_grad():
+                Cb = torch.matmul(Cb, D.T, out=buf[: Cb.shape[0]])
+        idx, val, *_ = lasso_exact_compact(
+            Cb, op.gram(), alpha, positive=positive, gram64=op.gram64(),
+            n_features=op.n_features, dictionary=D if fused else None,
+        )
+        parts.append(compact_fixed_width(idx.numpy(), val.numpy(), K, leading=True))
+    if len(parts) == 1:
+        return Codes(csr=parts[0])
+    if not parts:
+        return Codes(csr=(Xb.new_zeros(0).numpy(), np.zeros(0, np.int32), np.zeros(0, np.int64)))
+    return Codes(csr=tuple(np.concatenate(p) for p in zip(*parts, strict=True)))
+
+
+def _float_dtype(dtype):
+    return np.dtype(dtype) if np.dtype(dtype) in (np.float32, np.float64) else np.dtype(np.float64)
+
+
+def _check_X(X):
+    """X as a float32/float64 ndarray, CSR matrix or torch tensor (kept on its device)."""
+    if isinstance(X, torch.Tensor):
+        if X.ndim != 2:
+            raise ValueError(f"Expected a 2-D X (n_samples, n_features), got {X.ndim}-D.")
+        if X.is_complex() or X.dtype == torch.bool:
+            raise ValueError(f"X must be real numeric, got dtype {X.dtype}.")
+        if X.dtype not in (torch.float32, torch.float64):
+            X = X.to(torch.float64)
+        if X.shape[0] < 1 or X.shape[1] < 1:
+            raise ValueError(f"X is empty (shape {tuple(X.shape)}); at least one row is needed.")
+        if not bool(torch.isfinite(X).all()):
+            raise ValueError("X contains NaN or infinity.")
+        return X
+    from sklearn.utils import check_array
+
+    return check_array(X, accept_sparse="csr", dtype=[np.float64, np.float32],
+                       input_name="X")
+
+
+def _default_batch_size(n_components, dtype):
+    # ~64 MB of dense codes per block, the estimators' default
+    itemsize = np.dtype(dtype).itemsize
+    return int(max(256, min(65536, (64 * 2**20) // max(1, n_components * itemsize))))
+
+
+def _rows(X, start, stop, device, dtype):
+    if isinstance(X, torch.Tensor):
+        return X[start:stop].to(device=device, dtype=torch_dtype(dtype))
+    blk = X[start:stop]
+    blk = blk.toarray() if sp.issparse(blk) else blk
+    return torch.from_numpy(np.ascontiguousarray(blk, dtype=dtype)).to(device)
+
+
+@validate_params(
+    {
+        "X": ["array-like", "sparse matrix", torch.Tensor],
+        "dictionary": ["array-like", torch.Tensor],
+        "algorithm": [StrOptions(set(solver_names()))],
+        "alpha": [Interval(numbers.Real, 0, None, closed="left")],
+        "n_nonzero_coefs": [Interval(numbers.Integral, 1, None, closed="left"), None],
+        "positive": ["boolean"],
+        "max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
+        "tol": [Interval(numbers.Real, 0, None, closed="left")],
+        "init": ["array-like", torch.Tensor, None],
+        "device": DEVICE_CONSTRAINT,
+        "batch_size": [Interval(numbers.Integral, 1, None, closed="left"), None],
+    },
+    prefer_skip_nested_validation=True,
+)
+def sparse_encode(
+    X,
+    dictionary,
+    *,
+    algorithm="exact",
+    alpha=1.0,
+    n_nonzero_coefs=None,
+    positive=False,
+    max_iter=1000,
+    tol=1e-5,
+    init=None,
+    device="auto",
+    batch_size=None,
+):
+    """Sparse codes of the rows of ``X`` against a fixed dictionary.
+
+    Each row ``x`` is encoded as the solution of::
+
+        argmin_a  0.5 * ||x - a @ dictionary||^2 + alpha * ||a||_1
+
+    (scikit-learn's ``sparse_encode`` / ``SparseCoder`` convention; the atoms
+    need not have unit norm), or greedily with ``n_nonzero_coefs`` atoms by
+    ``"omp"``.
+
+    Parameters
+    ----------
+    X : {array-like, sparse matrix, torch.Tensor} of shape (n_samples, n_features)
+        Data. float32 stays float32; other dtypes are computed in float64. A
+        torch tensor is read on its own device batch by batch.
+    dictionary : array-like or torch.Tensor of shape (n_components, n_features)
+        Atoms as rows.
+    algorithm : str, default="exact"
+        A registered solver (:func:`skdict.solvers.solver_names`): ``"exact"``
+        (KKT-certified optimum), ``"fista"`` / ``"ista"`` (proximal gradient,
+        stopped on the relative duality gap ``tol``), ``"lca"`` (Locally
+        Competitive Algorithm), ``"omp"`` (orthogonal matching pursuit,
+        ``alpha`` unused).
+    alpha : float, default=1.0
+        L1 weight (>= 0).
+    n_nonzero_coefs : int, default=None
+        Atoms per row for ``"omp"`` (at most ``n_components``); None means
+        ``max(1, n_features // 10)``, as in scikit-learn.
+    positive : bool, default=False
+        Constrain the codes to be non-negative.
+    max_iter : int, default=1000
+        Iterations of the iterative algorithms.
+    tol : float, default=1e-5
+        Relative duality gap at which the iterative algorithms stop.
+    init : array-like of shape (n_samples, n_components), default=None
+        Warm start of the iterative and exact solvers.
+    device : str or torch.device, default="auto"
+        "auto" (CUDA when available), "cpu", "cuda", "cuda:N".
+    batch_size : int, default=None
+        Rows encoded at a time; None picks ~64 MB of dense codes per batch.
+
+    Returns
+    -------
+    codes : ndarray of shape (n_samples, n_components)
+        Dense codes, in the dtype of ``X`` (float32 or float64).
+
+    See Also
+    --------
+    skdict.SparseCoder : the same as a scikit-learn transformer (CSR output).
+    sklearn.decomposition.sparse_encode : the CPU reference.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skdict.functional import sparse_encode
+    >>> D = np.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> sparse_encode(np.array([[3.0, -0.5]]), D, alpha=1.0, device="cpu")
+    array([[2., 0.]])
+    """
+    X = _check_X(X)
+    D = check_dictionary(dictionary)
+    n, p = X.shape
+    K = D.shape[0]
+    if D.shape[1] != p:
+        raise ValueError(
+            f"X has {p} features but the dictionary has {D.shape[1]} (dictionary shape "
+            f"{D.shape}, X shape {tuple(X.shape)}); they must match."
+        )
+    spec = get_solver(algorithm)
+    if spec.problem == "l0" and n_nonzero_coefs is not None and n_nonzero_coefs > K:
+        raise ValueError(
+            f"n_nonzero_coefs={n_nonzero_coefs} exceeds the {K} atoms of the dictionary; "
+            f"use at most {K}."
+        )
+    dtype = (numpy_dtype(X.dtype) if isinstance(X, torch.Tensor) else _float_dtype(X.dtype))
+    if init is not None:
+        if isinstance(init, torch.Tensor):
+            init = init.detach().cpu().numpy()
+        init = np.asarray(init)
+        if init.shape != (n, K):
+            raise ValueError(
+                f"init must have shape (n_samples, n_components) = {(n, K)}, got {init.shape}."
+            )
+        if not np.all(np.isfinite(init)):
+            raise ValueError("init contains NaN or infinity.")
+    dev = resolve_device(device)
+    op = as_operator(D, dev, dtype)
+    bs = int(batch_size) if batch_size is not None else _default_batch_size(K, dtype)
+    out = np.zeros((n, K), dtype=dtype)
+    params = dict(algorithm=algorithm, alpha=alpha, positive=positive,
+                  n_nonzero_coefs=n_nonzero_coefs, max_iter=max_iter, tol=tol)
+    for s in range(0, n, bs):
+        Xb = _rows(X, s, min(n, s + bs), dev, dtype)
+        if init is None:
+            codes = encode_codes(Xb, op, **params).to_dense(K)
+        else:
+            a0 = torch.from_numpy(np.ascontiguousarray(init[s : s + bs], dtype=dtype)).to(dev)
+            codes = encode_block(Xb, op, init=a0, **params).codes
+        out[s : s + Xb.shape[0]] = codes.detach().cpu().numpy()
+    return out
+
+
+class BlockEncoder:
+    """A picklable per-block encoder: ``enc(X_block) -> CSR codes``.
+
+    Holds the dictionary and the encoding parameters; the operator (Gram,
+    Lipschitz constant ...) is built on first use for the block's device and
+    dtype, kept for the following blocks and dropped when pickled (so a pickle
+    carries only the dictionary and the parameters, e.g. to Dask workers).
+    No validation: give it float blocks with the dictionary's number of features.
+
+    Parameters
+    ----------
+    components : array-like or torch.Tensor of shape (n_components, n_features)
+    algorithm : str, default="exact"
+        A registered solver name.
+    device : str or torch.device, default="auto"
+        Where ``__call__`` encodes (``codes`` uses the block's own device).
+    dtype : numpy or torch float dtype, default=None
+        Compute dtype of ``__call__``; None: the block's (float32 or float64).
+    batch_size : int, default=None
+        Rows per solver call in ``__call__``.
+    **params
+        ``alpha``, ``positive``, ``n_nonzero_coefs``, ``max_iter``, ``tol``,
+        ``tau``, ``threshold`` as in :func:`encode_block`.
+    """
+
+    def __init__(self, components, algorithm="exact", *, device="auto", dtype=None,
+                 batch_size=None, **params):
+        get_solver(algorithm)  # an unknown name fails here, not on the first block
+        self.components = components
+        self.algorithm = algorithm
+        self.device = device
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.params = params
+        self._ops = {}
+
+    @property
+    def n_components(self):
+        return int(self.components.shape[0])
+
+    def operator(self, device, dtype):
+        """The (cached) dictionary operator on ``device`` in ``dtype``."""
+        key = (str(torch.device(device)), torch_dtype(dtype))
+        op = self._ops.get(key)
+        if op is None:
+            op = self._ops[key] = as_operator(self.components, torch.device(device), dtype)
+        return op
+
+    def codes(self, Xb) -> Codes:
+        """Codes of one torch block (on any device; float32 or float64)."""
+        op = self.operator(Xb.device, Xb.dtype)
+        return encode_codes(Xb, op, algorithm=self.algorithm, **self.params)
+
+    def __call__(self, X):
+        """CSR codes (scikit-learn's sparse interface) of a block ``X`` (ndarray,
+        scipy sparse or torch tensor)."""
+        if isinstance(X, torch.Tensor):
+            dtype = numpy_dtype(self.dtype or X.dtype)
+        else:
+            dtype = numpy_dtype(self.dtype) if self.dtype is not None else _float_dtype(X.dtype)
+        dev = resolve_device(self.device)
+        n, K = X.shape[0], self.n_components
+        bs = self.batch_size or _default_batch_size(K, dtype)
+        builder = CSRBuilder(K, dtype)
+        for s in range(0, n, bs):
+            self.codes(_rows(X, s, min(n, s + bs), dev, dtype)).add_to(builder)
+        return builder.build()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_ops"] = {}
+        if isinstance(self.components, torch.Tensor):
+            state["components"] = self.components.detach().cpu()
+        return state
