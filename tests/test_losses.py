@@ -118,7 +118,7 @@ def test_auxk_loss_matches_dense_oracle():
     Z.scatter_(1, idx, vals.relu())
     e = x - x_hat
     want = ((e - Z @ P["W_dec"]) ** 2).sum() / ((e - e.mean(0)) ** 2).sum()
-    assert float(loss.detach()) == pytest.approx(float(want), rel=1e-12)
+    assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-12)
     loss.backward()
     live = ~dead
     assert (P["W_dec"].grad[live] == 0).all() and P["W_dec"].grad[dead].abs().sum() > 0
