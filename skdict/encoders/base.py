@@ -20,7 +20,8 @@ encoder ``pre = (x - b_dec) @ W_enc.T + b_enc`` and decoder
 Variants register themselves by name with :func:`register`;
 ``KSparseAutoencoder(sparsity=...)`` accepts exactly :func:`encoder_names`.
 A variant is constructed from the estimator's parameters it names in
-``params``.
+``params`` (a variant needing a new hyper-parameter also adds it to the
+estimator).
 """
 
 from __future__ import annotations
@@ -138,8 +139,8 @@ class TrainOutput:
 class Encoder(ABC):
     """Base of the sparse-autoencoder variants (see the module docstring).
 
-    Class attributes
-    ----------------
+    Attributes
+    ----------
     name : str
         Registry key, the value of ``KSparseAutoencoder(sparsity=...)``.
     params : tuple of str
