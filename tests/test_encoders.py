@@ -256,6 +256,8 @@ def test_saelens_roundtrip(tmp_path, name):
     assert cfg["architecture"] == get_encoder(name).saelens_architecture
     back = KSparseAutoencoder.from_saelens(tmp_path / "sae", device="cpu", batch_size=128)
     a, b = sae.transform(X), back.transform(X)
+    # inference is batch-independent (BatchTopK / Matryoshka use their threshold)
+    np.testing.assert_allclose(sae.transform(X[:7]).toarray(), a[:7].toarray(), rtol=1e-6)
     np.testing.assert_array_equal(a.indptr, b.indptr)
     np.testing.assert_array_equal(a.indices, b.indices)
     np.testing.assert_allclose(a.data, b.data, rtol=1e-5, atol=1e-6)
