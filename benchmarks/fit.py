@@ -88,7 +88,7 @@ def main(argv=None):
 
     est = LCASparseCoder(n_components=K, alpha=ALPHA, fit_algorithm="exact",
                          dict_update="online", dict_init=D0, batch_size=BATCH,
-                         forget_window=args.forget_window or None, resample_window=None,
+                         forget_window=args.forget_window or None, dead_window=0,
                          random_state=0, device="cpu")
     print(f"skdict: LCASparseCoder(fit_algorithm='exact', dict_update='online', "
           f"forget_window={args.forget_window})")

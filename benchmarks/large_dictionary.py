@@ -93,7 +93,7 @@ def child_large(K, n_rows, epochs, s, batch, out):
         est.partial_fit(X)
         dt = time.perf_counter() - t
         rows.append({"epoch": ep + 1, "rows_per_s": n_rows / dt, "seconds": dt,
-                     "peak_rss_gb": _rss_gb(), "mse": float(est.epoch_loss_[-1])})
+                     "peak_rss_gb": _rss_gb(), "mse": float(est.loss_curve_[-1])})
     rate = _routing_rate(est, X)
     json.dump({"K": K, "n_rows": n_rows, "epochs": rows, "routing_rows_per_s": rate,
                "load_s": t_load}, open(out, "w"))
@@ -208,7 +208,7 @@ def part_recovery(args):
     print("| fraction |cos| >= 0.95 | >= 0.9 | median best |cos| | final MSE | fit s |")
     print("|---|---|---|---|---|---|")
     print(f"| {(best >= 0.95).mean():.3f} | {(best >= 0.9).mean():.3f} | "
-          f"{np.median(best):.3f} | {est.epoch_loss_[-1]:.4g} | {dt:.0f} |")
+          f"{np.median(best):.3f} | {est.loss_curve_[-1]:.4g} | {dt:.0f} |")
 
 
 def _sk_child(K, n_rows, s, out):

@@ -116,7 +116,7 @@ def main(argv=None):
         name = f"skdict {alg}/online"
 
         def make(alg=alg):
-            return LCASparseCoder(n_components=K, alpha=ALPHA, fit_algorithm=alg, max_iter=200,
+            return LCASparseCoder(n_components=K, alpha=ALPHA, fit_algorithm=alg, fit_max_iter=200,
                                   dict_init=D0, batch_size=BATCH, random_state=0, device="cpu",
                                   forget_window=args.forget_window or None)
 

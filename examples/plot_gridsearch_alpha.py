@@ -36,7 +36,7 @@ X_digits = X_digits / 16.0  # pixel values in [0, 1]
 X_digits, y_digits = X_digits[:900], y_digits[:900]  # half the set keeps it quick
 
 pipe = make_pipeline(
-    LCASparseCoder(n_components=64, n_epochs=3, max_iter=50, random_state=0, device="cpu"),
+    LCASparseCoder(n_components=64, max_iter=3, fit_max_iter=50, random_state=0, device="cpu"),
     LogisticRegression(max_iter=500),
 )
 t0 = time.perf_counter()

@@ -58,7 +58,7 @@ print(codes.getnnz(axis=1), codes.indptr)
 # Loss curves and the recovery histogram
 fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 3.5))
 for routing, (est, best, frac, _) in results.items():
-    ax0.semilogy(est.loss_curve_, label=f"{routing} routing")
+    ax0.semilogy(est.history_["loss"], label=f"{routing} routing")
     ax1.hist(best, bins=40, range=(0.5, 1.0), alpha=0.6,
              label=f"{routing}: {frac:.0%} >= 0.95")
 ax0.set_xlabel("minibatch")

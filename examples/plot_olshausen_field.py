@@ -48,8 +48,8 @@ print(X.shape, X.dtype)
 lca = LCASparseCoder(
     n_components=144,
     alpha=1.5,
-    n_epochs=3,
-    max_iter=100,
+    max_iter=3,
+    fit_max_iter=100,
     random_state=0,
     device="cpu",
 )
@@ -67,8 +67,9 @@ plt.show()
 # %%
 # Convergence and sparsity
 # ------------------------
-# ``objective_curve_`` records the mean lasso objective of every epoch, evaluated on
-# the minibatch codes before each dictionary update. ``transform`` returns the codes
+# ``loss_curve_`` records the mean lasso objective of every epoch, evaluated on
+# the minibatch codes before each dictionary update (``history_["loss"]`` has one
+# value per minibatch). ``transform`` returns the codes
 # as a scipy CSR matrix; ``inverse_transform`` reconstructs the patches.
 codes = lca.transform(X[:4000])
 X_hat = lca.inverse_transform(codes)
@@ -77,10 +78,10 @@ rel_err = np.linalg.norm(X[:4000] - X_hat) / np.linalg.norm(X[:4000])
 print(f"mean L0 = {l0:.1f} of 144 atoms, relative reconstruction error = {rel_err:.3f}")
 
 fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(9, 3.5))
-ax0.plot(np.arange(1, len(lca.objective_curve_) + 1), lca.objective_curve_, "o-")
+ax0.plot(np.arange(1, len(lca.loss_curve_) + 1), lca.loss_curve_, "o-")
 ax0.set_xlabel("epoch")
 ax0.set_ylabel("mean objective per patch")
-ax0.set_title("objective_curve_")
+ax0.set_title("loss_curve_")
 plot_activation_density(codes, ax=ax1, bins=20, title="how often each atom fires")
 fig.tight_layout()
 plt.show()

@@ -55,8 +55,8 @@ def main(argv=None):
     lca = LCASparseCoder(
         n_components=args.n_components,
         alpha=args.alpha,
-        n_epochs=args.epochs,
-        max_iter=30,
+        max_iter=args.epochs,
+        fit_max_iter=30,
         batch_size=256,
         random_state=args.seed,
         device=args.device,
@@ -65,7 +65,7 @@ def main(argv=None):
     lca.fit(X_train)
     t_fit = time.perf_counter() - t0
     print(f"fit: {t_fit:.1f} s, {lca.n_steps_} minibatches on {lca._device()}")
-    print("  epoch objective: " + ", ".join(f"{v:.4f}" for v in lca.objective_curve_))
+    print("  epoch objective: " + ", ".join(f"{v:.4f}" for v in lca.loss_curve_))
 
     coder = SparseCoder(lca.components_, alpha=args.alpha, device=args.device)
     # the first call compiles the CPU kernel (numba, cached on disk for later

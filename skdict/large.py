@@ -9,14 +9,17 @@ One minibatch step:
 2. **Code** -- batched ``s x s`` least squares on each row's active set
    (:func:`skdict.solvers.active_lstsq.active_lstsq`), optionally non-negative
    or with an L1 term.
-3. **Decoder** -- sparse normal equations (:class:`skdict.dictionary.SparseStats`):
+3. **Decoder** -- sparse normal equations (:class:`skdict.updates.SparseStats`):
    ``B`` (K x P) via ``index_add``, the co-occurrence ``A`` as a pruned sparse
    matrix plus its diagonal, decayed as in online learning; touched atoms get a
    block-coordinate (MOD) refresh (a Jacobi step; for non-negative codes, whose
    co-occurrence matrix is not diagonally dominant, the majorised Gershgorin
    step, which always decreases the surrogate).
-4. **Project** -- unit-norm atoms; atoms unused for a window of rows are
-   resampled from high-residual rows.
+4. **Project** -- unit-norm atoms; atoms unused for ``dead_window`` rows are
+   resampled from high-residual rows (:mod:`skdict.updates.atoms`).
+
+Training runs through :class:`skdict.training.Trainer`; ``_CollapsedLearner`` is
+one minibatch step and ``CollapsedState`` what it updates.
 
 No object of size ``(n_samples, n_components)`` or ``(n_components,
 n_components)`` is formed: the largest are the ``(batch, tile_size)`` score
@@ -25,47 +28,131 @@ block, the ``(K, P)`` dictionary and ``B``, and the capped sparse ``A``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
-from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted
 
 from ._backend import make_generator, torch_dtype
-from .base import BaseSparseCoder, check_input, iter_batches, n_samples_of
-from .dictionary.sparse_stats import (
-    SparseStats,
-    decay_factor,
-    project_unit_norm,
-    refresh_atoms,
-    resample_dead_atoms,
-)
+from ._validation import check_dictionary
+from .base import BaseSparseCoder
+from .data.codes import Codes
+from .data.sources import as_source
 from .solvers.active_lstsq import active_lstsq
 from .solvers.decode import topk_decode
 from .solvers.routing import ClusterIndex, route_approx, route_topk
+from .training import Trainer, TrainState
+from .updates import (
+    SparseStats,
+    dead_atoms,
+    forgetting_factor,
+    init_atoms,
+    refresh_atoms,
+    resample_dead_atoms,
+    update_since_used,
+)
 
 __all__ = ["CollapsedDictionaryLearner"]
 
 
-def _is_minibatch_stream(X):
-    """Iterators / generators, and lists or tuples of 2-D blocks, are minibatch streams."""
-    if isinstance(X, (np.ndarray, torch.Tensor)) or sp.issparse(X):
-        return False
-    if isinstance(X, Iterator):
-        return True
-    if isinstance(X, (list, tuple)) and len(X) > 0:
-        first = X[0]
-        return (
-            isinstance(first, (np.ndarray, torch.Tensor)) or sp.issparse(first)
-        ) and getattr(first, "ndim", 0) == 2
-    if isinstance(X, Iterable) and not hasattr(X, "shape") and not isinstance(X, (str, bytes)):
-        return not hasattr(X, "__len__") and not hasattr(X, "__array__")
-    return False
+@dataclass
+class CollapsedState(TrainState):
+    """What :class:`CollapsedDictionaryLearner` trains: the float32 dictionary
+    ``D`` (K x P), its sparse statistics, the rows since each atom was last used,
+    the atoms resampled so far and the generator of the batch order, the index
+    and resampling."""
+
+    D: torch.Tensor = None
+    stats: SparseStats = None
+    since_used: torch.Tensor = None
+    n_resampled: int = 0
+    generator: torch.Generator = None
+
+    def state_dict(self):
+        out = TrainState.state_dict(dataclasses.replace(self, stats=None))
+        out["stats"] = self.stats.state_dict()
+        return out
+
+    @classmethod
+    def from_state_dict(cls, d, *, device=None, dtype=None):
+        d = dict(d)
+        stats = d.pop("stats")
+        state = super().from_state_dict(d, device=device, dtype=dtype)
+        state.stats = SparseStats.from_state_dict(stats, device=device or "cpu",
+                                                  dtype=dtype or torch.float32)
+        return state
+
+
+class _Routing(NamedTuple):
+    """What ``_encode`` routes with: the dictionary and, for approximate routing,
+    its cluster index and the atoms sorted by cluster."""
+
+    D: torch.Tensor
+    index: ClusterIndex | None
+    Dsorted: torch.Tensor | None
+
+
+class _CollapsedLearner:
+    """One minibatch of :class:`CollapsedDictionaryLearner`: route and code, add the
+    sparse statistics, refresh the touched atoms, resample the dead ones."""
+
+    dtype = np.float32
+
+    def __init__(self, est, device):
+        self.est = est
+        self.device = device
+        self.index = None  # approximate-routing index, rebuilt every index_refresh steps
+
+    def init_state(self, source, generator):
+        est, K, P = self.est, self.est.n_components, source.n_features
+        if est.dict_init is not None:
+            D0 = torch.as_tensor(check_dictionary(est.dict_init, "dict_init"))
+            D = init_atoms(K, P, init=D0, generator=generator, device=self.device,
+                           name="dict_init")
+        else:
+            rows = source.sample(K, generator=generator, device=self.device,
+                                 dtype=torch.float32)
+            D = init_atoms(K, P, rows=rows, generator=generator, device=self.device)
+        return CollapsedState(
+            D=D, stats=SparseStats(K, P, max_nnz=est._max_nnz(), device=self.device),
+            since_used=torch.zeros(K, dtype=torch.long, device=self.device),
+            generator=generator,
+        )
+
+    def step(self, state, Xb):
+        est, D = self.est, state.D
+        if est.routing == "approximate" and (
+            self.index is None or state.n_steps % est.index_refresh == 0
+        ):
+            self.index = est._build_index(D, state.generator)
+        Dsorted = D[self.index.order] if self.index is not None else None
+        routing = _Routing(D, self.index, Dsorted)
+        idx, vals = est._code(Xb, routing)
+        R = Xb - topk_decode(idx, vals, D)
+        mse = float((R.double() ** 2).mean())
+        if not math.isfinite(mse):
+            raise ValueError(
+                "The reconstruction error became non-finite; check the scale of X "
+                "(values too large for float32?)."
+            )
+        state.stats.update(Xb, idx, vals, forgetting_factor(state.n_steps, Xb.shape[0]))
+        touched = torch.unique(idx[vals != 0])
+        refresh_atoms(D, state.stats, touched,
+                      preconditioner="gershgorin" if est.positive_code else "jacobi")
+        used = torch.zeros(D.shape[0], dtype=torch.bool, device=D.device)
+        used[touched] = True
+        update_since_used(state.since_used, used, Xb.shape[0])
+        dead = dead_atoms(state.since_used, est._window())
+        state.n_resampled += int(resample_dead_atoms(
+            D, dead, R, generator=state.generator, stats=state.stats,
+            since_used=state.since_used).numel())
+        return {"loss": mse}
 
 
 class CollapsedDictionaryLearner(BaseSparseCoder):
@@ -100,6 +187,9 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
         ``transform``.
     max_iter : int, default=10
         Maximum number of epochs (passes over the data) in ``fit``.
+    n_steps : int, default=None
+        Minibatches of ``fit`` (cycling over the data); None runs up to
+        ``max_iter`` epochs.
     tol : float, default=1e-3
         ``fit`` stops when the epoch's mean squared error improves by less
         than ``tol`` relatively to the previous epoch. 0 runs ``max_iter`` epochs.
@@ -117,9 +207,9 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
         Clusters searched per row by approximate routing.
     index_refresh : int, default=20
         Minibatches between rebuilds of the approximate index during ``fit``.
-    dead_atom_window : int, default=None
-        An atom unused for more than this many rows is resampled from the rows
-        with the largest residuals; None means ``ceil(20 * K / s)`` rows, 0
+    dead_window : int, default=None
+        An atom unused over the last ``dead_window`` rows is resampled from
+        badly reconstructed rows; None means ``ceil(20 * K / s)`` rows, 0
         disables resampling.
     max_cooc_nnz : int, default=None
         Cap on the stored off-diagonal co-occurrence entries (upper triangle);
@@ -133,6 +223,9 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
         not enough rows).
     random_state : int, RandomState instance or None, default=None
     device : str or torch.device, default="auto"
+    callbacks : list of callable, default=None
+        Called after every minibatch with ``{"step", "epoch", "loss"}``;
+        returning ``False`` stops training.
     verbose : bool or int, default=False
         Show a progress bar over minibatches.
     sparse_output : bool, default=True
@@ -146,11 +239,12 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
         Epochs run by the last ``fit`` (``partial_fit`` counts calls).
     n_steps_ : int
         Minibatch steps taken in total.
+    history_ : dict of str to ndarray
+        ``"loss"``: the mean squared reconstruction error of each minibatch,
+        measured with the dictionary before that minibatch's update.
     loss_curve_ : ndarray
-        Mean squared reconstruction error of each minibatch, measured with the
-        dictionary before that minibatch's update.
-    epoch_loss_ : ndarray
-        Mean squared reconstruction error of each epoch (mean of its minibatches).
+        Mean squared reconstruction error of each epoch (mean of its
+        minibatches; ``partial_fit`` adds one per call).
     n_resampled_ : int
         Dead atoms resampled so far.
     cluster_centers_, atom_clusters_ : ndarray
@@ -160,7 +254,9 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
 
     Notes
     -----
-    ``score`` is minus the mean squared reconstruction error, see :meth:`score`.
+    ``score`` is minus the mean squared reconstruction error,
+    ``-mean((X - inverse_transform(transform(X)))**2)`` over all entries of ``X``
+    (higher is better), computed batch by batch from the fixed-width codes.
 
     Examples
     --------
@@ -183,6 +279,7 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
         "tile_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
+        "n_steps": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "tol": [Interval(numbers.Real, 0, None, closed="left")],
         "positive_code": ["boolean"],
         "alpha": [Interval(numbers.Real, 0, None, closed="left")],
@@ -190,11 +287,12 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
         "n_clusters": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "n_probes": [Interval(numbers.Integral, 1, None, closed="left")],
         "index_refresh": [Interval(numbers.Integral, 1, None, closed="left")],
-        "dead_atom_window": [Interval(numbers.Integral, 0, None, closed="left"), None],
+        "dead_window": [Interval(numbers.Integral, 0, None, closed="left"), None],
         "max_cooc_nnz": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "shuffle": ["boolean"],
         "dict_init": ["array-like", torch.Tensor, None],
         "random_state": ["random_state"],
+        "callbacks": [list, None],
         "verbose": ["verbose"],
     }
 
@@ -207,6 +305,7 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
         tile_size=4096,
         batch_size=1024,
         max_iter=10,
+        n_steps=None,
         tol=1e-3,
         positive_code=False,
         alpha=0.0,
@@ -214,12 +313,13 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
         n_clusters=None,
         n_probes=8,
         index_refresh=20,
-        dead_atom_window=None,
+        dead_window=None,
         max_cooc_nnz=None,
         shuffle=True,
         dict_init=None,
         random_state=None,
         device="auto",
+        callbacks=None,
         verbose=False,
         sparse_output=True,
     ):
@@ -229,6 +329,7 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
         self.tile_size = tile_size
         self.batch_size = batch_size
         self.max_iter = max_iter
+        self.n_steps = n_steps
         self.tol = tol
         self.positive_code = positive_code
         self.alpha = alpha
@@ -236,17 +337,19 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
         self.n_clusters = n_clusters
         self.n_probes = n_probes
         self.index_refresh = index_refresh
-        self.dead_atom_window = dead_atom_window
+        self.dead_window = dead_window
         self.max_cooc_nnz = max_cooc_nnz
         self.shuffle = shuffle
         self.dict_init = dict_init
         self.random_state = random_state
         self.device = device
+        self.callbacks = callbacks
         self.verbose = verbose
         self.sparse_output = sparse_output
 
     # ------------------------------------------------------------------ settings
-    def _check_settings(self):
+    def _check_params(self):
+        """Cross-parameter checks (ValueError saying what to change)."""
         if self.n_nonzero_coefs > self.n_components:
             raise ValueError(
                 f"n_nonzero_coefs={self.n_nonzero_coefs} exceeds n_components="
@@ -260,9 +363,9 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
         return int(self.batch_size)
 
     def _window(self):
-        if self.dead_atom_window is None:
+        if self.dead_window is None:
             return int(math.ceil(20 * self.n_components / self.n_nonzero_coefs))
-        return int(self.dead_atom_window)
+        return int(self.dead_window)
 
     def _max_nnz(self):
         if self.max_cooc_nnz is not None:
@@ -281,20 +384,23 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
         m = 2 * s if self.n_candidates is None else max(int(self.n_candidates), s)
         return min(m, K)
 
-    def _route(self, Xb, D, index, Dsorted=None):
+    def _route(self, Xb, routing):
+        D = routing.D
         s = self._n_candidates(D.shape[0])
-        if self.routing == "approximate" and index is not None:
+        if self.routing == "approximate" and routing.index is not None:
             _, idx = route_approx(
-                Xb, D, s, index, n_probes=self.n_probes, positive=self.positive_code,
-                tile_size=self.tile_size, Dsorted=Dsorted,
+                Xb, D, s, routing.index, n_probes=self.n_probes, positive=self.positive_code,
+                tile_size=self.tile_size, Dsorted=routing.Dsorted,
             )
         else:
             _, idx = route_topk(Xb, D, s, tile_size=self.tile_size,
                                 positive=self.positive_code)
         return idx
 
-    def _code(self, Xb, D, index, Dsorted=None):
-        idx = self._route(Xb, D, index, Dsorted)
+    def _code(self, Xb, routing):
+        """``(indices, values)`` of the fixed-width codes of ``Xb``."""
+        D = routing.D
+        idx = self._route(Xb, routing)
         s = self.n_nonzero_coefs
         if idx.shape[1] > s:  # prune the candidates to the s largest LS coefficients
             v = active_lstsq(Xb, D, idx, positive=self.positive_code).codes
@@ -307,194 +413,62 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
 
     def _transform_state(self, device, dtype):
         D = torch.as_tensor(np.asarray(self.components_), dtype=torch_dtype(dtype)).to(device)
-        state = {"D": D, "index": None, "Dsorted": None}
         if self.routing == "approximate" and hasattr(self, "cluster_centers_"):
             index = _index_from_fitted(self, D)
-            state["index"] = index
-            state["Dsorted"] = D[index.order]
-        return state
+            return _Routing(D, index, D[index.order])
+        return _Routing(D, None, None)
 
-    def _encode(self, Xb, state):
-        return self._code(Xb, state["D"], state["index"], state["Dsorted"])
+    def _encode(self, Xb, routing):
+        idx, vals = self._code(Xb, routing)
+        return Codes(indices=idx, values=vals)
 
-    # ------------------------------------------------------------------ fitting
-    def _iter_minibatches(self, X, device, generator, reset_first):
-        """Yield validated float32 minibatch tensors (at most batch_size rows)."""
-        bs = int(self.batch_size)
-        if _is_minibatch_stream(X):
-            first = True
-            for block in X:
-                Xb, _ = check_input(self, block, reset=reset_first and first)
-                first = False
-                for _, _, t in iter_batches(Xb, bs, device, np.float32):
-                    yield t
-            if first:
-                raise ValueError("The iterable of minibatches passed to fit is empty.")
-            return
-        n = n_samples_of(X)
-        starts = list(range(0, n, bs))
-        if self.shuffle and len(starts) > 1:
-            perm = torch.randperm(len(starts), generator=generator, device="cpu").tolist()
-            starts = [starts[p] for p in perm]
-        for start in starts:
-            stop = min(n, start + bs)
-            for _, _, t in iter_batches(X[start:stop], bs, device, np.float32):
-                yield t
-
-    def _init_dictionary(self, X, first_batch, generator_cpu, device):
-        K = self.n_components
-        if self.dict_init is not None:
-            D0 = self.dict_init
-            if isinstance(D0, torch.Tensor):
-                D0 = D0.detach().cpu().numpy()
-            D0 = np.asarray(D0, dtype=np.float32)
-            if D0.shape != (K, self.n_features_in_):
-                raise ValueError(
-                    f"dict_init has shape {D0.shape}; expected (n_components, n_features)"
-                    f" = {(K, self.n_features_in_)}."
-                )
-            if not np.all(np.isfinite(D0)):
-                raise ValueError("dict_init contains NaN or infinity.")
-            D = torch.from_numpy(D0.copy()).to(device)
-        else:
-            if X is not None:
-                n = n_samples_of(X)
-                m = min(n, K)
-                rows = torch.randperm(n, generator=generator_cpu)[:m].sort().values.numpy()
-                if sp.issparse(X):
-                    sample = X[rows].toarray()
-                elif isinstance(X, torch.Tensor):
-                    sample = X[torch.from_numpy(rows).to(X.device)].detach().cpu().numpy()
-                else:
-                    sample = np.asarray(X[rows])
-                sample = torch.from_numpy(np.asarray(sample, dtype=np.float32)).to(device)
-            else:
-                m = min(first_batch.shape[0], K)
-                perm = torch.randperm(first_batch.shape[0], generator=generator_cpu)[:m]
-                sample = first_batch[perm.to(first_batch.device)].to(device, torch.float32)
-            noise = torch.randn(K, self.n_features_in_, generator=generator_cpu).to(device)
-            D = noise.clone()
-            D[:m] = sample
-            # rows equal to zero would give zero atoms: fall back to noise
-            zero = D.norm(dim=1) < 1e-12
-            D[zero] = noise[zero]
-        project_unit_norm(D, fallback=None)
-        zero = D.norm(dim=1) < 0.5
-        if bool(zero.any()):
-            D[zero] = 1.0 / math.sqrt(D.shape[1])
-        return D
-
-    def _build_index(self, D, generator_cpu):
+    def _build_index(self, D, generator):
         return ClusterIndex(
-            D, self._n_clusters(D.shape[0]), generator=generator_cpu,
+            D, self._n_clusters(D.shape[0]), generator=generator,
             positive=self.positive_code,
         )
 
-    def _step(self, Xb, D, stats, index, Dsorted, generator_cpu):
-        """One minibatch step; returns the batch's mean squared error (before update)."""
-        idx, vals = self._code(Xb, D, index, Dsorted)
-        R = Xb - topk_decode(idx, vals, D)
-        mse = float((R.double() ** 2).mean())
-        stats.update(Xb, idx, vals, decay_factor(stats.n_seen, Xb.shape[0]))
-        touched = torch.unique(idx[vals != 0])
-        refresh_atoms(D, stats, touched,
-                      preconditioner="gershgorin" if self.positive_code else "jacobi")
-        resampled = resample_dead_atoms(D, stats, self._window(), R, generator=generator_cpu)
-        return mse, int(resampled.numel())
-
-    def _run(self, X, *, state, n_epochs, first_call, verbose):
-        """Shared loop of fit and partial_fit; returns the new state dict."""
+    # ------------------------------------------------------------------ fitting
+    def _train(self, X, *, first, n_epochs, n_steps):
+        """Shared wiring of fit and partial_fit: source -> state -> Trainer; the
+        fitted attributes are committed only once training returned."""
+        self._check_params()
         device = self._device()
-        gen = make_generator(self.random_state, "cpu") if state is None else state["gen"]
-        batches_iter = None
-        D = stats = index = None
-        if state is not None:
-            D = torch.as_tensor(state["D"]).to(device=device, dtype=torch.float32).clone()
-            stats = SparseStats.from_dict(state["stats"], device)
-        epoch_losses, losses = [], []
-        n_resampled = 0 if state is None else state["n_resampled"]
-        n_steps = 0 if state is None else state["n_steps"]
-        prev = None
-        is_stream = _is_minibatch_stream(X)
-        if is_stream and isinstance(X, Iterator):
-            n_epochs = 1  # a one-shot iterator can be read once
-        bar = None
-        if verbose:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(desc=type(self).__name__, unit="batch")
-        n_done = 0
-        for epoch in range(n_epochs):
-            batches_iter = self._iter_minibatches(X, device, gen, first_call and epoch == 0)
-            ep = []
-            for Xb in batches_iter:
-                if D is None:
-                    self._check_settings()
-                    D = self._init_dictionary(None if is_stream else X, Xb, gen, device)
-                    stats = SparseStats(
-                        self.n_components, D.shape[1], max_nnz=self._max_nnz(), device=device
-                    )
-                if self.routing == "approximate" and (
-                    index is None or n_steps % self.index_refresh == 0
-                ):
-                    index = self._build_index(D, gen)
-                Dsorted = D[index.order] if index is not None else None
-                mse, nr = self._step(Xb, D, stats, index, Dsorted, gen)
-                if not math.isfinite(mse):
-                    raise ValueError(
-                        "The reconstruction error became non-finite; check the scale "
-                        "of X (values too large for float32?)."
-                    )
-                n_resampled += nr
-                n_steps += 1
-                ep.append(mse)
-                losses.append(mse)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(mse=f"{mse:.4g}")
-            n_done += 1
-            cur = float(np.mean(ep)) if ep else float("nan")
-            epoch_losses.append(cur)
-            if prev is not None and self.tol > 0 and prev - cur < self.tol * abs(prev):
-                break
-            prev = cur
-        if bar is not None:
-            bar.close()
-        if D is None:
-            raise ValueError("No rows were given to fit.")
-        return {
-            "D": D, "stats": stats, "gen": gen, "losses": losses,
-            "epoch_losses": epoch_losses, "n_resampled": n_resampled,
-            "n_steps": n_steps, "epochs": n_done,
-        }
-
-    def _commit(self, run, *, append):
-        D = run["D"]
+        src = as_source(X, estimator=self, reset=first, dtype=np.float32)
+        learner = _CollapsedLearner(self, device)
+        if first:
+            state = learner.init_state(src, make_generator(self.random_state, "cpu"))
+        else:
+            if self.components_.shape[0] != self.n_components:
+                raise ValueError(
+                    f"n_components changed from {self.components_.shape[0]} to "
+                    f"{self.n_components} between partial_fit calls; call fit instead."
+                )
+            state = CollapsedState.from_state_dict(self._train_state, device=device,
+                                                   dtype=torch.float32)
+        trainer = Trainer(max_iter=n_epochs, n_steps=n_steps, tol=self.tol,
+                          callbacks=self.callbacks, verbose=self.verbose,
+                          desc=type(self).__name__, batch_size=self.batch_size,
+                          shuffle="blocks" if self.shuffle else False)
+        result = trainer.run(learner, src, state=state, generator=state.generator)
+        st = result.state
         if self.routing == "approximate":
-            index = self._build_index(D, run["gen"])
+            index = self._build_index(st.D, st.generator)
             self.cluster_centers_ = index.centroids.cpu().numpy()
             self.atom_clusters_ = index.labels.cpu().numpy()
         else:
             for attr in ("cluster_centers_", "atom_clusters_"):
                 if hasattr(self, attr):
                     delattr(self, attr)
-        self.components_ = D.cpu().numpy()
-        self.n_components_ = D.shape[0]
-        self.n_steps_ = run["n_steps"]
-        self.n_resampled_ = run["n_resampled"]
-        losses = np.asarray(run["losses"], dtype=np.float64)
-        epochs = np.asarray(run["epoch_losses"], dtype=np.float64)
-        if append and hasattr(self, "loss_curve_"):
-            self.loss_curve_ = np.concatenate([self.loss_curve_, losses])
-            self.epoch_loss_ = np.concatenate([self.epoch_loss_, epochs])
-        else:
-            self.loss_curve_ = losses
-            self.epoch_loss_ = epochs
-        self._learner_state = {
-            "D": self.components_, "stats": run["stats"].to_dict(),
-            "gen_state": run["gen"].get_state(),
-            "n_resampled": run["n_resampled"], "n_steps": run["n_steps"],
-        }
+        self.components_ = st.D.cpu().numpy()
+        self.n_components_ = st.D.shape[0]
+        self.n_steps_ = st.n_steps
+        self.n_resampled_ = st.n_resampled
+        self.history_ = st.history_arrays()
+        self.loss_curve_ = np.asarray(st.epoch_loss, dtype=np.float64)
+        self._train_state = st.state_dict()
+        self.n_iter_ = result.n_epochs if first else self.n_iter_ + 1
+        return self
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
@@ -514,16 +488,9 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
         -------
         self
         """
-        self._check_settings()
-        self._device()
-        if not _is_minibatch_stream(X):
-            X, _ = check_input(self, X, reset=True)
-        run = self._run(X, state=None, n_epochs=self.max_iter, first_call=True,
-                        verbose=self.verbose)
-        self._commit(run, append=False)
-        self.n_iter_ = run["epochs"]
-        return self
+        return self._train(X, first=True, n_epochs=self.max_iter, n_steps=self.n_steps)
 
+    @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y=None):
         """One pass over ``X`` (in minibatches), continuing from the current state.
 
@@ -538,29 +505,14 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
         -------
         self
         """
-        first = not hasattr(self, "_learner_state")
-        if first:
-            self._validate_params()
-        self._check_settings()
-        self._device()
-        if not _is_minibatch_stream(X):
-            X, _ = check_input(self, X, reset=first)
-        state = None if first else self._learner_state
-        if state is not None:
-            gen = torch.Generator(device="cpu")
-            gen.set_state(state["gen_state"])
-            state = dict(state, gen=gen)
-            if state["D"].shape[0] != self.n_components:
-                raise ValueError(
-                    f"n_components changed from {state['D'].shape[0]} to "
-                    f"{self.n_components} between partial_fit calls; call fit instead."
-                )
-        run = self._run(X, state=state, n_epochs=1, first_call=first, verbose=self.verbose)
-        self._commit(run, append=not first)
-        self.n_iter_ = getattr(self, "n_iter_", 0) + 1 if not first else 1
-        return self
+        first = not hasattr(self, "_train_state")
+        return self._train(X, first=first, n_epochs=1, n_steps=None)
 
     # ------------------------------------------------------------------ scoring
+    def _score_from(self, sums, n, p):
+        """Minus the mean squared reconstruction error over all entries."""
+        return -sums["rss"] / (n * p)
+
     def score(self, X, y=None):
         """Minus the mean squared reconstruction error.
 
@@ -577,16 +529,7 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
         -------
         score : float
         """
-        check_is_fitted(self)
-        X, dtype = check_input(self, X, reset=False)
-        device = self._device()
-        state = self._transform_state(device, dtype)
-        sse = 0.0
-        for _, _, Xb in iter_batches(X, self.batch_size, device, dtype):
-            idx, vals = self._encode(Xb, state)
-            R = Xb - topk_decode(idx, vals, state["D"])
-            sse += float((R.double() ** 2).sum())
-        return -sse / (n_samples_of(X) * X.shape[1])
+        return super().score(X, y)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -3,29 +3,49 @@
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted
 
 from ._backend import make_generator, torch_dtype
-from .base import BaseSparseCoder, check_input, iter_batches, n_samples_of
-from .dictionary.online import (
-    bcd_update,
-    forgetting_factor,
-    init_dictionary,
-    normalize_atoms,
-    online_statistics_update,
-    resample_atoms,
-    sgd_update,
-)
-from .functional import encode_block, encode_codes
-from .operators import as_operator
+from ._validation import check_dictionary
+from .base import BaseSparseCoder
+from .data.sources import as_source
+from .functional import BlockEncoder, encode_block
+from .operators import DenseOperator
 from .solvers.registry import solver_names
+from .training import Trainer, TrainState
+from .updates import (
+    OnlineStats,
+    bcd_update,
+    dead_atoms,
+    forgetting_factor,
+    hebbian_update,
+    init_atoms,
+    resample_dead_atoms,
+    statistics_update,
+    update_since_used,
+)
 
 __all__ = ["LCASparseCoder"]
+
+
+@dataclass
+class LCAState(TrainState):
+    """What :class:`LCASparseCoder` trains: the dictionary ``D`` (K x P), the
+    online statistics ``A`` (K x K) and ``B`` (K x P), the rows since each atom
+    was last used, the atoms resampled so far and the generator of the batch
+    order and of resampling."""
+
+    D: torch.Tensor = None
+    A: torch.Tensor = None
+    B: torch.Tensor = None
+    since_used: torch.Tensor = None
+    n_resampled: int = 0
+    generator: torch.Generator = None
 
 
 def _batch_objective(X, codes, D, alpha, threshold):
@@ -36,6 +56,65 @@ def _batch_objective(X, codes, D, alpha, threshold):
     return rss + alpha * codes.abs().sum(1)
 
 
+class _LCALearner:
+    """One minibatch of :class:`LCASparseCoder`: codes by ``fit_algorithm``, then
+    the online (or Hebbian) dictionary update and dead-atom resampling."""
+
+    def __init__(self, est, n_components, device, dtype):
+        self.est = est
+        self.n_components = n_components
+        self.device = device
+        self.dtype = dtype
+
+    def init_state(self, source, generator):
+        est, K, P = self.est, self.n_components, source.n_features
+        tdtype = torch_dtype(self.dtype)
+        if est.dict_init is not None:
+            D = init_atoms(K, P, init=torch.as_tensor(check_dictionary(est.dict_init, "dict_init")),
+                           generator=generator, device=self.device, dtype=tdtype,
+                           name="dict_init")
+        else:
+            rows = source.sample(K, generator=generator, device=self.device, dtype=tdtype)
+            D = init_atoms(K, P, rows=rows, generator=generator, device=self.device,
+                           dtype=tdtype)
+        return LCAState(
+            D=D,
+            A=torch.zeros(K, K, dtype=tdtype, device=self.device),
+            B=torch.zeros(K, P, dtype=tdtype, device=self.device),
+            since_used=torch.zeros(K, dtype=torch.long, device=self.device),
+            generator=generator,
+        )
+
+    def step(self, state, Xb):
+        est, D = self.est, state.D
+        res = encode_block(
+            Xb, DenseOperator(D), algorithm=est.fit_algorithm, alpha=est.alpha,
+            positive=est.positive_code, max_iter=est.fit_max_iter, tol=est.tol, tau=est.tau,
+            threshold=est.threshold, objective=est.threshold == "soft",
+        )
+        codes = res.codes
+        if res.objective is not None:  # the exact solver's by-product
+            loss = res.objective.mean()
+        else:
+            loss = _batch_objective(Xb, codes, D, est.alpha, est.threshold).mean()
+        b = Xb.shape[0]
+        if est.dict_update == "online":
+            beta = forgetting_factor(state.n_steps, b, est.forget_window)
+            statistics_update(state.A, state.B, codes, Xb, beta)
+            bcd_update(D, state.A, state.B)
+        else:
+            D = state.D = hebbian_update(D, Xb, codes, est.learning_rate)
+        update_since_used(state.since_used, (codes != 0).any(0), b)
+        if est.dead_window:
+            dead = dead_atoms(state.since_used, est.dead_window)
+            if bool(dead.any()):
+                idx = resample_dead_atoms(D, dead, Xb - codes @ D, generator=state.generator,
+                                          stats=OnlineStats(state.A, state.B),
+                                          since_used=state.since_used)
+                state.n_resampled += int(idx.numel())
+        return {"loss": loss, "n_iter": float(res.n_iter)}
+
+
 class LCASparseCoder(BaseSparseCoder):
     """Sparse coding with a learned dictionary and LCA inference.
 
@@ -44,7 +123,7 @@ class LCASparseCoder(BaseSparseCoder):
     Mairal et al. (2010) on the sufficient statistics ``A = sum a^T a``,
     ``B = sum a^T x`` (``dict_update="online"``, default), or the Hebbian
     gradient step of Olshausen & Field (1996) (``dict_update="sgd"``). Atoms are
-    kept at unit norm and atoms unused for ``resample_window`` rows are
+    kept at unit norm and atoms unused for ``dead_window`` rows are
     re-initialised from badly reconstructed rows.
 
     With the soft threshold the codes solve, per row::
@@ -61,17 +140,22 @@ class LCASparseCoder(BaseSparseCoder):
     tau : float, default=None
         LCA time constant in units of the step; None uses the largest eigenvalue
         of the Gram matrix, the fastest stable value.
-    max_iter : int, default=100
-        LCA iterations per minibatch during ``fit`` (iterations of
-        ``fit_algorithm`` when it is iterative).
+    max_iter : int, default=10
+        Passes over the data in ``fit`` (ignored when ``n_steps`` is set).
+    n_steps : int, default=None
+        Minibatches of ``fit`` (cycling over the data); None runs ``max_iter``
+        epochs.
+    fit_max_iter : int, default=100
+        Iterations of ``fit_algorithm`` per minibatch during ``fit`` (when it is
+        iterative).
     tol : float, default=1e-5
-        LCA stopping tolerance (relative duality gap for the soft threshold,
-        relative change of the potentials for the hard one), in fit and
-        transform.
+        Inference stopping tolerance (relative duality gap for the soft
+        threshold, relative change of the potentials for the hard one), in fit
+        and transform.
     threshold : {"soft", "hard"}, default="soft"
     positive_code : bool, default=False
         Non-negative codes (rectified LCA).
-    fit_algorithm : {"lca", "exact", "fista"}, default="lca"
+    fit_algorithm : {"lca", "exact", "fista", "ista"}, default="lca"
         Inference used on each minibatch during ``fit`` / ``partial_fit``.
         ``"exact"`` (soft threshold only) gives the exact lasso codes with the
         active-set solver, which on natural images is much faster than running
@@ -90,23 +174,24 @@ class LCASparseCoder(BaseSparseCoder):
         Step size of ``dict_update="sgd"``.
     batch_size : int, default=256
         Minibatch size for learning and transform.
-    forget_window : int or None, default=None
+    forget_window : int or None, default=10000
         ``dict_update="online"`` only: the most rows the sufficient statistics
-        remember. None follows Mairal et al. (2010): the memory grows without
-        bound (``b**2 + t`` rows after ``t`` minibatches of ``b``), so codes
-        computed with early dictionaries linger. A cap forgets them at a steady
-        rate ``b / (forget_window + 1)`` per minibatch; on a finite training
-        set a window below one epoch converges much faster (e.g. 10000 rows on
-        20000 training patches: the issue-3 fit benchmark).
-    n_epochs : int, default=10
-        Passes over the data in ``fit``.
-    resample_window : int or None, default=10000
-        Atoms with no non-zero code over this many consecutive rows are
-        re-initialised; None disables resampling.
+        remember (:func:`skdict.updates.forgetting_factor`). None follows Mairal
+        et al. (2010): the memory grows without bound (``b**2 + t`` rows after
+        ``t`` minibatches of ``b``), so codes computed with early dictionaries
+        linger. A cap forgets them at a steady rate ``b / (forget_window + 1)``
+        per minibatch, which converges much faster on natural image patches
+        (``benchmarks/fit.py``).
+    dead_window : int, default=10000
+        Atoms with no non-zero code over the last ``dead_window`` rows are
+        re-initialised; 0 disables resampling.
     shuffle : bool, default=True
         Shuffle rows at each epoch.
     random_state : int, RandomState or None, default=None
     device : str or torch.device, default="auto"
+    callbacks : list of callable, default=None
+        Called after every minibatch with ``{"step", "epoch", "loss", "n_iter"}``;
+        returning ``False`` stops training.
     verbose : bool or int, default=False
         Show a progress bar over minibatches.
     sparse_output : bool, default=True
@@ -117,14 +202,15 @@ class LCASparseCoder(BaseSparseCoder):
     components_ : ndarray of shape (n_components, n_features)
         Unit-norm atoms.
     n_iter_ : int
-        Epochs run by ``fit`` (or 1 after ``partial_fit`` only).
+        Epochs run by the last ``fit`` (``partial_fit`` adds 1 per call).
     n_steps_ : int
         Minibatches processed, over all ``fit`` / ``partial_fit`` calls.
-    objective_curve_ : ndarray
-        Mean per-row objective of each epoch (``fit``) or call (``partial_fit``),
-        evaluated on the minibatch codes before each dictionary update.
-    inference_iter_ : ndarray
-        LCA iterations used by each minibatch.
+    history_ : dict of str to ndarray
+        One entry per minibatch: ``"loss"`` (mean objective of the minibatch
+        codes, before that minibatch's dictionary update) and ``"n_iter"``
+        (inference iterations).
+    loss_curve_ : ndarray
+        Mean ``history_["loss"]`` of each epoch (``fit``) or call (``partial_fit``).
     n_resampled_ : int
         Atoms re-initialised so far.
 
@@ -133,7 +219,7 @@ class LCASparseCoder(BaseSparseCoder):
     >>> import numpy as np
     >>> from skdict import LCASparseCoder
     >>> X = np.random.default_rng(0).standard_normal((200, 16))
-    >>> lca = LCASparseCoder(n_components=32, alpha=0.5, n_epochs=2,
+    >>> lca = LCASparseCoder(n_components=32, alpha=0.5, max_iter=2,
     ...                      random_state=0, device="cpu").fit(X)
     >>> lca.components_.shape
     (32, 16)
@@ -147,6 +233,8 @@ class LCASparseCoder(BaseSparseCoder):
         "alpha": [Interval(numbers.Real, 0, None, closed="left")],
         "tau": [Interval(numbers.Real, 0, None, closed="neither"), None],
         "max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
+        "n_steps": [Interval(numbers.Integral, 1, None, closed="left"), None],
+        "fit_max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
         "tol": [Interval(numbers.Real, 0, None, closed="left")],
         "threshold": [StrOptions({"soft", "hard"})],
         "positive_code": ["boolean"],
@@ -160,11 +248,11 @@ class LCASparseCoder(BaseSparseCoder):
         "dict_init": ["array-like", torch.Tensor, None],
         "dict_update": [StrOptions({"online", "sgd"})],
         "learning_rate": [Interval(numbers.Real, 0, None, closed="neither")],
-        "n_epochs": [Interval(numbers.Integral, 1, None, closed="left")],
         "forget_window": [Interval(numbers.Integral, 1, None, closed="left"), None],
-        "resample_window": [Interval(numbers.Integral, 1, None, closed="left"), None],
+        "dead_window": [Interval(numbers.Integral, 0, None, closed="left")],
         "shuffle": ["boolean"],
         "random_state": ["random_state"],
+        "callbacks": [list, None],
         "verbose": ["verbose"],
     }
     _parameter_constraints["batch_size"] = [Interval(numbers.Integral, 1, None, closed="left")]
@@ -175,7 +263,9 @@ class LCASparseCoder(BaseSparseCoder):
         *,
         alpha=1.0,
         tau=None,
-        max_iter=100,
+        max_iter=10,
+        n_steps=None,
+        fit_max_iter=100,
         tol=1e-5,
         threshold="soft",
         positive_code=False,
@@ -187,12 +277,12 @@ class LCASparseCoder(BaseSparseCoder):
         dict_update="online",
         learning_rate=0.1,
         batch_size=256,
-        forget_window=None,
-        n_epochs=10,
-        resample_window=10000,
+        forget_window=10000,
+        dead_window=10000,
         shuffle=True,
         random_state=None,
         device="auto",
+        callbacks=None,
         verbose=False,
         sparse_output=True,
     ):
@@ -200,6 +290,8 @@ class LCASparseCoder(BaseSparseCoder):
         self.alpha = alpha
         self.tau = tau
         self.max_iter = max_iter
+        self.n_steps = n_steps
+        self.fit_max_iter = fit_max_iter
         self.tol = tol
         self.threshold = threshold
         self.positive_code = positive_code
@@ -212,16 +304,16 @@ class LCASparseCoder(BaseSparseCoder):
         self.learning_rate = learning_rate
         self.batch_size = batch_size
         self.forget_window = forget_window
-        self.n_epochs = n_epochs
-        self.resample_window = resample_window
+        self.dead_window = dead_window
         self.shuffle = shuffle
         self.random_state = random_state
         self.device = device
+        self.callbacks = callbacks
         self.verbose = verbose
         self.sparse_output = sparse_output
 
-    # ------------------------------------------------------------------ helpers
-    def _check_params_extra(self):
+    def _check_params(self):
+        """Cross-parameter checks (ValueError saying what to change)."""
         if self.threshold == "hard" and self.transform_algorithm not in ("lca", "omp"):
             raise ValueError(
                 "threshold='hard' codes are L0-type and only transform_algorithm='lca' "
@@ -233,245 +325,89 @@ class LCASparseCoder(BaseSparseCoder):
                 f"{self.fit_algorithm!r}."
             )
 
-    def _initial_state(self, X, device, dtype, generator, np_rng):
-        n_features = X.shape[1]
-        K = self.n_components if self.n_components is not None else n_features
-        tdtype = torch_dtype(dtype)
-        if self.dict_init is not None:
-            D0 = self.dict_init
-            if isinstance(D0, torch.Tensor):
-                D0 = D0.detach().cpu().numpy()
-            D0 = np.asarray(D0, dtype=dtype)
-            if D0.shape != (K, n_features):
+    # ------------------------------------------------------------------ training
+    def _train(self, X, *, first, n_epochs, n_steps, shuffle):
+        """Shared wiring of fit and partial_fit: source -> state -> Trainer; the
+        fitted attributes are committed only once training returned."""
+        self._check_params()
+        device = self._device()
+        if first:
+            src = as_source(X, estimator=self, reset=True)
+            K = self.n_components if self.n_components is not None else src.n_features
+            learner = _LCALearner(self, K, device, src.dtype)
+            state = learner.init_state(src, make_generator(self.random_state, "cpu"))
+        else:
+            K = self.components_.shape[0]
+            if self.n_components is not None and self.n_components != K:
                 raise ValueError(
-                    f"dict_init has shape {D0.shape}, expected (n_components, "
-                    f"n_features) = {(K, n_features)}."
+                    f"n_components changed from {K} to {self.n_components} between "
+                    "partial_fit calls; call fit instead."
                 )
-            if not np.all(np.isfinite(D0)):
-                raise ValueError("dict_init contains NaN or infinity.")
-            D = normalize_atoms(torch.as_tensor(D0, dtype=tdtype).to(device))
-        else:
-            n = n_samples_of(X)
-            m = min(n, max(4 * K, 1024))
-            rows = np.sort(np_rng.permutation(n)[:m])
-            Xs = _rows(X, rows, device, tdtype)
-            D = init_dictionary(Xs, K, generator)
-        return {
-            "D": D,
-            "A": torch.zeros(K, K, dtype=tdtype, device=device),
-            "B": torch.zeros(K, n_features, dtype=tdtype, device=device),
-            "since_used": torch.zeros(K, dtype=torch.long, device=device),
-            "n_seen": 0,
-            "n_steps": 0,
-            "n_resampled": 0,
-        }
+            dtype = self.components_.dtype
+            src = as_source(X, estimator=self, reset=False, dtype=dtype)
+            learner = _LCALearner(self, K, device, dtype)
+            state = LCAState.from_state_dict(self._train_state, device=device,
+                                             dtype=torch_dtype(dtype))
+        trainer = Trainer(max_iter=n_epochs, n_steps=n_steps, callbacks=self.callbacks,
+                          verbose=self.verbose, desc=type(self).__name__,
+                          batch_size=self.batch_size, shuffle=shuffle)
+        result = trainer.run(learner, src, state=state, generator=state.generator)
+        st = result.state
+        self.components_ = st.D.detach().cpu().numpy()
+        self.n_steps_ = st.n_steps
+        self.n_resampled_ = st.n_resampled
+        self.history_ = st.history_arrays()
+        self.loss_curve_ = np.asarray(st.epoch_loss, dtype=np.float64)
+        self._train_state = st.state_dict()
+        self.n_iter_ = result.n_epochs if first else self.n_iter_ + 1
+        return self
 
-    def _step(self, st, Xb, generator):
-        """One minibatch: infer codes (``fit_algorithm``), update the dictionary in
-        ``st``."""
-        D = st["D"]
-        fit_alg = getattr(self, "fit_algorithm", "lca")
-        enc_state = as_operator(D)
-        res = encode_block(
-            Xb,
-            enc_state,
-            algorithm=fit_alg,
-            alpha=self.alpha,
-            positive=self.positive_code,
-            max_iter=self.max_iter,
-            tol=self.tol,
-            tau=self.tau,
-            threshold=self.threshold,
-            objective=self.threshold == "soft",
-        )
-        codes = res.codes
-        if res.objective is not None:
-            obj = float(res.objective.mean())  # the exact solver's by-product
-        else:
-            obj = float(_batch_objective(Xb, codes, D, self.alpha, self.threshold).mean())
-        b = Xb.shape[0]
-        if self.dict_update == "online":
-            beta = forgetting_factor(st["n_seen"], b, self.forget_window)
-            online_statistics_update(st["A"], st["B"], codes, Xb, beta)
-            bcd_update(D, st["A"], st["B"])
-        else:
-            D = sgd_update(D, Xb, codes, self.learning_rate)
-        used = (codes != 0).any(0)
-        st["since_used"] = torch.where(
-            used, torch.zeros_like(st["since_used"]), st["since_used"] + b
-        )
-        if self.resample_window is not None:
-            dead = st["since_used"] >= self.resample_window
-            if bool(dead.any()):
-                D, idx = resample_atoms(D, dead, Xb, codes, generator)
-                st["A"][idx, :] = 0
-                st["A"][:, idx] = 0
-                st["B"][idx] = 0
-                st["since_used"][idx] = 0
-                st["n_resampled"] += int(idx.numel())
-        st["D"] = D
-        st["n_seen"] += b
-        st["n_steps"] += 1
-        return obj, res.n_iter
-
-    def _pass(self, st, batches, generator, iters, bar=None):
-        """Run :meth:`_step` over ``batches``; append each step's inference
-        iterations to ``iters`` and return the row-weighted mean objective."""
-        total, count = 0.0, 0
-        for Xb in batches:
-            obj, it = self._step(st, Xb, generator)
-            total += obj * Xb.shape[0]
-            count += Xb.shape[0]
-            iters.append(it)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(objective=f"{obj:.4g}")
-        return total / count
-
-    def _store(self, st, curve, iters, n_iter):
-        """Commit fitted state (numpy, portable) only after a successful pass."""
-        self.components_ = st["D"].detach().cpu().numpy()
-        self._stats = {
-            "A": st["A"].detach().cpu().numpy(),
-            "B": st["B"].detach().cpu().numpy(),
-            "since_used": st["since_used"].cpu().numpy(),
-            "n_seen": st["n_seen"],
-        }
-        self.n_steps_ = st["n_steps"]
-        self.n_resampled_ = st["n_resampled"]
-        self.objective_curve_ = np.asarray(curve, dtype=np.float64)
-        self.inference_iter_ = np.asarray(iters, dtype=np.int64)
-        self.n_iter_ = n_iter
-
-    def _progress(self, total):
-        if not self.verbose:
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=type(self).__name__, unit="batch")
-
-    # ------------------------------------------------------------------ fit
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
         """Learn the dictionary from ``X``.
 
         Parameters
         ----------
-        X : {array-like, sparse matrix, torch.Tensor} of shape (n_samples, n_features)
+        X : {array-like, sparse matrix, torch.Tensor} of shape (n_samples, n_features), \
+or an iterable of such minibatches
         y : Ignored
 
         Returns
         -------
         self
         """
-        self._check_params_extra()
-        X, dtype = check_input(self, X, reset=True)
-        device = self._device()
-        seed = _seed_from(self.random_state)
-        generator = make_generator(seed, device)
-        np_rng = np.random.default_rng(seed)
-        st = self._initial_state(X, device, dtype, generator, np_rng)
-        self._seed = seed
-        n = n_samples_of(X)
-        curve, iters = [], []
-        n_batches = -(-n // self.batch_size)
-        bar = self._progress(self.n_epochs * n_batches)
-        tdtype = torch_dtype(dtype)
-        for _ in range(self.n_epochs):
-            order = np_rng.permutation(n) if self.shuffle else np.arange(n)
-            batches = (
-                _rows(X, np.sort(order[start : start + self.batch_size]), device, tdtype)
-                for start in range(0, n, self.batch_size)
-            )
-            curve.append(self._pass(st, batches, generator, iters, bar))
-        if bar is not None:
-            bar.close()
-        self._store(st, curve, iters, self.n_epochs)
-        return self
+        return self._train(X, first=True, n_epochs=self.max_iter, n_steps=self.n_steps,
+                           shuffle=self.shuffle)
 
+    @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y=None):
-        """Update the dictionary with one pass over ``X`` in minibatches.
+        """Update the dictionary with one pass over ``X`` in minibatches, in row
+        order (the caller orders a stream).
 
-        On failure (invalid input) the previous fitted state is left unchanged.
+        On failure (invalid input, a non-finite batch) the previous fitted state
+        is left unchanged.
 
         Parameters
         ----------
-        X : {array-like, sparse matrix, torch.Tensor} of shape (n_samples, n_features)
+        X : {array-like, sparse matrix, torch.Tensor} of shape (n_samples, n_features), \
+or an iterable of such minibatches
         y : Ignored
 
         Returns
         -------
         self
         """
-        first = not hasattr(self, "components_")
-        if first:
-            self._validate_params()
-        self._check_params_extra()
-        X, dtype = check_input(self, X, reset=first)
-        device = self._device()
-        seed = _seed_from(self.random_state) if first else self._seed
-        step_seed = (seed + 7919 * getattr(self, "n_steps_", 0)) % (2**31 - 1)
-        generator = make_generator(step_seed, device)
-        tdtype = torch_dtype(dtype)
-        if first:
-            st = self._initial_state(X, device, dtype, generator, np.random.default_rng(step_seed))
-            curve, iters = [], []
-        else:
-            K, P = self.components_.shape
-            st = {
-                "D": torch.as_tensor(self.components_, dtype=tdtype).to(device).clone(),
-                "A": torch.as_tensor(self._stats["A"], dtype=tdtype).to(device).clone(),
-                "B": torch.as_tensor(self._stats["B"], dtype=tdtype).to(device).clone(),
-                "since_used": torch.as_tensor(self._stats["since_used"]).to(device).clone(),
-                "n_seen": self._stats["n_seen"],
-                "n_steps": self.n_steps_,
-                "n_resampled": self.n_resampled_,
-            }
-            curve = list(self.objective_curve_)
-            iters = list(self.inference_iter_)
-        batches = (Xb for _, _, Xb in iter_batches(X, self.batch_size, device, dtype))
-        curve.append(self._pass(st, batches, generator, iters))
-        self._store(st, curve, iters, getattr(self, "n_iter_", 0) if not first else 1)
-        self._seed = seed
-        return self
+        first = not hasattr(self, "_train_state")
+        return self._train(X, first=first, n_epochs=1, n_steps=None, shuffle=False)
 
     # ------------------------------------------------------------------ transform
     def _transform_state(self, device, dtype):
-        return as_operator(self.components_, device, dtype)
-
-    def _encode(self, Xb, state):
-        return encode_codes(
-            Xb,
-            state,
-            algorithm=self.transform_algorithm,
-            alpha=self.alpha,
-            n_nonzero_coefs=self.transform_n_nonzero_coefs,
-            positive=self.positive_code,
-            max_iter=self.transform_max_iter,
-            tol=self.tol,
-            tau=self.tau,
-            threshold=self.threshold,
+        return BlockEncoder(
+            self.components_, self.transform_algorithm, device=device, dtype=dtype,
+            alpha=self.alpha, n_nonzero_coefs=self.transform_n_nonzero_coefs,
+            positive=self.positive_code, max_iter=self.transform_max_iter, tol=self.tol,
+            tau=self.tau, threshold=self.threshold,
         )
 
-    def _check_ready(self):
-        check_is_fitted(self)
-
-
-def _seed_from(random_state):
-    from sklearn.utils import check_random_state
-
-    return int(check_random_state(random_state).randint(0, 2**31 - 1))
-
-
-def _rows(X, rows, device, tdtype):
-    """Dense tensor of the given (sorted) rows of X on ``device``."""
-    if isinstance(X, torch.Tensor):
-        idx = torch.as_tensor(rows, device=X.device)
-        return X.index_select(0, idx).to(device=device, dtype=tdtype)
-    import scipy.sparse as sp
-
-    if sp.issparse(X):
-        block = X[rows].toarray()
-    else:
-        block = np.asarray(X[rows])
-    return torch.from_numpy(np.ascontiguousarray(block)).to(device=device, dtype=tdtype)
+    def _encode(self, Xb, encoder):
+        return encoder.codes(Xb)

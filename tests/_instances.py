@@ -12,13 +12,16 @@ EXPECTED = {}
 from skdict import LCASparseCoder  # noqa: E402
 
 INSTANCES += [
-    LCASparseCoder(n_components=5, alpha=0.1, n_epochs=2, max_iter=30, batch_size=16,
+    LCASparseCoder(n_components=5, alpha=0.1, max_iter=2, fit_max_iter=30, batch_size=16,
                    random_state=0, device="cpu"),
-    LCASparseCoder(n_components=4, alpha=0.1, n_epochs=2, max_iter=30, batch_size=16,
+    LCASparseCoder(n_components=4, alpha=0.1, max_iter=2, fit_max_iter=30, batch_size=16,
                    threshold="hard", dict_update="sgd", transform_algorithm="lca",
                    random_state=0, device="cpu"),
-    LCASparseCoder(n_components=4, alpha=0.1, n_epochs=2, max_iter=30, batch_size=16,
+    LCASparseCoder(n_components=4, alpha=0.1, max_iter=2, fit_max_iter=30, batch_size=16,
                    transform_algorithm="exact", positive_code=True, random_state=0,
+                   device="cpu"),
+    LCASparseCoder(n_components=4, alpha=0.1, n_steps=3, fit_algorithm="exact",
+                   batch_size=16, dead_window=0, forget_window=None, random_state=0,
                    device="cpu"),
 ]
 
@@ -44,6 +47,8 @@ INSTANCES += [
     CollapsedDictionaryLearner(n_components=6, n_nonzero_coefs=1, positive_code=True,
                                routing="approximate", n_clusters=3, n_probes=2,
                                batch_size=8, max_iter=2, random_state=0, device="cpu"),
+    CollapsedDictionaryLearner(n_components=6, n_nonzero_coefs=1, n_steps=3, dead_window=0,
+                               shuffle=False, batch_size=8, random_state=0, device="cpu"),
 ]
 
 # ---------------------------------------------------------- KSparseAutoencoder

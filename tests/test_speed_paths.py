@@ -186,25 +186,6 @@ def test_alpha_above_max_correlation_gives_zero_codes(method):
     assert res.converged and not bool(res.codes.any())
 
 
-def test_lca_sparse_coder_exact_fit_algorithm():
-    rng = np.random.default_rng(0)
-    X = rng.standard_normal((300, 12))
-    kw = dict(n_components=16, alpha=0.3, n_epochs=2, batch_size=64, random_state=0,
-              device="cpu")
-    est = LCASparseCoder(fit_algorithm="exact", **kw).fit(X)
-    assert est.components_.shape == (16, 12)
-    np.testing.assert_allclose(np.linalg.norm(est.components_, axis=1), 1, atol=1e-10)
-    assert np.all(np.isfinite(est.objective_curve_))
-    again = LCASparseCoder(fit_algorithm="exact", **kw).fit(X)
-    np.testing.assert_array_equal(est.components_, again.components_)
-    # the exact codes solve the lasso the LCA converges to: same first step
-    lca = LCASparseCoder(fit_algorithm="lca", max_iter=3000, tol=1e-10, n_epochs=1,
-                         **{k: v for k, v in kw.items() if k != "n_epochs"}).fit(X[:64])
-    ex = LCASparseCoder(fit_algorithm="exact", n_epochs=1,
-                        **{k: v for k, v in kw.items() if k != "n_epochs"}).fit(X[:64])
-    np.testing.assert_allclose(lca.components_, ex.components_, atol=1e-5)
-
-
 def test_fit_algorithm_validation():
     X = np.random.default_rng(0).standard_normal((50, 6))
     with pytest.raises(ValueError, match="fit_algorithm"):
@@ -223,67 +204,6 @@ def test_olshausen_metrics_recognise_a_gabor():
     assert s["Gabor-like"] == 1.0 and abs(s["median peak (cyc/patch)"] - 3.0) < 0.3
     noise = summarize(np.random.default_rng(0).standard_normal((20, 144)))
     assert noise["Gabor-like"] < 0.2
-
-
-def test_forgetting_factor_window_caps_the_memory():
-    from skdict.dictionary.online import forgetting_factor
-
-    b = 16
-    # Mairal's schedule: the memory keeps growing
-    assert forgetting_factor(10_000 * b, b) > forgetting_factor(1_000 * b, b)
-    # capped: a steady rate b / (window + 1) once the window is reached
-    for t in (100, 1_000, 10_000):
-        assert forgetting_factor(t * b, b, window=200) == pytest.approx((201 - b) / 201)
-    assert forgetting_factor(2 * b, b, window=200) == forgetting_factor(2 * b, b)
-    assert forgetting_factor(50 * b, b, window=4) == pytest.approx(1 / (b + 1))
-
-
-def test_forget_window_weights_the_statistics():
-    rng = np.random.default_rng(0)
-    X = rng.standard_normal((64 * 30, 8))
-    kw = dict(n_components=10, alpha=0.2, fit_algorithm="exact", batch_size=64, n_epochs=1,
-              shuffle=False, resample_window=None, random_state=0, device="cpu")
-    short = LCASparseCoder(forget_window=128, **kw).fit(X)
-    long = LCASparseCoder(**kw).fit(X)
-    # A sums batch means a^T a / b with weights: a window of two batches keeps
-    # about 2 of them, Mairal's schedule after t = 30 batches about t / 2 = 15
-    ta, tb = np.trace(short._stats["A"]), np.trace(long._stats["A"])
-    assert 0 < 3 * ta < tb
-    with pytest.raises(ValueError, match="forget_window"):
-        LCASparseCoder(forget_window=0, **kw).fit(X)
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_compiled_bcd_sweep_and_statistics_match_the_torch_formulas(dtype):
-    from skdict.dictionary.online import bcd_update, online_statistics_update
-
-    g = torch.Generator().manual_seed(0)
-    K, P, n = 40, 12, 200
-    D = torch.randn(K, P, generator=g, dtype=dtype)
-    D /= D.norm(dim=1, keepdim=True)
-    codes = torch.randn(n, K, generator=g, dtype=dtype) * (torch.rand(n, K, generator=g) < 0.1)
-    codes[:, 5] = 0  # an unused atom: left as is
-    X = torch.randn(n, P, generator=g, dtype=dtype)
-    A = torch.rand(K, K, generator=g, dtype=dtype) * 0.01
-    A = A + A.T
-    A[5, :] = 0
-    A[:, 5] = 0
-    B = torch.rand(K, P, generator=g, dtype=dtype) * 0.01
-    A_ref = 0.9 * A + codes.T @ codes / n
-    B_ref = 0.9 * B + codes.T @ X / n
-    online_statistics_update(A, B, codes, X, 0.9)
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(A, A_ref, rtol=0, atol=tol)
-    torch.testing.assert_close(B, B_ref, rtol=0, atol=tol)
-    # the sequential Mairal sweep, written out with torch ops
-    ref = D.clone()
-    for j in range(K):
-        if A[j, j] > 1e-10:
-            d = ref[j] + (B[j] - A[j] @ ref) / A[j, j]
-            ref[j] = d / d.norm()
-    out = bcd_update(D.clone(), A, B)
-    torch.testing.assert_close(out, ref, rtol=0, atol=10 * tol)
-    torch.testing.assert_close(out[5], D[5], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -310,21 +230,6 @@ def test_exact_objective_of_rows_finished_by_fallback(monkeypatch):
     res = lasso_exact(C, G, 0.1, xnorm2=(Xt * Xt).sum(1), method="homotopy")
     np.testing.assert_allclose(res.objective.numpy(), _obj(X, res.codes.numpy(), D, 0.1),
                                rtol=1e-12)
-
-
-def test_fit_objective_curve_uses_exact_objective():
-    # LCASparseCoder(fit_algorithm="exact") records the solver's objective: with one
-    # minibatch, the curve is the mean objective of the exact codes on dict_init
-    rng = np.random.default_rng(0)
-    X = rng.standard_normal((64, 12))
-    D0 = rng.standard_normal((20, 12))
-    D0 /= np.linalg.norm(D0, axis=1, keepdims=True)
-    est = LCASparseCoder(n_components=20, alpha=0.2, fit_algorithm="exact", dict_init=D0,
-                         batch_size=64, n_epochs=1, shuffle=False, resample_window=None,
-                         random_state=0, device="cpu").fit(X)
-    ref = SkSparseCoder(D0, transform_algorithm="lasso_lars", transform_alpha=0.2).transform(X)
-    assert est.objective_curve_.shape == (1,)
-    np.testing.assert_allclose(est.objective_curve_[0], _obj(X, ref, D0, 0.2).mean(), rtol=1e-10)
 
 
 def test_encode_block_objective_only_when_asked():

@@ -1,9 +1,13 @@
-"""Compiled CPU sweep of the block-coordinate dictionary update (Mairal et al. 2010).
+"""Compiled CPU kernels of online dictionary learning (Mairal et al. 2010).
 
-The update of atom ``j`` depends on every atom updated before it, so the sweep is
-inherently sequential over atoms; a torch loop pays a few operator launches per
-atom (K of them per minibatch), which dominated online dictionary learning on a
-CPU. This loop does the same arithmetic in place, in float64 accumulators.
+* :func:`bcd_sweep` -- the block-coordinate atom update, reference
+  :func:`skdict.updates.online.bcd_update_torch`. The update of atom ``j`` depends
+  on every atom updated before it, so the sweep is sequential over atoms; a torch
+  loop pays a few operator launches per atom (K per minibatch). This loop does the
+  same arithmetic in place, in float64 accumulators.
+* :func:`sparse_stats_update` -- the decayed statistics ``A``, ``B``, visiting only
+  the non-zeros of the codes, reference
+  :func:`skdict.updates.online.statistics_update_torch`.
 """
 
 from __future__ import annotations

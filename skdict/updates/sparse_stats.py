@@ -15,8 +15,8 @@ dictionary-learning statistics ``B = sum_i a_i x_i^T`` (K x P) and
 
 The dictionary is then refreshed atom-wise by a block-coordinate (Jacobi /
 MOD) step on the touched atoms, ``d_k <- (B_k - sum_{j != k} A_kj d_j) / A_kk``,
-projected back to unit norm; atoms left unused for a window of rows are
-resampled from the rows with the largest residuals.
+projected back to unit norm (:func:`refresh_atoms`). Forgetting and dead-atom
+resampling are those of :mod:`skdict.updates.atoms`.
 """
 
 from __future__ import annotations
@@ -25,15 +25,14 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from .atoms import project_unit_norm
+
 __all__ = [
     "SparseStats",
     "add_rows",
     "accumulate_B",
     "batch_cooccurrence",
-    "decay_factor",
-    "project_unit_norm",
     "refresh_atoms",
-    "resample_dead_atoms",
 ]
 
 
@@ -50,24 +49,6 @@ def add_rows(out, index, src):
     if out.device.type == "cpu" and src.numel() < (1 << 20):
         return out.index_put_((index,), src, accumulate=True)
     return out.index_add_(0, index, src)
-
-
-def decay_factor(n_seen: int, batch_size: int) -> float:
-    """Forgetting factor of the accumulated statistics before adding a batch.
-
-    The schedule of Mairal et al. (2010), Sec. 3.4, counted in rows: with
-    ``theta = n_seen + batch`` while fewer than ``batch**2`` rows were seen and
-    ``batch**2 + n_seen / batch - batch`` after, the old statistics are scaled
-    by ``(theta + 1 - batch) / (theta + 1)``, so early statistics (computed
-    with a poor dictionary) are forgotten faster than a plain average would.
-    """
-    b = max(int(batch_size), 1)
-    step = int(n_seen) // b
-    if step < b - 1:
-        theta = (step + 1) * b
-    else:
-        theta = b * b + step + 1 - b
-    return (theta + 1 - b) / (theta + 1)
 
 
 def accumulate_B(B: torch.Tensor, X: torch.Tensor, indices: torch.Tensor,
@@ -143,10 +124,6 @@ class SparseStats:
         Diagonal of ``A``.
     rows, cols, vals : Tensors (nnz,)
         Upper-triangular off-diagonal entries of ``A``.
-    last_used : LongTensor (K,)
-        Row counter at which each atom was last active.
-    n_seen : int
-        Rows accumulated so far.
     """
 
     def __init__(self, n_components, n_features, *, max_nnz, device="cpu",
@@ -159,34 +136,35 @@ class SparseStats:
         self.rows = torch.zeros(0, dtype=torch.long, device=device)
         self.cols = torch.zeros(0, dtype=torch.long, device=device)
         self.vals = torch.zeros(0, dtype=dtype, device=device)
-        self.last_used = torch.zeros(K, dtype=torch.long, device=device)
-        self.n_seen = 0
+
+    _TENSORS = ("B", "diag", "rows", "cols", "vals")
 
     @property
     def nnz(self):
         return int(self.vals.numel())
 
-    def to_dict(self):
-        """CPU numpy copies of the state (for pickling / checkpointing)."""
-        return {
-            "B": self.B.cpu().numpy().copy(), "diag": self.diag.cpu().numpy().copy(),
-            "rows": self.rows.cpu().numpy().copy(), "cols": self.cols.cpu().numpy().copy(),
-            "vals": self.vals.cpu().numpy().copy(),
-            "last_used": self.last_used.cpu().numpy().copy(),
-            "n_seen": int(self.n_seen), "max_nnz": self.max_nnz,
-        }
+    def state_dict(self):
+        """CPU numpy copies of the statistics (portable: pickling, checkpoints)."""
+        d = {name: getattr(self, name).detach().cpu().numpy().copy() for name in self._TENSORS}
+        d["max_nnz"] = self.max_nnz
+        return d
 
     @classmethod
-    def from_dict(cls, d, device, dtype=torch.float32):
+    def from_state_dict(cls, d, device="cpu", dtype=torch.float32):
+        """Rebuild from :meth:`state_dict` on ``device`` (the arrays are copied)."""
         K, P = d["B"].shape
         st = cls(K, P, max_nnz=d["max_nnz"], device=device, dtype=dtype)
-        st.B = torch.as_tensor(d["B"]).to(device=device, dtype=dtype).clone()
-        st.diag = torch.as_tensor(d["diag"]).to(device=device, dtype=dtype).clone()
-        st.rows = torch.as_tensor(d["rows"]).to(device=device, dtype=torch.long).clone()
-        st.cols = torch.as_tensor(d["cols"]).to(device=device, dtype=torch.long).clone()
-        st.vals = torch.as_tensor(d["vals"]).to(device=device, dtype=dtype).clone()
-        st.last_used = torch.as_tensor(d["last_used"]).to(device=device, dtype=torch.long).clone()
-        st.n_seen = int(d["n_seen"])
+        for name in cls._TENSORS:
+            t = torch.as_tensor(d[name])
+            t = t.to(device=device, dtype=torch.long if name in ("rows", "cols") else dtype)
+            setattr(st, name, t.clone())
+        return st
+
+    def clone(self):
+        st = SparseStats.__new__(SparseStats)
+        st.n_components, st.max_nnz = self.n_components, self.max_nnz
+        for name in self._TENSORS:
+            setattr(st, name, getattr(self, name).clone())
         return st
 
     def update(self, X, indices, values, decay):
@@ -209,10 +187,6 @@ class SparseStats:
                 keep = keep.sort().values
                 rows, cols, vals = rows[keep], cols[keep], vals[keep]
             self.rows, self.cols, self.vals = rows, cols, vals
-        n = indices.shape[0]
-        used = indices.reshape(-1)[values.reshape(-1) != 0]
-        self.n_seen += n
-        self.last_used[used] = self.n_seen
 
     def offdiag_matmul(self, D, *, chunk=16384):
         """``(A - diag(A)) @ D`` (K x P) from the upper-triangular entries.
@@ -258,24 +232,6 @@ class SparseStats:
         mask[atoms] = True
         keep = ~(mask[self.rows] | mask[self.cols])
         self.rows, self.cols, self.vals = self.rows[keep], self.cols[keep], self.vals[keep]
-        self.last_used[atoms] = self.n_seen
-
-
-def project_unit_norm(D, *, fallback=None, eps=1e-10):
-    """Scale every atom (row) to unit norm, in place.
-
-    Atoms with norm below ``eps`` take the matching row of ``fallback`` (e.g.
-    their previous value) when given, and are otherwise left as they are.
-    """
-    norms = D.norm(dim=1)
-    small = norms < eps
-    D.div_(norms.clamp_min(eps)[:, None])
-    if bool(small.any()):
-        if fallback is not None:
-            D[small] = fallback[small]
-        else:
-            D[small] = D[small] * norms[small, None].clamp_min(eps) / eps
-    return D
 
 
 def refresh_atoms(D, stats: SparseStats, atoms=None, *, step=1.0, n_iter=1,
@@ -318,35 +274,6 @@ def refresh_atoms(D, stats: SparseStats, atoms=None, *, step=1.0, n_iter=1,
             new = old + (stats.B[atoms].to(D.dtype) - AD - diag * old) / M
         if step != 1.0:
             new = (1 - step) * old + step * new
-        project_unit_norm(new, fallback=old)
+        project_unit_norm(new, inplace=True, fallback=old)
         D[atoms] = new
     return D
-
-
-def resample_dead_atoms(D, stats: SparseStats, window, residuals, *, generator=None):
-    """Replace atoms unused for more than ``window`` rows by high-residual directions.
-
-    ``residuals`` is a ``(n, P)`` batch of reconstruction residuals; the dead
-    atoms take the normalised residuals with the largest norms (at most one
-    atom per row), and their statistics are reset. Returns the resampled atom
-    indices.
-    """
-    if window is None or window <= 0:
-        return torch.zeros(0, dtype=torch.long, device=D.device)
-    dead = (stats.n_seen - stats.last_used) > int(window)
-    dead_idx = dead.nonzero(as_tuple=True)[0]
-    if dead_idx.numel() == 0:
-        return dead_idx
-    norms = residuals.norm(dim=1)
-    valid = int((norms > 1e-12 * norms.max().clamp_min(1e-30)).sum())
-    m = min(dead_idx.numel(), valid)
-    if m == 0:
-        return dead_idx[:0]
-    if dead_idx.numel() > m:  # random subset of the dead atoms
-        perm = torch.randperm(dead_idx.numel(), generator=generator, device="cpu")[:m]
-        dead_idx = dead_idx[perm.to(D.device)].sort().values
-    top = norms.topk(m).indices
-    new = residuals[top].to(D.dtype)
-    D[dead_idx] = new / new.norm(dim=1, keepdim=True)
-    stats.reset_atoms(dead_idx)
-    return dead_idx
