@@ -35,6 +35,7 @@ from .losses import AdaptiveSparsityScheduler, auxk_loss, batch_variance, fvu_lo
 from .training import Trainer, TrainState, make_optimizer
 from .training.optim import OPTIMIZERS
 from .training.state import to_portable
+from .updates.atoms import dead_atoms, init_atoms, project_unit_norm, update_since_used
 
 __all__ = ["KSparseAutoencoder"]
 
@@ -121,8 +122,8 @@ class _SAELearner:
             ms = float((X0.double() ** 2).sum(1).mean())
             scale = math.sqrt(ms / d) if ms > 0 else 1.0
         X0 = X0 / scale
-        W = torch.randn(K, d, generator=generator, dtype=td).to(self.device)
-        W = W / torch.linalg.vector_norm(W, dim=1, keepdim=True).clamp_min(1e-12)
+        W = init_atoms(K, d, method="gaussian", generator=generator, device=self.device,
+                       dtype=td)
         if est.b_dec_init == "mean":
             b_dec = X0.mean(0)
         elif est.b_dec_init == "geometric_median":
@@ -192,10 +193,9 @@ class _SAELearner:
         tsf = state.tokens_since_fired
         aux = x.new_zeros(())
         with torch.no_grad():
-            tsf += B
-            tsf[out.fired] = 0
+            update_since_used(tsf, out.fired, B)
             if est.dead_window:
-                dead = tsf >= est.dead_window
+                dead = dead_atoms(tsf, est.dead_window)
                 dead_fraction = dead.to(x.dtype).mean()
             else:
                 dead, dead_fraction = None, x.new_zeros(())
@@ -210,7 +210,7 @@ class _SAELearner:
                 g -= (g * W).sum(1, keepdim=True) * W
         opt.step()
         with torch.no_grad():
-            W /= torch.linalg.vector_norm(W, dim=1, keepdim=True).clamp_min(1e-12)
+            project_unit_norm(W, inplace=True)
         if self.k_schedule is not None:
             thr = self.k_schedule.accuracy_threshold
             if thr is None or 1.0 - float(fvus[-1]) >= thr:
