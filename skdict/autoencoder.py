@@ -1,11 +1,12 @@
-"""Top-k sparse autoencoders: :class:`KSparseAutoencoder`.
+"""Sparse autoencoders: :class:`KSparseAutoencoder`.
 
-The model is ``z = TopK(ReLU(W_enc (x - b_dec) + b_enc))``,
-``x_hat = z W_dec + b_dec`` with unit-norm decoder rows (Makhzani & Frey 2013;
-Gao et al. 2024). A training step does one dense matrix product (the encoder
-pre-activations); the selection, the decoder forward and backward and the
-encoder weight gradient are sparse in the selected latents
-(:mod:`skdict.solvers.topk`).
+The model is ``pre = W_enc (x - b_dec) + b_enc``, ``z = f(pre)``,
+``x_hat = z W_dec + b_dec`` with unit-norm decoder rows; the variant ``f`` (TopK,
+BatchTopK, JumpReLU, Matryoshka BatchTopK, ReLU + L1, ReLU + KL, lifetime
+sparsity) is one file of :mod:`skdict.encoders`. Training runs through
+:class:`skdict.training.Trainer`; selecting variants use the sparse kernels of
+:mod:`skdict.solvers.topk`, so the encoder pre-activation is the only dense
+matrix product of a step.
 """
 
 from __future__ import annotations
@@ -14,50 +15,54 @@ import copy
 import json
 import math
 import numbers
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from sklearn.base import BaseEstimator, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._backend import make_generator, numpy_dtype, torch_dtype
-from .base import _DEVICE_CONSTRAINT, SparseCodingMixin, _shape_error, check_input
-from .losses import AdaptiveSparsityScheduler, sparsity_loss
-from .solvers.topk import (
-    select_batch_topk,
-    select_lifetime,
-    select_topk,
-    sparse_decode_pairs,
-    sparse_encode,
-)
+from ._validation import DEVICE_CONSTRAINT
+from .base import SparseCodingMixin
+from .data.sources import as_source
+from .encoders import encoder_options, get_encoder
+from .encoders.base import preactivations
+from .encoders.saelens import read_saelens, write_saelens
+from .losses import AdaptiveSparsityScheduler, auxk_loss, batch_variance, fvu_loss
+from .training import Trainer, TrainState, make_optimizer
+from .training.optim import OPTIMIZERS
+from .training.state import to_portable
+from .updates.atoms import dead_atoms, init_atoms, project_unit_norm, update_since_used
 
 __all__ = ["KSparseAutoencoder"]
 
-_SPARSITY = ("topk", "batchtopk", "l1", "kl", "wta", "lifetime")
-_SELECTING = ("topk", "batchtopk", "wta", "lifetime")
 _AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+_INIT_ROWS = 65536
 
-
-def _is_batch_iterable(X):
-    """True when ``X`` is an iterable of 2-D batches rather than one array-like."""
-    if isinstance(X, (np.ndarray, torch.Tensor, str, bytes)) or sp.issparse(X):
-        return False
-    if hasattr(X, "__array__") or hasattr(X, "shape"):
-        return False
-    if isinstance(X, (list, tuple)):
-        return len(X) > 0 and all(getattr(b, "ndim", None) == 2 for b in X)
-    return hasattr(X, "__iter__")
-
-
-def _to_tensor(arr, device, tdtype):
-    """numpy block -> tensor on ``device`` (copying read-only blocks first)."""
-    arr = np.ascontiguousarray(arr)
-    if not arr.flags.writeable:
-        arr = arr.copy()
-    return torch.from_numpy(arr).to(device=device, dtype=tdtype)
+# Fitted arrays: attribute -> key in model.safetensors (and the training
+# parameter they hold, where they are one). save / load / from_saelens /
+# to_saelens and the training state all go through this table.
+_FITTED_ARRAYS = {
+    "components_": "W_dec",
+    "encoder_weight_": "W_enc",
+    "encoder_bias_": "b_enc",
+    "decoder_bias_": "b_dec",
+    "threshold_": "threshold",
+    "tokens_since_fired_": "tokens_since_fired",
+}
+_PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
+# fitted scalars, written to config.json
+_FITTED_SCALARS = {
+    "n_features_in_": int,
+    "n_components_": int,
+    "input_scale_": float,
+    "dead_fraction_": float,
+    "n_steps_": int,
+    "n_iter_": int,
+}
 
 
 def _geometric_median(X, n_iter=50, eps=1e-8):
@@ -67,61 +72,233 @@ def _geometric_median(X, n_iter=50, eps=1e-8):
         d = torch.linalg.vector_norm(X - y, dim=1).clamp_min(eps)
         w = 1.0 / d
         y_new = (w[:, None] * X).sum(0) / w.sum()
-        if float(torch.linalg.vector_norm(y_new - y)) < eps * (1 + float(y.norm())):
-            y = y_new
-            break
+        done = float(torch.linalg.vector_norm(y_new - y)) < eps * (1 + float(y.norm()))
         y = y_new
+        if done:
+            break
     return y
 
 
+@dataclass
+class SAEState(TrainState):
+    """Training state of :class:`KSparseAutoencoder`.
+
+    ``params``: ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec`` and the variant's
+    extra learned tensors; ``buffers``: the variant's running state;
+    ``optimizer``: the ``torch.optim`` state dict (None before the first step);
+    ``generator``: CPU generator of the batch order; ``k_progress``: steps
+    counted by the ``k_schedule``.
+    """
+
+    params: dict = None
+    buffers: dict = None
+    optimizer: dict = None
+    tokens_since_fired: torch.Tensor = None
+    scale: float = 1.0
+    k_progress: int = 0
+    generator: torch.Generator = None
+
+
+class _SAELearner:
+    """One training step of a sparse autoencoder, for :class:`Trainer`."""
+
+    def __init__(self, est, variant, device, dtype):
+        self.est = est
+        self.variant = variant
+        self.device = device
+        self.dtype = dtype
+        self.opt = None
+        self.k_schedule = copy.deepcopy(est.k_schedule)
+        self._pre_buf = {}
+
+    # ---------------------------------------------------------------- state
+    def init_state(self, source, generator):
+        est, K = self.est, self.est.n_components
+        td = self.dtype
+        X0 = source.sample(_INIT_ROWS, generator=generator, device=self.device, dtype=td)
+        d = X0.shape[1]
+        scale = 1.0
+        if est.normalize_input:
+            ms = float((X0.double() ** 2).sum(1).mean())
+            scale = math.sqrt(ms / d) if ms > 0 else 1.0
+        X0 = X0 / scale
+        W = init_atoms(K, d, method="gaussian", generator=generator, device=self.device,
+                       dtype=td)
+        if est.b_dec_init == "mean":
+            b_dec = X0.mean(0)
+        elif est.b_dec_init == "geometric_median":
+            b_dec = _geometric_median(X0)
+        else:
+            b_dec = X0.new_zeros(d)
+        P = {"W_enc": W.clone(), "b_enc": X0.new_zeros(K), "W_dec": W, "b_dec": b_dec}
+        P.update(self.variant.init_parameters(P, X0))
+        return SAEState(
+            params=P,
+            buffers=self.variant.init_buffers(P),
+            tokens_since_fired=torch.zeros(K, dtype=torch.long, device=self.device),
+            scale=float(scale),
+            generator=generator,
+        )
+
+    def _optimizer(self, state):
+        if self.opt is None:
+            # a fixed order: the optimizer state is matched to parameters by position
+            extra = sorted(k for k in state.params if k not in _PARAMS)
+            params = [state.params[k] for k in (*_PARAMS, *extra)]
+            for p in params:
+                p.requires_grad_(True)
+            self.opt = make_optimizer(self.est.optimizer, params, self.est._lr())
+            if state.optimizer is not None:
+                self.opt.load_state_dict(state.optimizer)
+        return self.opt
+
+    def finish(self, state):
+        """Write the optimizer's state into ``state`` after a run."""
+        if self.opt is not None:
+            state.optimizer = self.opt.state_dict()
+        for p in state.params.values():
+            p.requires_grad_(False)
+
+    # ---------------------------------------------------------------- step
+    def _pre(self, x, P):
+        """Detached encoder pre-activations (one reused (B, K) buffer)."""
+        with torch.no_grad():
+            if self.est.autocast is not None:
+                ac = _AUTOCAST[self.est.autocast]
+                xc = (x - P["b_dec"]).to(ac)
+                return (xc @ P["W_enc"].to(ac).T).to(x.dtype) + P["b_enc"]
+            key = (x.shape[0], P["W_enc"].shape[0], x.dtype, x.device)
+            if self._pre_buf.get("key") != key:
+                self._pre_buf = {"key": key, "pre": torch.empty(key[0], key[1], dtype=key[2],
+                                                                device=key[3])}
+            return preactivations(x, P, out=self._pre_buf["pre"])
+
+    def _k(self, state):
+        if self.k_schedule is None:
+            return int(self.est.k)
+        k = round(self.k_schedule.value_at(state.k_progress))
+        return int(min(self.est.n_components, max(1, k)))
+
+    def step(self, state, Xb):
+        est, variant, P = self.est, self.variant, state.params
+        opt = self._optimizer(state)
+        x = Xb / state.scale if state.scale != 1.0 else Xb
+        B = x.shape[0]
+        k = self._k(state)
+        pre = self._pre(x, P) if variant.sparse else None
+        out = variant.forward(x, P, k, state.buffers, pre)
+        denom = batch_variance(x)
+        fvus = [fvu_loss(x, r, denom) for r in out.reconstructions]
+        x_hat = out.reconstructions[-1]
+        tsf = state.tokens_since_fired
+        aux = x.new_zeros(())
+        with torch.no_grad():
+            update_since_used(tsf, out.fired, B)
+            if est.dead_window:
+                dead = dead_atoms(tsf, est.dead_window)
+                dead_fraction = dead.to(x.dtype).mean()
+            else:
+                dead, dead_fraction = None, x.new_zeros(())
+        if dead is not None and variant.auxk and est.aux_coef > 0:
+            aux = auxk_loss(x, x_hat, pre, P, dead, self._k_aux(x))
+        loss = sum(fvus) + out.penalty + est.aux_coef * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            W, g = P["W_dec"], P["W_dec"].grad
+            if g is not None:  # keep the step tangent to the unit sphere of each row
+                g -= (g * W).sum(1, keepdim=True) * W
+        opt.step()
+        with torch.no_grad():
+            project_unit_norm(W, inplace=True)
+        if self.k_schedule is not None:
+            thr = self.k_schedule.accuracy_threshold
+            if thr is None or 1.0 - float(fvus[-1]) >= thr:
+                state.k_progress += 1
+        metrics = {
+            "loss": loss.detach(),
+            "fvu": fvus[-1].detach(),
+            "l0": out.l0,
+            "dead_fraction": dead_fraction,
+            "aux_loss": aux.detach(),
+            "k": float(k),
+        }
+        metrics.update(out.metrics)
+        return metrics
+
+    def _k_aux(self, x):
+        k_aux = self.est.k_aux
+        return int(k_aux) if k_aux is not None else max(1, x.shape[1] // 2)
+
+
 class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
-    """Top-k sparse autoencoder with a scikit-learn API and sparse kernels.
+    """Sparse autoencoder (TopK, BatchTopK, JumpReLU, Matryoshka, ReLU + L1 / KL,
+    lifetime sparsity) with a scikit-learn API and sparse kernels.
 
-    ``z = TopK(ReLU(W_enc (x - b_dec) + b_enc))`` and
+    ``pre = W_enc (x - b_dec) + b_enc``, ``z = f(pre)`` and
     ``x_hat = z W_dec + b_dec``, trained with Adam on the fraction of variance
-    unexplained of each batch. Decoder rows (``components_``) are kept at unit
-    norm: the gradient component parallel to each row is removed before a step
-    and the rows are renormalised after it. ``W_enc`` starts as ``W_dec.T``
-    and ``b_dec`` at the data mean (or geometric median).
+    unexplained of each batch (plus the variant's penalty and the AuxK loss).
+    Decoder rows (``components_``) are kept at unit norm: the gradient component
+    parallel to each row is removed before a step and the rows are renormalised
+    after it. ``W_enc`` starts as ``W_dec.T`` and ``b_dec`` at the data mean (or
+    geometric median).
 
-    Only the encoder pre-activation ``(x - b_dec) @ W_enc.T`` is a dense matrix
-    product; the top-k selection feeds an embedding-bag decoder, and the
-    backward pass (decoder gradient, gradient of the selected
-    pre-activations, encoder weight gradient) touches only the ``k`` active
-    latents of each row.
+    For the selecting variants only the encoder pre-activation is a dense
+    matrix product: the selection feeds an embedding-bag decoder, and the
+    backward pass touches only the active latents of each row.
 
     Parameters
     ----------
     n_components : int, default=256
         Number of latents (dictionary size ``d_sae``).
     k : int, default=32
-        Active latents per row (``"topk"``), on average per row (``"batchtopk"``,
-        ``"wta"``/``"lifetime"``). Must not exceed ``n_components``.
-    sparsity : {"topk", "batchtopk", "l1", "kl", "wta", "lifetime"}, default="topk"
+        Active latents per row (``"topk"``); on average per row
+        (``"batchtopk"``, ``"matryoshka"``, ``"lifetime"``); initial average for
+        ``"jumprelu"``. Must not exceed ``n_components`` (unused by ``"l1"`` /
+        ``"kl"``).
+    sparsity : {"topk", "batchtopk", "matryoshka", "jumprelu", "l1", "kl", \
+"lifetime"}, default="topk"
+        The variant (:mod:`skdict.encoders`).
         ``"topk"``: the ``k`` largest pre-activations of each row.
-        ``"batchtopk"``: the ``k * B`` largest of the batch in training, a
-        learned global threshold (EMA of the smallest selected activation) at
-        inference, so rows may have more or fewer than ``k`` latents.
-        ``"l1"``: ReLU codes with an L1 penalty ``alpha * sum_j z_j ||W_dec_j||``.
+        ``"batchtopk"``: the ``k * B`` largest of a batch of ``B`` rows in
+        training; at inference a learned global threshold (running average of
+        the smallest selected activation), so rows may have more or fewer than
+        ``k`` latents.
+        ``"matryoshka"``: BatchTopK whose loss sums the FVUs of the nested
+        reconstructions from the latent prefixes ``prefix_sizes`` (Bussmann et
+        al. 2025).
+        ``"jumprelu"``: ``z = pre * (pre > theta)`` with one learned threshold
+        per latent (straight-through estimator, rectangle kernel of width
+        ``bandwidth``) and an L0 penalty of weight ``alpha`` (Rajamanoharan et
+        al. 2024).
+        ``"l1"``: ReLU codes with the penalty ``alpha * sum_j z_j ||W_dec_j||``.
         ``"kl"``: ReLU codes with ``alpha`` times the KL divergence between the
-        target ``rho`` and each latent's mean ``tanh(z)`` over the batch (Ng's
-        sparse autoencoder). ``"wta"`` / ``"lifetime"``: winner-take-all
-        lifetime sparsity, each latent keeps its top ``k / n_components``
-        fraction of the batch (Makhzani & Frey 2015); inference keeps the top
-        ``k`` of each row. ``"l1"`` / ``"kl"`` codes are not capped at ``k``.
+        target ``rho`` and each latent's mean ``tanh(z)`` over the batch.
+        ``"lifetime"``: winner-take-all lifetime sparsity, each latent keeps its
+        top ``k / n_components`` fraction of the batch (Makhzani & Frey 2015);
+        inference keeps the top ``k`` of each row.
     alpha : float, default=1e-3
-        Weight of the ``"l1"`` and ``"kl"`` penalties.
+        Weight of the sparsity penalty: L1 (``"l1"``), KL (``"kl"``) or L0
+        (``"jumprelu"``).
     rho : float, default=0.05
         Target mean activation of the ``"kl"`` penalty, in ``(0, 1)``.
+    bandwidth : float, default=0.05
+        Width of the ``"jumprelu"`` straight-through rectangle kernel, in units
+        of the (normalised) pre-activations.
+    prefix_sizes : sequence of int, default=None
+        Nested latent prefixes of ``"matryoshka"``, strictly increasing;
+        ``n_components`` is appended when missing. None means
+        ``n_components // 16, // 8, // 4, // 2`` and ``n_components``.
     k_aux : int, default=None
         Latents of the AuxK loss; None means ``n_features // 2`` (at least 1).
     aux_coef : float, default=1/32
         Weight of the AuxK loss (Gao et al. 2024): latents that have not fired
         for ``dead_window`` tokens reconstruct the residual with their top
-        ``k_aux`` pre-activations; the loss is that reconstruction's FVU.
+        ``k_aux`` pre-activations; the loss is that reconstruction's FVU
+        (selecting variants other than ``"jumprelu"``).
     dead_window : int, default=10_000_000
         A latent is dead when it has not fired on the last ``dead_window``
-        training rows (tokens).
+        training rows (tokens); 0 disables dead-latent tracking and AuxK.
     k_schedule : AdaptiveSparsityScheduler, default=None
         Anneals ``k`` during training (e.g. from ``4 * k`` down to ``k``);
         transform always uses ``k``. The scheduler is copied at fit.
@@ -132,20 +309,25 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
         Rows per training step and per transform batch.
     n_steps : int, default=None
         Training steps of ``fit`` (cycling over the data); None means
-        ``max_epochs`` passes.
-    max_epochs : int, default=10
+        ``max_iter`` passes.
+    max_iter : int, default=10
         Passes over the data when ``n_steps`` is None.
     optimizer : {"adam", "sgd"}, default="adam"
+        ``torch.optim`` Adam (fused where torch offers it) or SGD.
     normalize_input : bool, default=True
         Divide inputs by a scalar so that the training rows have mean squared
         norm ``n_features`` (estimated once, stored as ``input_scale_``);
         ``inverse_transform`` undoes it.
     b_dec_init : {"mean", "geometric_median", "zeros"}, default="mean"
-        Initial decoder bias, from (up to) the first 65536 training rows.
+        Initial decoder bias, from (up to) 65536 random training rows.
     dtype : {"float32", "float64"}, default=None
         Training dtype; None means the dtype of the input.
     autocast : {"bfloat16", "float16"}, default=None
-        Run the encoder matrix product in this reduced precision.
+        Run the encoder matrix product of training in this reduced precision.
+    callbacks : list of callable, default=None
+        Each is called after every training step with a dict of the step's
+        metrics (``"step"``, ``"epoch"``, ``"loss"``, ``"fvu"``, ...); returning
+        False stops training.
     random_state : int, RandomState instance or None, default=None
     device : str or torch.device, default="auto"
     verbose : int, default=0
@@ -160,21 +342,26 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
     encoder_weight_ : ndarray of shape (n_components, n_features)
     encoder_bias_ : ndarray of shape (n_components,)
     decoder_bias_ : ndarray of shape (n_features,)
+    threshold_ : ndarray of shape (n_components,)
+        Per-latent inference thresholds of the threshold variants
+        (``"batchtopk"`` and ``"matryoshka"``: one learned value repeated;
+        ``"jumprelu"``: the learned thresholds; ``"l1"`` / ``"kl"``: zeros);
+        zeros and unused for the top-k variants.
     input_scale_ : float
         Scalar the inputs are divided by.
-    threshold_ : float
-        Inference threshold of ``"batchtopk"`` (0 otherwise).
     tokens_since_fired_ : ndarray of shape (n_components,)
     dead_fraction_ : float
         Fraction of latents dead (not fired for ``dead_window`` tokens).
     history_ : dict of str to ndarray
         Per training step: ``"loss"``, ``"fvu"`` (of the batch), ``"l0"``,
-        ``"dead_fraction"``, ``"aux_loss"`` and ``"k"``.
+        ``"dead_fraction"``, ``"aux_loss"``, ``"k"`` (and ``"threshold"``, the
+        mean threshold, for ``"jumprelu"``).
+    loss_curve_ : ndarray
+        Mean training loss of each epoch.
     n_steps_ : int
         Training steps taken over all calls.
     n_iter_ : int
-        Passes over the data of the last ``fit`` (steps of the last
-        ``partial_fit``).
+        Passes over the data of the last ``fit`` (``partial_fit`` adds 1).
     n_features_in_ : int
 
     Examples
@@ -194,24 +381,27 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
     _parameter_constraints: dict = {
         "n_components": [Interval(numbers.Integral, 1, None, closed="left")],
         "k": [Interval(numbers.Integral, 1, None, closed="left")],
-        "sparsity": [StrOptions(set(_SPARSITY))],
+        "sparsity": [StrOptions(encoder_options())],
         "alpha": [Interval(numbers.Real, 0, None, closed="left")],
         "rho": [Interval(numbers.Real, 0, 1, closed="neither")],
+        "bandwidth": [Interval(numbers.Real, 0, None, closed="neither")],
+        "prefix_sizes": ["array-like", None],
         "k_aux": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "aux_coef": [Interval(numbers.Real, 0, None, closed="left")],
-        "dead_window": [Interval(numbers.Integral, 1, None, closed="left")],
+        "dead_window": [Interval(numbers.Integral, 0, None, closed="left")],
         "k_schedule": [AdaptiveSparsityScheduler, None],
         "lr": [Interval(numbers.Real, 0, None, closed="neither"), None],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "n_steps": [Interval(numbers.Integral, 1, None, closed="left"), None],
-        "max_epochs": [Interval(numbers.Integral, 1, None, closed="left")],
-        "optimizer": [StrOptions({"adam", "sgd"})],
+        "max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
+        "optimizer": [StrOptions(set(OPTIMIZERS))],
         "normalize_input": ["boolean"],
         "b_dec_init": [StrOptions({"mean", "geometric_median", "zeros"})],
         "dtype": [StrOptions({"float32", "float64"}), None],
         "autocast": [StrOptions(set(_AUTOCAST)), None],
+        "callbacks": [list, None],
         "random_state": ["random_state"],
-        "device": _DEVICE_CONSTRAINT,
+        "device": DEVICE_CONSTRAINT,
         "verbose": ["verbose"],
         "sparse_output": ["boolean"],
     }
@@ -224,6 +414,8 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
         sparsity="topk",
         alpha=1e-3,
         rho=0.05,
+        bandwidth=0.05,
+        prefix_sizes=None,
         k_aux=None,
         aux_coef=1 / 32,
         dead_window=10_000_000,
@@ -231,12 +423,13 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
         lr=None,
         batch_size=4096,
         n_steps=None,
-        max_epochs=10,
+        max_iter=10,
         optimizer="adam",
         normalize_input=True,
         b_dec_init="mean",
         dtype=None,
         autocast=None,
+        callbacks=None,
         random_state=None,
         device="auto",
         verbose=0,
@@ -247,6 +440,8 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
         self.sparsity = sparsity
         self.alpha = alpha
         self.rho = rho
+        self.bandwidth = bandwidth
+        self.prefix_sizes = prefix_sizes
         self.k_aux = k_aux
         self.aux_coef = aux_coef
         self.dead_window = dead_window
@@ -254,177 +449,29 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
         self.lr = lr
         self.batch_size = batch_size
         self.n_steps = n_steps
-        self.max_epochs = max_epochs
+        self.max_iter = max_iter
         self.optimizer = optimizer
         self.normalize_input = normalize_input
         self.b_dec_init = b_dec_init
         self.dtype = dtype
         self.autocast = autocast
+        self.callbacks = callbacks
         self.random_state = random_state
         self.device = device
         self.verbose = verbose
         self.sparse_output = sparse_output
 
     # ------------------------------------------------------------------ checks
+    def _variant(self):
+        return get_encoder(self.sparsity).from_estimator(self)
+
     def _check_params(self):
-        if self.k > self.n_components:
-            raise ValueError(
-                f"k={self.k} exceeds n_components={self.n_components}; choose "
-                "k <= n_components."
-            )
+        self._variant().check_params()
 
     def _lr(self):
         if self.lr is not None:
             return float(self.lr)
         return 2e-4 / math.sqrt(self.n_components / 2**14)
-
-    # ------------------------------------------------------------------ data
-    def _validate(self, X, reset):
-        """Return ``(kind, X, dtype)``: kind in {"array", "memmap", "iterable"}."""
-        if _is_batch_iterable(X):
-            return "iterable", X, None
-        if isinstance(X, np.memmap):
-            # larger than memory: validate shape and dtype here, finiteness per batch
-            if X.ndim != 2:
-                raise _shape_error(X.ndim, X.shape, type(self).__name__)
-            if X.shape[0] < 1 or X.shape[1] < 1:
-                raise ValueError(
-                    f"Found array with shape {X.shape}; {type(self).__name__} needs "
-                    "at least 1 sample and 1 feature."
-                )
-            if reset:
-                self.n_features_in_ = X.shape[1]
-            elif X.shape[1] != self.n_features_in_:
-                raise ValueError(
-                    f"X has {X.shape[1]} features, but {type(self).__name__} is "
-                    f"expecting {self.n_features_in_} features as input."
-                )
-            dtype = X.dtype if X.dtype in (np.float32, np.float64) else np.dtype(np.float64)
-            return "memmap", X, np.dtype(dtype)
-        X, dtype = check_input(self, X, reset=reset)
-        return "array", X, np.dtype(dtype)
-
-    def _rows(self, X, idx, device, tdtype):
-        """Rows ``idx`` (sorted numpy or torch indices) of ``X`` as a tensor."""
-        if isinstance(X, torch.Tensor):
-            return X[idx].to(device=device, dtype=tdtype)
-        if sp.issparse(X):
-            blk = X[np.asarray(idx)].toarray()
-        else:
-            blk = np.asarray(X[np.asarray(idx)])
-        return _to_tensor(blk, device, tdtype)
-
-    def _array_batches(self, kind, X, n_steps, bs, device, tdtype, np_rng, gen):
-        """Yield training batches from an array, memmap, sparse matrix or tensor."""
-        n = X.shape[0]
-        bs = min(bs, n)
-        n_per_epoch = -(-n // bs)
-        produced = 0
-        while produced < n_steps:
-            if kind == "memmap":
-                # contiguous chunks in shuffled order, rows shuffled within each
-                for c in np_rng.permutation(n_per_epoch):
-                    if produced >= n_steps:
-                        break
-                    blk = np.asarray(X[c * bs : min(n, (c + 1) * bs)])
-                    if not np.all(np.isfinite(blk)):
-                        raise ValueError(
-                            "Input X contains NaN or infinity. Remove or impute "
-                            f"non-finite values before calling {type(self).__name__}."
-                        )
-                    Xb = _to_tensor(blk, device, tdtype)
-                    yield Xb[torch.randperm(Xb.shape[0], generator=gen, device=device)]
-                    produced += 1
-            elif isinstance(X, torch.Tensor):
-                perm = torch.randperm(n, generator=gen, device=device).to(X.device)
-                for s in range(0, n, bs):
-                    if produced >= n_steps:
-                        break
-                    yield X[perm[s : s + bs]].to(device=device, dtype=tdtype)
-                    produced += 1
-            else:
-                perm = np_rng.permutation(n)
-                for s in range(0, n, bs):
-                    if produced >= n_steps:
-                        break
-                    yield self._rows(X, np.sort(perm[s : s + bs]), device, tdtype)
-                    produced += 1
-
-    def _iterable_batches(
-        self, X, first_reset, n_steps, bs, device, tdtype_fn, single_pass=False
-    ):
-        """Yield validated batches from an iterable of 2-D batches."""
-        produced = 0
-        reset = first_reset
-        epochs = 1 if single_pass else (self.max_epochs if self.n_steps is None else None)
-        reiterable = iter(X) is not X
-        epoch = 0
-        while True:
-            any_batch = False
-            for batch in X:
-                Xb, dtype = check_input(self, batch, reset=reset)
-                reset = False
-                any_batch = True
-                if sp.issparse(Xb):
-                    Xb = Xb.toarray()
-                tdtype = tdtype_fn(dtype)
-                if isinstance(Xb, torch.Tensor):
-                    Xb = Xb.to(device=device, dtype=tdtype)
-                else:
-                    Xb = _to_tensor(Xb, device, tdtype)
-                for s in range(0, Xb.shape[0], bs):
-                    if n_steps is not None and produced >= n_steps:
-                        return
-                    yield Xb[s : s + bs]
-                    produced += 1
-            epoch += 1
-            if not any_batch:
-                raise ValueError("The iterable of batches given to fit is empty.")
-            if not reiterable or (epochs is not None and epoch >= epochs):
-                return
-
-    # ------------------------------------------------------------------ state
-    def _tdtype(self, data_dtype):
-        if self.dtype is not None:
-            return torch_dtype(np.dtype(self.dtype))
-        return torch_dtype(data_dtype if data_dtype is not None else np.float32)
-
-    def _init_state(self, X0, device, tdtype, gen):
-        """Fresh parameters from a sample of training rows ``X0`` (tensor)."""
-        K, d = self.n_components, X0.shape[1]
-        X0 = X0.to(device=device, dtype=tdtype)
-        if self.normalize_input:
-            ms = float((X0.double() ** 2).sum(1).mean())
-            scale = math.sqrt(ms / d) if ms > 0 else 1.0
-        else:
-            scale = 1.0
-        X0 = X0 / scale
-        W = torch.randn(K, d, generator=gen, device=device, dtype=tdtype)
-        W = W / torch.linalg.vector_norm(W, dim=1, keepdim=True).clamp_min(1e-12)
-        if self.b_dec_init == "mean":
-            b_dec = X0.mean(0)
-        elif self.b_dec_init == "geometric_median":
-            b_dec = _geometric_median(X0)
-        else:
-            b_dec = torch.zeros(d, device=device, dtype=tdtype)
-        state = {
-            "W_enc": W.clone(),
-            "b_enc": torch.zeros(K, device=device, dtype=tdtype),
-            "W_dec": W,
-            "b_dec": b_dec.to(tdtype),
-        }
-        return state, scale
-
-    def _params_to_device(self, device, tdtype):
-        P = {
-            "W_enc": self.encoder_weight_,
-            "b_enc": self.encoder_bias_,
-            "W_dec": self.components_,
-            "b_dec": self.decoder_bias_,
-        }
-        return {
-            n: torch.tensor(np.asarray(v), dtype=tdtype, device=device) for n, v in P.items()
-        }
 
     # ------------------------------------------------------------------ fit
     @_fit_context(prefer_skip_nested_validation=True)
@@ -436,7 +483,7 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
         X : {array-like, sparse matrix, np.memmap, torch.Tensor} or iterable
             Training rows of shape (n_samples, n_features), or an iterable of
             such 2-D batches (a generator, a DataLoader, a list of arrays). A
-            ``np.memmap`` is read batch by batch (contiguous chunks in shuffled
+            ``np.memmap`` is read batch by batch (contiguous blocks in shuffled
             order) and never loaded whole; a torch tensor stays on its device.
         y : Ignored
 
@@ -445,17 +492,18 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
         self
         """
         self._check_params()
-        for attr in ("components_", "_opt", "_k_sched"):
-            if hasattr(self, attr):
-                delattr(self, attr)
         self._train(X, fresh=True)
         return self
 
+    @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y=None):
-        """Continue training with one pass over ``X`` (one step per batch).
+        """Continue training with one (shuffled) pass over ``X``.
 
-        On the first call the model is initialised from ``X``. A failed call
-        (invalid input) leaves the previous fitted state intact.
+        On the first call the model is initialised from ``X``. Training resumes
+        from the optimizer state, ``k`` schedule and batch order of the previous
+        calls (also after :meth:`save` / :meth:`load`); a model imported with
+        :meth:`from_saelens` starts a fresh optimizer. A failed call leaves the
+        fitted state intact.
 
         Parameters
         ----------
@@ -466,262 +514,103 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
         -------
         self
         """
-        fresh = not hasattr(self, "components_")
-        if fresh:
-            self._validate_params()
-            self._check_params()
-        self._train(X, fresh=fresh, single_pass=True)
+        self._check_params()
+        self._train(X, fresh=not hasattr(self, "components_"), single_pass=True)
         return self
 
     def _train(self, X, *, fresh, single_pass=False):
         device = self._device()
-        kind, X, data_dtype = self._validate(X, reset=fresh)
-        bs = int(self.batch_size)
-        gen = make_generator(self.random_state, device)
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen, device=device))
-        np_rng = np.random.default_rng(seed)
-
-        if kind == "iterable":
-            batches = self._iterable_batches(
-                X, fresh, None if single_pass else self.n_steps, bs, device, self._tdtype,
-                single_pass=single_pass,
-            )
-            try:
-                Xb0 = next(batches)
-            except StopIteration as exc:
-                raise ValueError("The iterable of batches given to fit is empty.") from exc
-            tdtype = Xb0.dtype
-            n_steps_total = None
-
-            def all_batches():
-                yield Xb0
-                yield from batches
-
-            stream = all_batches()
-            init_rows = Xb0
-            n_passes = 1
-        else:
-            n = X.shape[0]
-            bsz = min(bs, n)
-            per_epoch = -(-n // bsz)
-            tdtype = self._tdtype(data_dtype)
-            if single_pass:
-                n_steps_total = per_epoch
-                stream = (
-                    self._rows_chunk(kind, X, s, min(n, s + bsz), device, tdtype)
-                    for s in range(0, n, bsz)
-                )
-            else:
-                n_steps_total = (
-                    int(self.n_steps) if self.n_steps is not None else self.max_epochs * per_epoch
-                )
-                stream = self._array_batches(
-                    kind, X, n_steps_total, bs, device, tdtype, np_rng, gen
-                )
-            n_passes = -(-n_steps_total // per_epoch)
-            init_rows = None
-            if fresh:
-                m = min(n, 65536)
-                if kind == "memmap":
-                    init_rows = self._rows_chunk(kind, X, 0, m, device, tdtype)
-                else:
-                    idx = np.arange(n)
-                    if m < n:
-                        idx = np.sort(np_rng.choice(n, size=m, replace=False))
-                    if isinstance(X, torch.Tensor):
-                        idx = torch.from_numpy(idx).to(X.device)
-                    init_rows = self._rows(X, idx, device, tdtype)
-
+        dtype = np.dtype(self.dtype) if self.dtype is not None else None
+        if not fresh:
+            dtype = self.components_.dtype if dtype is None else dtype
+        src = as_source(X, estimator=self, reset=fresh, dtype=dtype)
+        td = torch_dtype(src.dtype)
+        variant = self._variant()
+        learner = _SAELearner(self, variant, device, td)
         if fresh:
-            params, scale = self._init_state(init_rows, device, tdtype, gen)
-            opt_state = None
-            tsf = torch.zeros(self.n_components, dtype=torch.long, device=device)
-            threshold = None
-            n_steps_done = 0
-            k_sched = copy.deepcopy(self.k_schedule) if self.k_schedule is not None else None
-            history = {n: [] for n in ("loss", "fvu", "l0", "dead_fraction", "aux_loss", "k")}
+            state = None
+            generator = make_generator(self.random_state, "cpu")
         else:
-            params = self._params_to_device(device, tdtype)
-            scale = float(self.input_scale_)
-            opt_state = getattr(self, "_opt", None)
-            tsf = torch.as_tensor(self.tokens_since_fired_, device=device).long().clone()
-            threshold = self.threshold_ if self.sparsity == "batchtopk" and self.n_steps_ else None
-            n_steps_done = int(self.n_steps_)
-            k_sched = copy.deepcopy(getattr(self, "_k_sched", None))
-            history = {n: list(v) for n, v in self.history_.items()}
-
-        for p in params.values():
-            p.requires_grad_(True)
-        opt = _Optimizer(self.optimizer, self._lr(), params, opt_state, device, tdtype)
-        k_aux = self.k_aux if self.k_aux is not None else max(1, params["W_dec"].shape[1] // 2)
-
-        buf = {}
-        bar = None
-        if self.verbose:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=n_steps_total, desc=type(self).__name__)
-        logs = []
-        steps = 0
-        for Xb in stream:
-            k_cur = self.k
-            if k_sched is not None:
-                k_cur = int(min(self.n_components, max(1, round(k_sched.value))))
-            out = self._step(Xb, params, opt, tsf, threshold, k_cur, k_aux, scale, tdtype, buf)
-            threshold = out["threshold"]
-            if k_sched is not None:
-                k_sched.step(accuracy=1.0 - float(out["fvu"]))
-            logs.append(
-                torch.stack(
-                    [out["loss"], out["fvu"], out["l0"], out["dead"], out["aux"]]
-                ).double()
-            )
-            history["k"].append(k_cur)
-            steps += 1
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        if steps == 0:
-            raise ValueError("No training batch was produced from X.")
-        L = torch.stack(logs).cpu().numpy()
-        for j, name in enumerate(("loss", "fvu", "l0", "dead_fraction", "aux_loss")):
-            history[name].extend(L[:, j].tolist())
-        if not np.all(np.isfinite(L[:, 0])):
-            raise ValueError(
-                "Training diverged (non-finite loss); lower lr or check the input scale."
-            )
-
-        # ---- commit the fitted state (only after everything succeeded)
-        np_dt = numpy_dtype(tdtype)
-        with torch.no_grad():
-            self.encoder_weight_ = params["W_enc"].detach().cpu().numpy().astype(np_dt)
-            self.encoder_bias_ = params["b_enc"].detach().cpu().numpy().astype(np_dt)
-            self.components_ = params["W_dec"].detach().cpu().numpy().astype(np_dt)
-            self.decoder_bias_ = params["b_dec"].detach().cpu().numpy().astype(np_dt)
-        self.input_scale_ = float(scale)
-        self.threshold_ = float(threshold) if threshold is not None else 0.0
-        self.tokens_since_fired_ = tsf.cpu().numpy()
-        self.dead_fraction_ = float(
-            (self.tokens_since_fired_ >= self.dead_window).mean()
+            state = self._resume_state(variant, device, td)
+            generator = state.generator
+        trainer = Trainer(
+            max_iter=1 if single_pass else self.max_iter,
+            n_steps=None if single_pass else self.n_steps,
+            callbacks=self.callbacks,
+            verbose=self.verbose,
+            desc=type(self).__name__,
+            batch_size=int(self.batch_size),
+            shuffle="blocks" if isinstance(X, np.memmap) else True,
         )
-        self.history_ = {n: np.asarray(v, dtype=np.float64) for n, v in history.items()}
-        self.n_steps_ = n_steps_done + steps
-        self.n_iter_ = steps if single_pass else n_passes
-        self._opt = opt.state_numpy()
-        self._k_sched = k_sched
-        self.n_components_ = self.n_components
+        result = trainer.run(learner, src, state=state, generator=generator, device=device,
+                             dtype=td)
+        state = result.state
+        learner.finish(state)
+        self._commit(state, variant, n_epochs=result.n_epochs, single_pass=single_pass,
+                     fresh=fresh)
 
-    def _rows_chunk(self, kind, X, start, stop, device, tdtype):
-        if isinstance(X, torch.Tensor):
-            return X[start:stop].to(device=device, dtype=tdtype)
-        blk = X[start:stop]
-        blk = blk.toarray() if sp.issparse(blk) else np.asarray(blk)
-        if kind == "memmap" and not np.all(np.isfinite(blk)):
-            raise ValueError(
-                "Input X contains NaN or infinity. Remove or impute non-finite values "
-                f"before calling {type(self).__name__}."
+    # ------------------------------------------------------------------ state
+    def _commit(self, state, variant, *, n_epochs, single_pass, fresh):
+        """Fitted attributes from a finished run's state (nothing is touched
+        before the run succeeded)."""
+        P = state.params
+        np_dt = numpy_dtype(P["W_dec"].dtype)
+        with torch.no_grad():
+            # views where possible: the run's tensors are not used again
+            arrays = {key: P[key].detach().cpu().numpy().astype(np_dt, copy=False)
+                      for key in _PARAMS}
+            arrays["threshold"] = (
+                variant.inference_threshold(P, state.buffers).cpu().numpy().astype(np_dt)
             )
-        return _to_tensor(blk, device, tdtype)
+            arrays["tokens_since_fired"] = state.tokens_since_fired.cpu().numpy()
+        for attr, key in _FITTED_ARRAYS.items():
+            setattr(self, attr, arrays[key])
+        self.n_components_ = int(P["W_dec"].shape[0])
+        self.input_scale_ = float(state.scale)
+        window = self.dead_window
+        self.dead_fraction_ = (
+            float((self.tokens_since_fired_ >= window).mean()) if window else 0.0
+        )
+        self.history_ = state.history_arrays()
+        self.loss_curve_ = np.asarray(state.epoch_loss, dtype=np.float64)
+        self.n_steps_ = int(state.n_steps)
+        prev = 0 if fresh else int(getattr(self, "n_iter_", 0))
+        self.n_iter_ = prev + 1 if single_pass else int(n_epochs)
+        # what resuming needs beyond the fitted arrays
+        state.params = {k: v for k, v in P.items() if k not in _PARAMS}
+        self._resume = {f.name: _export(getattr(state, f.name)) for f in fields(state)
+                        if f.name not in ("history", "epoch_loss")}
 
-    # ------------------------------------------------------------------ one step
-    def _pre(self, xc, W_enc, b_enc, buf=None):
-        if self.autocast is not None:
-            ac = _AUTOCAST[self.autocast]
-            return (xc.to(ac) @ W_enc.to(ac).T).to(xc.dtype) + b_enc
-        if buf is not None:
-            # reuse one (batch, n_components) buffer across steps (no page faults)
-            key = (xc.shape[0], W_enc.shape[0], xc.dtype, xc.device)
-            if buf.get("key") != key:
-                buf["key"] = key
-                buf["pre"] = torch.empty(key[0], key[1], dtype=key[2], device=key[3])
-            return torch.addmm(b_enc, xc, W_enc.T, out=buf["pre"])
-        return torch.addmm(b_enc, xc, W_enc.T)
-
-    def _step(self, Xb, P, opt, tsf, threshold, k_cur, k_aux, scale, tdtype, buf=None):
-        B, K = Xb.shape[0], self.n_components
-        x = Xb / scale if scale != 1.0 else Xb
-        W_enc, b_enc, W_dec, b_dec = P["W_enc"], P["b_enc"], P["W_dec"], P["b_dec"]
-        mode = self.sparsity
-        aux = x.new_zeros(())
-        penalty = x.new_zeros(())
-        if mode in _SELECTING:
-            with torch.no_grad():
-                pre = self._pre(x - b_dec, W_enc, b_enc, buf)
-                if mode == "topk":
-                    pairs = select_topk(pre, k_cur)
-                elif mode == "batchtopk":
-                    pairs = select_batch_topk(pre, k_cur)
-                else:
-                    pairs = select_lifetime(pre, k_cur / K)
-            vals = sparse_encode(x, W_enc, b_enc, pairs, pre, b_dec=b_dec)
-            x_hat = sparse_decode_pairs(vals, W_dec, pairs) + b_dec
-            with torch.no_grad():
-                active = vals.detach() > 0
-                fired = torch.zeros(K, dtype=torch.bool, device=x.device)
-                fired[pairs.col[active]] = True
-                l0 = active.sum().to(tdtype) / B
-                if mode == "batchtopk":
-                    pos = vals.detach()[active]
-                    if pos.numel():
-                        tmin = pos.min()
-                        threshold = (
-                            float(tmin) if threshold is None
-                            else 0.99 * float(threshold) + 0.01 * float(tmin)
-                        )
+    def _resume_state(self, variant, device, td):
+        """The training state of a fitted model: the saved training state when
+        there is one, else rebuilt from the fitted arrays (fresh optimizer)."""
+        # copies: training updates its tensors in place
+        P = {key: torch.tensor(np.asarray(getattr(self, attr)), dtype=td, device=device)
+             for attr, key in _FITTED_ARRAYS.items() if key in _PARAMS}
+        resume = getattr(self, "_resume", None)
+        history = {k: list(v) for k, v in getattr(self, "history_", {}).items()}
+        epoch_loss = list(getattr(self, "loss_curve_", []))
+        if resume is not None:
+            state = SAEState.from_state_dict(
+                {**resume, "history": {}, "epoch_loss": []}, device=device, dtype=td
+            )
+            state.params = {**P, **state.params}
+            state.tokens_since_fired = state.tokens_since_fired.long()
         else:
-            pre = torch.addmm(b_enc, x - b_dec, W_enc.T)
-            z = torch.relu(pre)
-            x_hat = z @ W_dec + b_dec
-            if mode == "l1":
-                dn = torch.linalg.vector_norm(W_dec, dim=1)
-                penalty = self.alpha * (z * dn).sum(1).mean()
-            else:
-                rho_hat = torch.tanh(z).mean(0)
-                penalty = self.alpha * sparsity_loss(rho_hat, self.rho, kind="kl", reduction="sum")
-            with torch.no_grad():
-                active = z.detach() > 0
-                fired = active.any(0)
-                l0 = active.sum().to(tdtype) / B
-            pre = pre.detach()
-        resid = x - x_hat
-        denom = ((x - x.mean(0)) ** 2).sum().detach()
-        denom = torch.clamp(denom, min=1e-12 * float((x * x).sum()) + 1e-30)
-        fvu = (resid**2).sum() / denom
-
-        # dead latents and AuxK
-        with torch.no_grad():
-            tsf += B
-            tsf[fired] = 0
-            dead = tsf >= self.dead_window
-            n_dead = int(dead.sum())
-        if mode in _SELECTING and n_dead > 0 and self.aux_coef > 0:
-            with torch.no_grad():
-                masked = pre.masked_fill(~dead[None, :], float("-inf"))
-                apairs = select_topk(masked, min(k_aux, n_dead))
-            avals = sparse_encode(x, W_enc, b_enc, apairs, pre, b_dec=b_dec)
-            e = resid.detach()
-            e_hat = sparse_decode_pairs(avals, W_dec, apairs)
-            e_den = ((e - e.mean(0)) ** 2).sum().clamp_min(1e-30)
-            aux = ((e - e_hat) ** 2).sum() / e_den
-        loss = fvu + penalty + self.aux_coef * aux
-        opt.zero_grad()
-        loss.backward()
-        with torch.no_grad():
-            W, g = W_dec, W_dec.grad
-            if g is not None:
-                g -= (g * W).sum(1, keepdim=True) * W
-        opt.step()
-        with torch.no_grad():
-            W_dec /= torch.linalg.vector_norm(W_dec, dim=1, keepdim=True).clamp_min(1e-12)
-        return {
-            "loss": loss.detach(),
-            "fvu": fvu.detach(),
-            "l0": l0,
-            "dead": dead.to(tdtype).mean(),
-            "aux": aux.detach(),
-            "threshold": threshold,
-        }
+            thr = torch.tensor(np.asarray(self.threshold_), dtype=td, device=device)
+            extra, buffers = variant.from_threshold(P, thr)
+            state = SAEState(
+                params={**P, **extra},
+                buffers=buffers,
+                tokens_since_fired=torch.tensor(
+                    np.asarray(self.tokens_since_fired_), dtype=torch.long, device=device),
+                scale=float(self.input_scale_),
+                n_steps=int(self.n_steps_),
+                generator=make_generator(self.random_state, "cpu"),
+            )
+        state.history = history
+        state.epoch_loss = epoch_loss
+        return state
 
     # ------------------------------------------------------------------ inference
     def _n_codes(self):
@@ -729,22 +618,15 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
 
     def _transform_state(self, device, dtype):
         td = torch_dtype(dtype)
-        return {
-            "W_enc": torch.as_tensor(self.encoder_weight_).to(device=device, dtype=td),
-            "b_enc": torch.as_tensor(self.encoder_bias_).to(device=device, dtype=td),
-            "b_dec": torch.as_tensor(self.decoder_bias_).to(device=device, dtype=td),
-        }
+        state = {key: torch.as_tensor(np.asarray(getattr(self, attr)), dtype=td).to(device)
+                 for attr, key in _FITTED_ARRAYS.items() if key in _PARAMS + ("threshold",)}
+        state["variant"] = self._variant()
+        return state
 
     def _encode(self, Xb, state):
         x = Xb / self.input_scale_ if self.input_scale_ != 1.0 else Xb
-        pre = torch.addmm(state["b_enc"], x - state["b_dec"], state["W_enc"].T)
-        if self.sparsity in ("topk", "wta", "lifetime"):
-            k = min(self.k, pre.shape[1])
-            vals, idx = torch.topk(pre, k, dim=1, sorted=False)
-            return idx, torch.relu(vals)
-        if self.sparsity == "batchtopk":
-            return pre * (pre > max(self.threshold_, 0.0))
-        return torch.relu(pre)
+        pre = preactivations(x, state)
+        return state["variant"].encode(pre, state["threshold"], self.k)
 
     def _decoder(self, device, dtype):
         td = torch_dtype(dtype)
@@ -771,30 +653,12 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
         -------
         score : float
         """
-        self._check_ready()
-        from .base import iter_batches
+        return super().score(X, y)
 
-        X, dtype = check_input(self, X, reset=False)
-        device = self._device()
-        state = self._transform_state(device, dtype)
-        D, off = self._decoder(device, dtype)
-        bs = int(self.batch_size)
-        rss = 0.0
-        s1 = torch.zeros(X.shape[1], dtype=torch.float64, device=device)
-        s2 = 0.0
-        from .solvers.decode import topk_decode
-
-        for _, _, Xb in iter_batches(X, bs, device, dtype):
-            codes = self._encode(Xb, state)
-            if isinstance(codes, tuple):
-                Xh = topk_decode(codes[0], codes[1], D) + off
-            else:
-                Xh = codes @ D + off
-            rss += float(((Xb - Xh).double() ** 2).sum())
-            s1 += Xb.double().sum(0)
-            s2 += float((Xb.double() ** 2).sum())
-        n = X.shape[0]
-        tv = s2 - float((s1 * s1).sum()) / n
+    def _score_from(self, sums, n, p):
+        s1 = np.asarray(sums["s1"], dtype=np.float64)
+        s2, rss = float(sums["s2"]), float(sums["rss"])
+        tv = s2 - float(s1 @ s1) / n
         if tv <= 1e-12 * max(s2, 1e-300):
             return 1.0 if rss <= 1e-12 * max(s2, 1e-300) else 0.0
         return 1.0 - rss / tv
@@ -805,55 +669,56 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
         return tags
 
     # ------------------------------------------------------------------ io
-    _SAVE_PARAMS = (
-        "n_components", "k", "sparsity", "alpha", "rho", "k_aux", "aux_coef",
-        "dead_window", "lr", "batch_size", "n_steps", "max_epochs", "optimizer",
-        "normalize_input", "b_dec_init", "dtype", "autocast", "sparse_output",
-    )
-
     def save(self, path):
-        """Save the fitted model to directory ``path``: ``config.json`` (parameters
-        and scalars) and ``model.safetensors`` (weights and training state).
+        """Save the fitted model to directory ``path``: ``config.json`` (parameters,
+        fitted scalars, the ``k`` schedule) and ``model.safetensors`` (fitted
+        arrays, history and the training state: optimizer moments, running
+        buffers, batch-order generator), so that :meth:`load` followed by
+        :meth:`partial_fit` continues exactly where training stopped.
 
         Parameters
         ----------
         path : str or os.PathLike
             Directory (created if needed).
+
+        Returns
+        -------
+        pathlib.Path
         """
         from safetensors.numpy import save_file
 
         self._check_ready()
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        params = {p: getattr(self, p) for p in self._SAVE_PARAMS}
+        # callables are not saved; the k schedule is written below
+        params = {p: v for p, v in self.get_params().items()
+                  if p not in ("callbacks", "k_schedule")}
+        if params["prefix_sizes"] is not None:
+            params["prefix_sizes"] = [int(m) for m in params["prefix_sizes"]]
         rs = self.random_state
         params["random_state"] = rs if isinstance(rs, numbers.Integral) or rs is None else None
         dev = self.device
         params["device"] = dev if isinstance(dev, str) or dev is None else str(dev)
+        sched = self.k_schedule
         cfg = {
             "format": "skdict.KSparseAutoencoder",
-            "version": 1,
+            "version": 2,
             "params": params,
-            "n_features_in": int(self.n_features_in_),
-            "input_scale": float(self.input_scale_),
-            "threshold": float(self.threshold_),
-            "n_steps": int(self.n_steps_),
-            "n_iter": int(self.n_iter_),
-            "dead_fraction": float(self.dead_fraction_),
+            "k_schedule": None if sched is None else {**vars(sched)},
+            "fitted": {a: getattr(self, a) for a in _FITTED_SCALARS},
         }
         if hasattr(self, "feature_names_in_"):
             cfg["feature_names_in"] = [str(f) for f in self.feature_names_in_]
-        tensors = {
-            "W_enc": np.ascontiguousarray(self.encoder_weight_),
-            "b_enc": np.ascontiguousarray(self.encoder_bias_),
-            "W_dec": np.ascontiguousarray(self.components_),
-            "b_dec": np.ascontiguousarray(self.decoder_bias_),
-            "tokens_since_fired": np.ascontiguousarray(self.tokens_since_fired_),
-        }
+        tensors = {key: np.ascontiguousarray(getattr(self, attr))
+                   for attr, key in _FITTED_ARRAYS.items()}
         for name, arr in self.history_.items():
-            tensors[f"history.{name}"] = np.ascontiguousarray(arr)
-        for name, arr in (getattr(self, "_opt", None) or {}).items():
-            tensors[f"opt.{name}"] = np.ascontiguousarray(arr)
+            tensors[f"history.{name}"] = np.ascontiguousarray(arr, dtype=np.float64)
+        tensors["loss_curve"] = np.ascontiguousarray(self.loss_curve_, dtype=np.float64)
+        resume = getattr(self, "_resume", None)
+        if resume is not None:
+            flat, meta = _flatten(resume, "resume")
+            tensors.update(flat)
+            cfg["resume"] = meta
         with open(path / "config.json", "w") as f:
             json.dump(cfg, f, indent=2)
         save_file(tensors, str(path / "model.safetensors"))
@@ -861,8 +726,18 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
 
     @classmethod
     def load(cls, path, **overrides):
-        """Load a model written by :meth:`save`. ``overrides`` set parameters
-        (e.g. ``device="cpu"``)."""
+        """Load a model written by :meth:`save`.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+        **overrides
+            Parameters to set (e.g. ``device="cpu"``).
+
+        Returns
+        -------
+        KSparseAutoencoder
+        """
         from safetensors.numpy import load_file
 
         path = Path(path)
@@ -871,46 +746,51 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
             raise ValueError(f"{cfg_file} not found; pass the directory written by save().")
         with open(cfg_file) as f:
             cfg = json.load(f)
-        if cfg.get("format") != "skdict.KSparseAutoencoder":
-            raise ValueError(f"{cfg_file} is not a KSparseAutoencoder config.")
+        if cfg.get("format") != "skdict.KSparseAutoencoder" or cfg.get("version") != 2:
+            raise ValueError(f"{cfg_file} is not a KSparseAutoencoder config (version 2).")
         params = dict(cfg["params"])
+        if params.get("prefix_sizes") is not None:
+            params["prefix_sizes"] = tuple(params["prefix_sizes"])
+        if cfg.get("k_schedule") is not None:
+            s = cfg["k_schedule"]
+            sched = AdaptiveSparsityScheduler(
+                s["initial"], s["final"], s["warmup_steps"], schedule=s["schedule"],
+                accuracy_threshold=s["accuracy_threshold"], n_steps=s["n_steps"],
+                integer=s["integer"],
+            )
+            sched.progress_ = s["progress_"]
+            params["k_schedule"] = sched
         params.update(overrides)
         est = cls(**params)
         t = load_file(str(path / "model.safetensors"))
-        est.encoder_weight_ = t["W_enc"]
-        est.encoder_bias_ = t["b_enc"]
-        est.components_ = t["W_dec"]
-        est.decoder_bias_ = t["b_dec"]
-        est.tokens_since_fired_ = t["tokens_since_fired"]
-        est.history_ = {
-            n.split(".", 1)[1]: v for n, v in t.items() if n.startswith("history.")
-        }
-        opt = {n.split(".", 1)[1]: v for n, v in t.items() if n.startswith("opt.")}
-        est._opt = opt or None
-        est._k_sched = None
-        est.n_features_in_ = int(cfg["n_features_in"])
+        for attr, key in _FITTED_ARRAYS.items():
+            setattr(est, attr, t[key])
+        for attr, kind in _FITTED_SCALARS.items():
+            setattr(est, attr, kind(cfg["fitted"][attr]))
+        est.history_ = {n.split(".", 1)[1]: v for n, v in t.items() if n.startswith("history.")}
+        est.loss_curve_ = t["loss_curve"]
         if "feature_names_in" in cfg:
             est.feature_names_in_ = np.asarray(cfg["feature_names_in"], dtype=object)
-        est.input_scale_ = float(cfg["input_scale"])
-        est.threshold_ = float(cfg["threshold"])
-        est.n_steps_ = int(cfg["n_steps"])
-        est.n_iter_ = int(cfg["n_iter"])
-        est.dead_fraction_ = float(cfg["dead_fraction"])
-        est.n_components_ = est.components_.shape[0]
+        if "resume" in cfg:
+            est._resume = _unflatten(cfg["resume"], t, "resume")
         return est
 
+    # ------------------------------------------------------------------ SAELens
     @classmethod
     def from_saelens(cls, path, **params):
         """Build a fitted estimator from an SAE saved in SAELens' format.
 
         Reads ``cfg.json`` and ``sae_weights.safetensors`` (``W_enc`` of shape
-        ``(d_in, d_sae)``, ``W_dec`` ``(d_sae, d_in)``, ``b_enc``, ``b_dec``).
-        Supported architectures: ``"topk"`` (``k`` from the config),
-        ``"standard"`` (ReLU codes, mapped to ``sparsity="l1"``) and
-        ``"batchtopk"`` with a ``threshold`` entry. When the config says
-        ``apply_b_dec_to_input: false`` the encoder bias absorbs ``b_dec`` so
-        that codes match SAELens'. Decoder rows are used as saved (not
-        renormalised).
+        ``(d_in, d_sae)``, ``W_dec`` ``(d_sae, d_in)``, ``b_enc``, ``b_dec`` and
+        the architecture's own tensors, e.g. JumpReLU's ``threshold``).
+        Architectures: ``"topk"``, ``"batchtopk"``, ``"matryoshka_batchtopk"``,
+        ``"jumprelu"`` and ``"standard"`` (ReLU codes, as ``sparsity="l1"``).
+        When the config says ``apply_b_dec_to_input: false`` the encoder bias
+        absorbs ``b_dec``, and with ``rescale_acts_by_decoder_norm: true`` the
+        decoder row norms are folded into the encoder (as SAELens does when it
+        saves an inference model), so that codes and reconstructions match
+        SAELens'. Decoder rows are otherwise used as saved (not renormalised).
+        The model can be fine-tuned with :meth:`partial_fit` (fresh optimizer).
 
         Parameters
         ----------
@@ -924,145 +804,86 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
         KSparseAutoencoder
             Fitted; ready for ``transform`` / ``inverse_transform`` / ``score``.
         """
-        from safetensors.numpy import load_file
-
-        path = Path(path)
-        cfg_path = path / "cfg.json"
-        w_path = path / "sae_weights.safetensors"
-        for p in (cfg_path, w_path):
-            if not p.exists():
-                raise ValueError(
-                    f"{p} not found: an SAELens directory holds cfg.json and "
-                    "sae_weights.safetensors."
-                )
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-        t = load_file(str(w_path))
-        missing = {"W_enc", "W_dec", "b_enc", "b_dec"} - set(t)
-        if missing:
-            raise ValueError(f"{w_path} lacks tensors {sorted(missing)}.")
-        W_enc = np.asarray(t["W_enc"])
-        W_dec = np.asarray(t["W_dec"])
-        d_in, d_sae = W_enc.shape
-        if W_dec.shape != (d_sae, d_in):
-            raise ValueError(
-                f"W_dec has shape {W_dec.shape}, expected (d_sae, d_in) = {(d_sae, d_in)}."
-            )
-        arch = str(cfg.get("architecture", "standard")).lower()
-        kw = cfg.get("activation_fn_kwargs") or {}
-        k = cfg.get("k", kw.get("k"))
-        threshold = 0.0
-        if arch == "topk":
-            if k is None:
-                raise ValueError("cfg.json of a topk SAE has no 'k'.")
-            sparsity = "topk"
-        elif arch == "batchtopk":
-            sparsity = "batchtopk"
-            k = k if k is not None else 1
-            thr = t.get("threshold")
-            threshold = float(np.asarray(thr).reshape(-1)[0]) if thr is not None else 0.0
-        elif arch == "standard":
-            sparsity = "l1"
-            k = 1
-        else:
-            raise ValueError(
-                f"architecture {arch!r} is not supported; use a 'topk', 'batchtopk' "
-                "or 'standard' SAE."
-            )
-        dt = W_enc.dtype if W_enc.dtype in (np.float32, np.float64) else np.dtype(np.float32)
-        b_enc = np.asarray(t["b_enc"], dtype=dt)
-        b_dec = np.asarray(t["b_dec"], dtype=dt)
-        if not cfg.get("apply_b_dec_to_input", True):
-            b_enc = b_enc + b_dec @ W_enc.astype(dt)
-        init = {"n_components": d_sae, "k": int(k), "sparsity": sparsity}
-        init.update(params)
-        est = cls(**init)
-        est.encoder_weight_ = np.ascontiguousarray(W_enc.T.astype(dt))
-        est.encoder_bias_ = b_enc
-        est.components_ = np.ascontiguousarray(W_dec.astype(dt))
-        est.decoder_bias_ = b_dec
-        est.input_scale_ = 1.0
-        est.threshold_ = threshold
-        est.tokens_since_fired_ = np.zeros(d_sae, dtype=np.int64)
-        est.dead_fraction_ = 0.0
+        _, init, arrays = read_saelens(path)
+        d_sae, d_in = arrays["W_dec"].shape
+        init.setdefault("k", min(32, d_sae))
+        est = cls(**{**init, **params})
+        arrays["tokens_since_fired"] = np.zeros(d_sae, dtype=np.int64)
+        for attr, key in _FITTED_ARRAYS.items():
+            setattr(est, attr, arrays[key])
+        fitted = {"n_features_in_": d_in, "n_components_": d_sae, "input_scale_": 1.0,
+                  "dead_fraction_": 0.0, "n_steps_": 0, "n_iter_": 0}
+        for attr, value in fitted.items():
+            setattr(est, attr, value)
         est.history_ = {}
-        est.n_steps_ = 0
-        est.n_iter_ = 0
-        est.n_features_in_ = d_in
-        est.n_components_ = d_sae
-        est._opt = None
-        est._k_sched = None
+        est.loss_curve_ = np.zeros(0)
         return est
 
+    def to_saelens(self, path):
+        """Write the model in SAELens' format (``cfg.json`` and
+        ``sae_weights.safetensors``), loadable with SAELens'
+        ``SAE.load_from_disk(path)`` and with :meth:`from_saelens`.
 
-class _Optimizer:
-    """Adam (or SGD) over a dict of parameters; state exportable as numpy."""
+        The architecture is the variant's inference rule: ``"topk"`` (``"topk"``,
+        ``"lifetime"``), ``"jumprelu"`` (``"jumprelu"``, and ``"batchtopk"`` /
+        ``"matryoshka"`` with their global threshold on every latent, as
+        SAELens saves BatchTopK SAEs) or ``"standard"`` (``"l1"``, ``"kl"``).
+        ``input_scale_`` is folded into the weights (``W_enc / s``, ``W_dec * s``,
+        ``b_dec * s``), so SAELens reads raw inputs.
 
-    def __init__(self, kind, lr, params, state, device, tdtype, betas=(0.9, 0.999), eps=1e-8):
-        self.kind = kind
-        self.lr = lr
-        self.params = params
-        self.b1, self.b2 = betas
-        self.eps = eps
-        self.t = 0
-        self.m, self.v = {}, {}
-        if kind == "adam":
-            if state and all(f"m.{n}" in state for n in params):
-                self.t = int(np.asarray(state["t"]).reshape(-1)[0])
-                for n in params:
-                    self.m[n] = torch.tensor(state[f"m.{n}"], device=device, dtype=tdtype)
-                    self.v[n] = torch.tensor(state[f"v.{n}"], device=device, dtype=tdtype)
-            else:
-                for n, p in params.items():
-                    self.m[n] = torch.zeros_like(p)
-                    self.v[n] = torch.zeros_like(p)
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Directory (created if needed).
 
-    def zero_grad(self):
-        for p in self.params.values():
-            p.grad = None
+        Returns
+        -------
+        pathlib.Path
+        """
+        self._check_ready()
+        arrays = {key: getattr(self, attr) for attr, key in _FITTED_ARRAYS.items()}
+        return write_saelens(path, self._variant(), arrays, self.input_scale_)
 
-    @torch.no_grad()
-    def step(self):
-        self.t += 1
-        if self.kind == "sgd":
-            for p in self.params.values():
-                if p.grad is not None:
-                    p.add_(p.grad, alpha=-self.lr)
-            return
-        names = [n for n, p in self.params.items() if p.grad is not None]
-        fused = getattr(torch, "_fused_adam_", None)
-        if fused is not None and names:
-            try:  # one fused kernel over all parameters (torch.optim's fused Adam)
-                steps = [
-                    torch.tensor(float(self.t), device=self.params[n].device) for n in names
-                ]
-                fused(
-                    [self.params[n] for n in names], [self.params[n].grad for n in names],
-                    [self.m[n] for n in names], [self.v[n] for n in names], [], steps,
-                    lr=self.lr, beta1=self.b1, beta2=self.b2, weight_decay=0.0,
-                    eps=self.eps, amsgrad=False, maximize=False,
-                )
-                return
-            except (RuntimeError, TypeError):  # pragma: no cover - old torch / device
-                pass
-        bc1 = 1 - self.b1**self.t
-        bc2 = 1 - self.b2**self.t
-        step = self.lr * math.sqrt(bc2) / bc1
-        for n, p in self.params.items():
-            g = p.grad
-            if g is None:
-                continue
-            m, v = self.m[n], self.v[n]
-            m.mul_(self.b1).add_(g, alpha=1 - self.b1)
-            v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
-            p.addcdiv_(m, v.sqrt().add_(self.eps * math.sqrt(bc2)), value=-step)
 
-    def state_numpy(self):
-        if self.kind != "adam":
-            return None
-        out = {"t": np.asarray([self.t], dtype=np.int64)}
-        for n in self.params:
-            out[f"m.{n}"] = self.m[n].cpu().numpy()
-            out[f"v.{n}"] = self.v[n].cpu().numpy()
-        return out
+def _export(value):
+    """:func:`~skdict.training.state.to_portable` without copying tensors (views on
+    the CPU): for the state of a finished run, whose tensors are not used again."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    if isinstance(value, dict):
+        return {k: _export(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_export(v) for v in value)
+    return to_portable(value)
+
+
+def _flatten(tree, prefix):
+    """Nested dicts of numpy arrays / python values -> ``({key: array}, meta)``:
+    arrays go to safetensors under dotted keys, everything else into ``meta``."""
+    flat, meta = {}, {}
+    for k, v in tree.items():
+        key = f"{prefix}.{k}"
+        if isinstance(v, np.ndarray):
+            flat[key] = np.ascontiguousarray(v)
+            meta[str(k)] = {"array": key, "int_key": isinstance(k, int)}
+        elif isinstance(v, dict):
+            sub_flat, sub_meta = _flatten(v, key)
+            flat.update(sub_flat)
+            meta[str(k)] = {"dict": sub_meta, "int_key": isinstance(k, int)}
+        else:
+            meta[str(k)] = {"value": v, "int_key": isinstance(k, int)}
+    return flat, meta
+
+
+def _unflatten(meta, tensors, prefix):
+    out = {}
+    for k, m in meta.items():
+        key = int(k) if m["int_key"] else k
+        if "array" in m:
+            out[key] = np.array(tensors[m["array"]])
+        elif "dict" in m:
+            out[key] = _unflatten(m["dict"], tensors, f"{prefix}.{k}")
+        else:
+            out[key] = m["value"]
+    return out
 

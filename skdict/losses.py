@@ -7,6 +7,8 @@
 * :func:`balanced_loss` sums named loss terms with weights that rescale each term
   to a target share of the total, so a sparsity term neither vanishes nor
   dominates the reconstruction term.
+* :func:`fvu_loss` and :func:`auxk_loss` are the reconstruction terms of the
+  sparse autoencoders (:class:`~skdict.KSparseAutoencoder`).
 * :class:`AdaptiveSparsityScheduler` anneals a value (``k`` of a top-k
   autoencoder, Makhzani & Frey's k annealing, or a target sparsity) from
   ``initial`` to ``final`` over ``warmup_steps`` with a linear, cosine or step
@@ -20,7 +22,13 @@ import numbers
 
 import torch
 
-__all__ = ["sparsity_loss", "balanced_loss", "AdaptiveSparsityScheduler"]
+__all__ = [
+    "sparsity_loss",
+    "balanced_loss",
+    "fvu_loss",
+    "auxk_loss",
+    "AdaptiveSparsityScheduler",
+]
 
 _KINDS = ("l2", "l1", "kl", "huber")
 
@@ -150,6 +158,76 @@ def balanced_loss(losses, weights=None, *, shares=None, eps=1e-12):
     total = sum(w[n] * losses[n] for n in names)
     parts = {n: float(w[n] * losses[n].detach()) for n in names}
     return total, parts
+
+
+def batch_variance(x):
+    """``sum ||x_i - mean(x)||^2`` of a batch, detached, floored away from zero
+    (the FVU denominator)."""
+    with torch.no_grad():
+        denom = ((x - x.mean(0)) ** 2).sum()
+        # a tensor floor: no host synchronisation on the training path
+        return torch.maximum(denom, 1e-12 * (x * x).sum() + 1e-30)
+
+
+def fvu_loss(x, x_hat, denom=None):
+    """Fraction of variance unexplained of a batch,
+    ``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` (differentiable in ``x_hat``).
+
+    Parameters
+    ----------
+    x, x_hat : torch.Tensor of shape (B, P)
+    denom : torch.Tensor, default=None
+        Precomputed :func:`batch_variance` of ``x``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skdict.losses import fvu_loss
+    >>> x = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    >>> float(fvu_loss(x, torch.zeros_like(x)))
+    1.0
+    """
+    if denom is None:
+        denom = batch_variance(x)
+    return ((x - x_hat) ** 2).sum() / denom
+
+
+def auxk_loss(x, x_hat, pre, P, dead, k_aux):
+    """AuxK loss (Gao et al. 2024): the FVU with which the dead latents' top
+    ``k_aux`` pre-activations of each row reconstruct the residual ``x - x_hat``.
+
+    Parameters
+    ----------
+    x, x_hat : torch.Tensor of shape (B, P)
+        Batch and its reconstruction (the residual is detached).
+    pre : torch.Tensor of shape (B, K)
+        Detached pre-activations.
+    P : dict of str to torch.Tensor
+        ``W_enc`` (K, P), ``b_enc`` (K,), ``W_dec`` (K, P), ``b_dec`` (P,); the
+        gradient reaches the encoder and decoder rows of the selected dead latents
+        only (sparse kernels).
+    dead : torch.Tensor of shape (K,), bool
+    k_aux : int
+        At most this many dead latents per row (fewer when fewer are dead).
+
+    Returns
+    -------
+    torch.Tensor
+        0-d loss; 0 when no latent is dead.
+    """
+    from .solvers.topk import select_topk, sparse_decode_pairs, sparse_encode
+
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return x.new_zeros(())
+    with torch.no_grad():
+        masked = pre.masked_fill(~dead[None, :], float("-inf"))
+        pairs = select_topk(masked, min(int(k_aux), n_dead))
+    vals = sparse_encode(x, P["W_enc"], P["b_enc"], pairs, pre, b_dec=P["b_dec"])
+    e = (x - x_hat).detach()
+    e_hat = sparse_decode_pairs(vals, P["W_dec"], pairs)
+    e_den = ((e - e.mean(0)) ** 2).sum().clamp_min(1e-30)
+    return ((e - e_hat) ** 2).sum() / e_den
 
 
 class AdaptiveSparsityScheduler:

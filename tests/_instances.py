@@ -63,4 +63,12 @@ INSTANCES += [
                        batch_size=16, random_state=0, device="cpu"),
     KSparseAutoencoder(n_components=8, k=1, sparsity="l1", n_steps=3, batch_size=16,
                        random_state=0, device="cpu"),
+    KSparseAutoencoder(n_components=8, k=1, sparsity="jumprelu", n_steps=3, batch_size=16,
+                       random_state=0, device="cpu"),
+    KSparseAutoencoder(n_components=8, k=1, sparsity="matryoshka", n_steps=3,
+                       batch_size=16, random_state=0, device="cpu"),
+    KSparseAutoencoder(n_components=8, k=1, sparsity="kl", n_steps=3, batch_size=16,
+                       random_state=0, device="cpu"),
+    KSparseAutoencoder(n_components=8, k=1, sparsity="lifetime", n_steps=3, batch_size=16,
+                       random_state=0, device="cpu"),
 ]

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from skdict.losses import AdaptiveSparsityScheduler, balanced_loss, sparsity_loss
+from skdict.losses import (
+    AdaptiveSparsityScheduler,
+    auxk_loss,
+    balanced_loss,
+    fvu_loss,
+    sparsity_loss,
+)
 
 
 def test_sparsity_loss_kinds():
@@ -79,3 +85,41 @@ def test_scheduler_errors():
         AdaptiveSparsityScheduler(1, 2, 3, schedule="exp")
     with pytest.raises(ValueError, match="warmup_steps"):
         AdaptiveSparsityScheduler(1, 2, -1)
+
+
+def test_fvu_loss_matches_numpy():
+    rng = np.random.default_rng(0)
+    x, x_hat = rng.normal(size=(20, 5)), rng.normal(size=(20, 5))
+    want = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    got = fvu_loss(torch.from_numpy(x), torch.from_numpy(x_hat))
+    assert float(got) == pytest.approx(want, rel=1e-12)
+    # a constant batch: the floor keeps the ratio finite
+    c = torch.ones(4, 3, dtype=torch.float64)
+    assert torch.isfinite(fvu_loss(c, c + 1))
+
+
+def test_auxk_loss_matches_dense_oracle():
+    g = torch.Generator().manual_seed(0)
+    K, d, B, k_aux = 10, 4, 6, 2
+    P = {"W_enc": torch.randn(K, d, generator=g, dtype=torch.float64),
+         "b_enc": torch.randn(K, generator=g, dtype=torch.float64),
+         "W_dec": torch.randn(K, d, generator=g, dtype=torch.float64, requires_grad=True),
+         "b_dec": torch.randn(d, generator=g, dtype=torch.float64)}
+    x = torch.randn(B, d, generator=g, dtype=torch.float64)
+    x_hat = torch.randn(B, d, generator=g, dtype=torch.float64)
+    dead = torch.zeros(K, dtype=torch.bool)
+    dead[[1, 4, 7]] = True
+    pre = (x - P["b_dec"]) @ P["W_enc"].T + P["b_enc"]
+    loss = auxk_loss(x, x_hat, pre, P, dead, k_aux)
+    # oracle: each row's top-2 dead pre-activations, ReLU, decode, FVU of the residual
+    Z = torch.zeros(B, K, dtype=torch.float64)
+    masked = pre.masked_fill(~dead, float("-inf"))
+    vals, idx = masked.topk(k_aux, dim=1)
+    Z.scatter_(1, idx, vals.relu())
+    e = x - x_hat
+    want = ((e - Z @ P["W_dec"]) ** 2).sum() / ((e - e.mean(0)) ** 2).sum()
+    assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-12)
+    loss.backward()
+    live = ~dead
+    assert (P["W_dec"].grad[live] == 0).all() and P["W_dec"].grad[dead].abs().sum() > 0
+    assert float(auxk_loss(x, x_hat, pre, P, torch.zeros(K, dtype=torch.bool), 2)) == 0.0
