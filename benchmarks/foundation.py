@@ -34,7 +34,8 @@ def main(argv=None):
     ).astype(args.dtype)
     X_train, X_test = X[:12000], X[12000:]
     D = (
-        LCASparseCoder(144, alpha=args.alpha, max_iter=2, fit_max_iter=30, random_state=0, device="cpu")
+        LCASparseCoder(144, alpha=args.alpha, max_iter=2, fit_max_iter=30, random_state=0,
+                       device="cpu")
         .fit(X_train)
         .components_.astype(args.dtype)
     )

@@ -12,8 +12,10 @@ from sklearn.utils.validation import validate_data
 
 from ._backend import numpy_dtype
 
-__all__ = ["DEVICE_CONSTRAINT", "FeatureProbe", "check_dictionary", "check_input",
-           "check_n_features", "feature_probe", "shape_error"]
+__all__ = ["DEVICE_CONSTRAINT", "SHUFFLE_CONSTRAINT", "FeatureProbe", "check_dictionary",
+           "check_input", "check_n_features", "feature_probe", "shape_error"]
+
+SHUFFLE_CONSTRAINT = ["boolean", StrOptions({"blocks"})]
 
 DEVICE_CONSTRAINT = [StrOptions({"auto", "cpu", "cuda", "mps"}), str, torch.device, None]
 

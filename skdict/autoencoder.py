@@ -25,14 +25,14 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._backend import make_generator, numpy_dtype, torch_dtype
-from ._validation import DEVICE_CONSTRAINT
+from ._validation import DEVICE_CONSTRAINT, SHUFFLE_CONSTRAINT
 from .base import SparseCodingMixin
-from .data.sources import as_source
 from .encoders import encoder_options, get_encoder
 from .encoders.base import preactivations
 from .encoders.saelens import read_saelens, write_saelens
 from .losses import AdaptiveSparsityScheduler, auxk_loss, batch_variance, fvu_loss
-from .training import Trainer, TrainState, make_optimizer
+from .training import TrainState, make_optimizer
+from .training.estimator import TrainedEstimatorMixin
 from .training.optim import OPTIMIZERS
 from .training.state import to_portable
 from .updates.atoms import dead_atoms, init_atoms, project_unit_norm, update_since_used
@@ -231,7 +231,7 @@ class _SAELearner:
         return int(k_aux) if k_aux is not None else max(1, x.shape[1] // 2)
 
 
-class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
+class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator):
     """Sparse autoencoder (TopK, BatchTopK, JumpReLU, Matryoshka, ReLU + L1 / KL,
     lifetime sparsity) with a scikit-learn API and sparse kernels.
 
@@ -312,6 +312,12 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
         ``max_iter`` passes.
     max_iter : int, default=10
         Passes over the data when ``n_steps`` is None.
+    shuffle : bool or "blocks", default=True
+        Batch order: True draws a permutation of the rows each pass,
+        ``"blocks"`` visits contiguous blocks of ``batch_size`` rows in random
+        order with rows permuted within each (contiguous reads of a memory map
+        larger than memory), False keeps the row order. The same seed gives the
+        same batches for every kind of input array.
     optimizer : {"adam", "sgd"}, default="adam"
         ``torch.optim`` Adam (fused where torch offers it) or SGD.
     normalize_input : bool, default=True
@@ -394,6 +400,7 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "n_steps": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
+        "shuffle": SHUFFLE_CONSTRAINT,
         "optimizer": [StrOptions(set(OPTIMIZERS))],
         "normalize_input": ["boolean"],
         "b_dec_init": [StrOptions({"mean", "geometric_median", "zeros"})],
@@ -424,6 +431,7 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
         batch_size=4096,
         n_steps=None,
         max_iter=10,
+        shuffle=True,
         optimizer="adam",
         normalize_input=True,
         b_dec_init="mean",
@@ -450,6 +458,7 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
         self.batch_size = batch_size
         self.n_steps = n_steps
         self.max_iter = max_iter
+        self.shuffle = shuffle
         self.optimizer = optimizer
         self.normalize_input = normalize_input
         self.b_dec_init = b_dec_init
@@ -483,17 +492,15 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
         X : {array-like, sparse matrix, np.memmap, torch.Tensor} or iterable
             Training rows of shape (n_samples, n_features), or an iterable of
             such 2-D batches (a generator, a DataLoader, a list of arrays). A
-            ``np.memmap`` is read batch by batch (contiguous blocks in shuffled
-            order) and never loaded whole; a torch tensor stays on its device.
+            ``np.memmap`` is read batch by batch and never loaded whole (see
+            ``shuffle``); a torch tensor stays on its device.
         y : Ignored
 
         Returns
         -------
         self
         """
-        self._check_params()
-        self._train(X, fresh=True)
-        return self
+        return self._train(X, first=True, single_pass=False)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y=None):
@@ -514,45 +521,23 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
         -------
         self
         """
-        self._check_params()
-        self._train(X, fresh=not hasattr(self, "components_"), single_pass=True)
-        return self
+        return self._train(X, first=not hasattr(self, "components_"), single_pass=True)
 
-    def _train(self, X, *, fresh, single_pass=False):
-        device = self._device()
-        dtype = np.dtype(self.dtype) if self.dtype is not None else None
-        if not fresh:
-            dtype = self.components_.dtype if dtype is None else dtype
-        src = as_source(X, estimator=self, reset=fresh, dtype=dtype)
-        td = torch_dtype(src.dtype)
-        variant = self._variant()
-        learner = _SAELearner(self, variant, device, td)
-        if fresh:
-            state = None
-            generator = make_generator(self.random_state, "cpu")
-        else:
-            state = self._resume_state(variant, device, td)
-            generator = state.generator
-        trainer = Trainer(
-            max_iter=1 if single_pass else self.max_iter,
-            n_steps=None if single_pass else self.n_steps,
-            callbacks=self.callbacks,
-            verbose=self.verbose,
-            desc=type(self).__name__,
-            batch_size=int(self.batch_size),
-            shuffle="blocks" if isinstance(X, np.memmap) else True,
-        )
-        result = trainer.run(learner, src, state=state, generator=generator, device=device,
-                             dtype=td)
-        state = result.state
-        learner.finish(state)
-        self._commit(state, variant, n_epochs=result.n_epochs, single_pass=single_pass,
-                     fresh=fresh)
+    # ------------------------------------------------------------------ training
+    def _train_dtype(self, first):
+        if self.dtype is not None:
+            return np.dtype(self.dtype)
+        return None if first else self.components_.dtype
+
+    def _make_learner(self, source, device, first):
+        return _SAELearner(self, self._variant(), device, torch_dtype(source.dtype))
 
     # ------------------------------------------------------------------ state
-    def _commit(self, state, variant, *, n_epochs, single_pass, fresh):
+    def _commit_state(self, state, learner):
         """Fitted attributes from a finished run's state (nothing is touched
         before the run succeeded)."""
+        learner.finish(state)
+        variant = learner.variant
         P = state.params
         np_dt = numpy_dtype(P["W_dec"].dtype)
         with torch.no_grad():
@@ -571,19 +556,15 @@ class KSparseAutoencoder(SparseCodingMixin, BaseEstimator):
         self.dead_fraction_ = (
             float((self.tokens_since_fired_ >= window).mean()) if window else 0.0
         )
-        self.history_ = state.history_arrays()
-        self.loss_curve_ = np.asarray(state.epoch_loss, dtype=np.float64)
-        self.n_steps_ = int(state.n_steps)
-        prev = 0 if fresh else int(getattr(self, "n_iter_", 0))
-        self.n_iter_ = prev + 1 if single_pass else int(n_epochs)
         # what resuming needs beyond the fitted arrays
         state.params = {k: v for k, v in P.items() if k not in _PARAMS}
         self._resume = {f.name: _export(getattr(state, f.name)) for f in fields(state)
                         if f.name not in ("history", "epoch_loss")}
 
-    def _resume_state(self, variant, device, td):
+    def _resume_state(self, learner, device):
         """The training state of a fitted model: the saved training state when
         there is one, else rebuilt from the fitted arrays (fresh optimizer)."""
+        variant, td = learner.variant, learner.dtype
         # copies: training updates its tensors in place
         P = {key: torch.tensor(np.asarray(getattr(self, attr)), dtype=td, device=device)
              for attr, key in _FITTED_ARRAYS.items() if key in _PARAMS}

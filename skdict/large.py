@@ -39,15 +39,15 @@ import torch
 from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from ._backend import make_generator, torch_dtype
-from ._validation import check_dictionary
+from ._backend import torch_dtype
+from ._validation import SHUFFLE_CONSTRAINT, check_dictionary
 from .base import BaseSparseCoder
 from .data.codes import Codes
-from .data.sources import as_source
 from .solvers.active_lstsq import active_lstsq
 from .solvers.decode import topk_decode
 from .solvers.routing import ClusterIndex, route_approx, route_topk
-from .training import Trainer, TrainState
+from .training import TrainState
+from .training.estimator import TrainedEstimatorMixin
 from .updates import (
     SparseStats,
     dead_atoms,
@@ -155,7 +155,7 @@ class _CollapsedLearner:
         return {"loss": mse}
 
 
-class CollapsedDictionaryLearner(BaseSparseCoder):
+class CollapsedDictionaryLearner(TrainedEstimatorMixin, BaseSparseCoder):
     """Fixed-K sparse dictionary learning for very large dictionaries.
 
     Each row ``x`` is coded with exactly ``n_nonzero_coefs = s`` atoms: the ``s``
@@ -214,9 +214,12 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
     max_cooc_nnz : int, default=None
         Cap on the stored off-diagonal co-occurrence entries (upper triangle);
         None means ``batch_size * s * (s - 1) / 2`` (so ``nnz <= batch_size * s**2``).
-    shuffle : bool, default=True
-        Visit minibatches (contiguous blocks of ``batch_size`` rows) in a random
-        order each epoch; blocks of a memmap are still read contiguously.
+    shuffle : bool or "blocks", default="blocks"
+        Batch order of every pass: ``"blocks"`` visits contiguous blocks of
+        ``batch_size`` rows in random order, rows permuted within each block
+        (a memory map is read contiguously, which the workloads this estimator
+        is for need), True draws a permutation of all rows, False keeps the row
+        order.
     dict_init : array-like of shape (n_components, n_features), default=None
         Initial dictionary (normalised to unit-norm atoms). None draws atoms
         from random rows of the data (a random Gaussian atom where there are
@@ -289,7 +292,7 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
         "index_refresh": [Interval(numbers.Integral, 1, None, closed="left")],
         "dead_window": [Interval(numbers.Integral, 0, None, closed="left"), None],
         "max_cooc_nnz": [Interval(numbers.Integral, 1, None, closed="left"), None],
-        "shuffle": ["boolean"],
+        "shuffle": SHUFFLE_CONSTRAINT,
         "dict_init": ["array-like", torch.Tensor, None],
         "random_state": ["random_state"],
         "callbacks": [list, None],
@@ -315,7 +318,7 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
         index_refresh=20,
         dead_window=None,
         max_cooc_nnz=None,
-        shuffle=True,
+        shuffle="blocks",
         dict_init=None,
         random_state=None,
         device="auto",
@@ -429,46 +432,37 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
         )
 
     # ------------------------------------------------------------------ fitting
-    def _train(self, X, *, first, n_epochs, n_steps):
-        """Shared wiring of fit and partial_fit: source -> state -> Trainer; the
-        fitted attributes are committed only once training returned."""
-        self._check_params()
-        device = self._device()
-        src = as_source(X, estimator=self, reset=first, dtype=np.float32)
-        learner = _CollapsedLearner(self, device)
-        if first:
-            state = learner.init_state(src, make_generator(self.random_state, "cpu"))
-        else:
-            if self.components_.shape[0] != self.n_components:
-                raise ValueError(
-                    f"n_components changed from {self.components_.shape[0]} to "
-                    f"{self.n_components} between partial_fit calls; call fit instead."
-                )
-            state = CollapsedState.from_state_dict(self._train_state, device=device,
-                                                   dtype=torch.float32)
-        trainer = Trainer(max_iter=n_epochs, n_steps=n_steps, tol=self.tol,
-                          callbacks=self.callbacks, verbose=self.verbose,
-                          desc=type(self).__name__, batch_size=self.batch_size,
-                          shuffle="blocks" if self.shuffle else False)
-        result = trainer.run(learner, src, state=state, generator=state.generator)
-        st = result.state
+    # ------------------------------------------------------------------ training
+    _epoch_tol_param = "tol"
+
+    def _train_dtype(self, first):
+        return np.float32  # all heavy state of the fit is float32
+
+    def _make_learner(self, source, device, first):
+        return _CollapsedLearner(self, device)
+
+    def _resume_state(self, learner, device):
+        if self.components_.shape[0] != self.n_components:
+            raise ValueError(
+                f"n_components changed from {self.components_.shape[0]} to "
+                f"{self.n_components} between partial_fit calls; call fit instead."
+            )
+        return CollapsedState.from_state_dict(self._train_state, device=device,
+                                              dtype=torch.float32)
+
+    def _commit_state(self, state, learner):
         if self.routing == "approximate":
-            index = self._build_index(st.D, st.generator)
+            index = self._build_index(state.D, state.generator)
             self.cluster_centers_ = index.centroids.cpu().numpy()
             self.atom_clusters_ = index.labels.cpu().numpy()
         else:
             for attr in ("cluster_centers_", "atom_clusters_"):
                 if hasattr(self, attr):
                     delattr(self, attr)
-        self.components_ = st.D.cpu().numpy()
-        self.n_components_ = st.D.shape[0]
-        self.n_steps_ = st.n_steps
-        self.n_resampled_ = st.n_resampled
-        self.history_ = st.history_arrays()
-        self.loss_curve_ = np.asarray(st.epoch_loss, dtype=np.float64)
-        self._train_state = st.state_dict()
-        self.n_iter_ = result.n_epochs if first else self.n_iter_ + 1
-        return self
+        self.components_ = state.D.cpu().numpy()
+        self.n_components_ = state.D.shape[0]
+        self.n_resampled_ = state.n_resampled
+        self._train_state = state.state_dict()
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
@@ -488,7 +482,7 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
         -------
         self
         """
-        return self._train(X, first=True, n_epochs=self.max_iter, n_steps=self.n_steps)
+        return self._train(X, first=True, single_pass=False)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y=None):
@@ -505,8 +499,7 @@ class CollapsedDictionaryLearner(BaseSparseCoder):
         -------
         self
         """
-        first = not hasattr(self, "_train_state")
-        return self._train(X, first=first, n_epochs=1, n_steps=None)
+        return self._train(X, first=not hasattr(self, "_train_state"), single_pass=True)
 
     # ------------------------------------------------------------------ scoring
     def _score_from(self, sums, n, p):

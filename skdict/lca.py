@@ -5,19 +5,18 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from ._backend import make_generator, torch_dtype
-from ._validation import check_dictionary
+from ._backend import torch_dtype
+from ._validation import SHUFFLE_CONSTRAINT, check_dictionary
 from .base import BaseSparseCoder
-from .data.sources import as_source
 from .functional import BlockEncoder, encode_block
 from .operators import DenseOperator
 from .solvers.registry import solver_names
-from .training import Trainer, TrainState
+from .training import TrainState
+from .training.estimator import TrainedEstimatorMixin
 from .updates import (
     OnlineStats,
     bcd_update,
@@ -115,7 +114,7 @@ class _LCALearner:
         return {"loss": loss, "n_iter": float(res.n_iter)}
 
 
-class LCASparseCoder(BaseSparseCoder):
+class LCASparseCoder(TrainedEstimatorMixin, BaseSparseCoder):
     """Sparse coding with a learned dictionary and LCA inference.
 
     ``fit`` alternates, over minibatches, LCA inference of the codes (Rozell et
@@ -185,8 +184,12 @@ class LCASparseCoder(BaseSparseCoder):
     dead_window : int, default=10000
         Atoms with no non-zero code over the last ``dead_window`` rows are
         re-initialised; 0 disables resampling.
-    shuffle : bool, default=True
-        Shuffle rows at each epoch.
+    shuffle : bool or "blocks", default=True
+        Batch order of every pass (``fit`` and ``partial_fit``): True draws a
+        permutation of the rows, ``"blocks"`` visits contiguous blocks of
+        ``batch_size`` rows in random order (contiguous reads of a memory map),
+        False keeps the row order. The same seed gives the same batches for every
+        kind of input array.
     random_state : int, RandomState or None, default=None
     device : str or torch.device, default="auto"
     callbacks : list of callable, default=None
@@ -250,7 +253,7 @@ class LCASparseCoder(BaseSparseCoder):
         "learning_rate": [Interval(numbers.Real, 0, None, closed="neither")],
         "forget_window": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "dead_window": [Interval(numbers.Integral, 0, None, closed="left")],
-        "shuffle": ["boolean"],
+        "shuffle": SHUFFLE_CONSTRAINT,
         "random_state": ["random_state"],
         "callbacks": [list, None],
         "verbose": ["verbose"],
@@ -326,41 +329,31 @@ class LCASparseCoder(BaseSparseCoder):
             )
 
     # ------------------------------------------------------------------ training
-    def _train(self, X, *, first, n_epochs, n_steps, shuffle):
-        """Shared wiring of fit and partial_fit: source -> state -> Trainer; the
-        fitted attributes are committed only once training returned."""
-        self._check_params()
-        device = self._device()
+    # ------------------------------------------------------------------ training
+    def _train_dtype(self, first):
+        return None if first else self.components_.dtype
+
+    def _make_learner(self, source, device, first):
         if first:
-            src = as_source(X, estimator=self, reset=True)
-            K = self.n_components if self.n_components is not None else src.n_features
-            learner = _LCALearner(self, K, device, src.dtype)
-            state = learner.init_state(src, make_generator(self.random_state, "cpu"))
+            K = self.n_components if self.n_components is not None else source.n_features
         else:
             K = self.components_.shape[0]
-            if self.n_components is not None and self.n_components != K:
-                raise ValueError(
-                    f"n_components changed from {K} to {self.n_components} between "
-                    "partial_fit calls; call fit instead."
-                )
-            dtype = self.components_.dtype
-            src = as_source(X, estimator=self, reset=False, dtype=dtype)
-            learner = _LCALearner(self, K, device, dtype)
-            state = LCAState.from_state_dict(self._train_state, device=device,
-                                             dtype=torch_dtype(dtype))
-        trainer = Trainer(max_iter=n_epochs, n_steps=n_steps, callbacks=self.callbacks,
-                          verbose=self.verbose, desc=type(self).__name__,
-                          batch_size=self.batch_size, shuffle=shuffle)
-        result = trainer.run(learner, src, state=state, generator=state.generator)
-        st = result.state
-        self.components_ = st.D.detach().cpu().numpy()
-        self.n_steps_ = st.n_steps
-        self.n_resampled_ = st.n_resampled
-        self.history_ = st.history_arrays()
-        self.loss_curve_ = np.asarray(st.epoch_loss, dtype=np.float64)
-        self._train_state = st.state_dict()
-        self.n_iter_ = result.n_epochs if first else self.n_iter_ + 1
-        return self
+        return _LCALearner(self, K, device, source.dtype)
+
+    def _resume_state(self, learner, device):
+        K = self.components_.shape[0]
+        if self.n_components is not None and self.n_components != K:
+            raise ValueError(
+                f"n_components changed from {K} to {self.n_components} between "
+                "partial_fit calls; call fit instead."
+            )
+        return LCAState.from_state_dict(self._train_state, device=device,
+                                        dtype=torch_dtype(learner.dtype))
+
+    def _commit_state(self, state, learner):
+        self.components_ = state.D.detach().cpu().numpy()
+        self.n_resampled_ = state.n_resampled
+        self._train_state = state.state_dict()
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
@@ -376,13 +369,12 @@ or an iterable of such minibatches
         -------
         self
         """
-        return self._train(X, first=True, n_epochs=self.max_iter, n_steps=self.n_steps,
-                           shuffle=self.shuffle)
+        return self._train(X, first=True, single_pass=False)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y=None):
-        """Update the dictionary with one pass over ``X`` in minibatches, in row
-        order (the caller orders a stream).
+        """Update the dictionary with one pass over ``X`` in minibatches (shuffled
+        as in ``fit`` when ``shuffle`` is set; a stream is read in its order).
 
         On failure (invalid input, a non-finite batch) the previous fitted state
         is left unchanged.
@@ -397,8 +389,7 @@ or an iterable of such minibatches
         -------
         self
         """
-        first = not hasattr(self, "_train_state")
-        return self._train(X, first=first, n_epochs=1, n_steps=None, shuffle=False)
+        return self._train(X, first=not hasattr(self, "_train_state"), single_pass=True)
 
     # ------------------------------------------------------------------ transform
     def _transform_state(self, device, dtype):

@@ -188,8 +188,11 @@ class ArraySource(RowSource):
 
     def sample(self, n, *, generator, device, dtype=None):
         m = min(int(n), self.n_samples)
-        idx = torch.randperm(self.n_samples, generator=generator)[:m].sort().values
-        return self._rows(idx if self.is_torch else idx.numpy(), device, self._tdtype(dtype))
+        # numpy's sort: torch's CPU sort of tens of thousands of indices is slow
+        # when the cores are busy, and this runs at every fit's start
+        idx = np.sort(torch.randperm(self.n_samples, generator=generator)[:m].numpy())
+        return self._rows(torch.from_numpy(idx) if self.is_torch else idx, device,
+                          self._tdtype(dtype))
 
 
 class StreamSource(RowSource):

@@ -1,0 +1,68 @@
+"""``fit`` / ``partial_fit`` wiring shared by every Trainer-trained estimator."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._backend import make_generator
+from ..data.sources import as_source
+from .trainer import Trainer
+
+__all__ = ["TrainedEstimatorMixin"]
+
+
+class TrainedEstimatorMixin:
+    """Source -> learner -> :class:`~skdict.training.Trainer` -> fitted attributes.
+
+    An estimator provides:
+
+    * ``_train_dtype(first)``: the compute dtype (None: the input's);
+    * ``_make_learner(source, device, first)``: the learner for this call (with a
+      ``dtype`` attribute);
+    * ``_resume_state(learner, device)``: the training state of the fitted model
+      (``partial_fit`` after ``fit``, ``load`` or unpickling), rebuilt from its
+      portable copy, raising ``ValueError`` when the parameters no longer match it;
+    * ``_commit_state(state, learner)``: its own fitted attributes from a finished
+      run.
+
+    and the parameters ``max_iter``, ``n_steps``, ``batch_size``, ``shuffle``,
+    ``callbacks``, ``verbose`` and ``random_state``. The mixin sets
+    ``n_steps_``, ``n_iter_``, ``history_`` and ``loss_curve_``. Nothing is
+    assigned before the run has returned, so a failing call leaves the fitted
+    state as it was.
+    """
+
+    _epoch_tol_param = None  # name of the parameter that stops on the epoch loss, if any
+
+    def _train(self, X, *, first, single_pass):
+        self._check_params()
+        device = self._device()
+        src = as_source(X, estimator=self, reset=first, dtype=self._train_dtype(first))
+        learner = self._make_learner(src, device, first)
+        if first:
+            state, generator = None, make_generator(self.random_state, "cpu")
+        else:
+            state = self._resume_state(learner, device)
+            generator = state.generator
+        tol = getattr(self, self._epoch_tol_param) if self._epoch_tol_param else 0.0
+        trainer = Trainer(
+            max_iter=1 if single_pass else self.max_iter,
+            n_steps=None if single_pass else self.n_steps,
+            tol=tol,
+            callbacks=self.callbacks,
+            verbose=self.verbose,
+            desc=type(self).__name__,
+            batch_size=int(self.batch_size),
+            shuffle=self.shuffle,
+        )
+        result = trainer.run(learner, src, state=state, generator=generator, device=device,
+                             dtype=learner.dtype)
+        state = result.state
+        history = state.history_arrays()
+        self._commit_state(state, learner)
+        self.history_ = history
+        self.loss_curve_ = np.asarray(state.epoch_loss, dtype=np.float64)
+        self.n_steps_ = int(state.n_steps)
+        prev = 0 if first else int(getattr(self, "n_iter_", 0))
+        self.n_iter_ = prev + 1 if single_pass else int(result.n_epochs)
+        return self
