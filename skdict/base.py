@@ -29,10 +29,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._backend import default_batch_size, numpy_dtype, resolve_device, torch_dtype
 from ._validation import DEVICE_CONSTRAINT as _DEVICE_CONSTRAINT
-from ._validation import check_input, check_n_features  # noqa: F401
 from ._validation import is_torch as _is_torch
-from ._validation import shape_error as _shape_error  # noqa: F401
-from .data.codes import Codes, CSRBuilder, as_codes, make_csr  # noqa: F401
+from .data.codes import CSRBuilder, as_codes
 from .data.sources import as_source
 from .solvers.decode import sparse_decode, topk_decode
 
@@ -40,34 +38,10 @@ __all__ = [
     "BATCH_SUMS",
     "SparseCodingMixin",
     "BaseSparseCoder",
-    "CSRBuilder",
-    "check_input",
-    "make_csr",
     "lasso_information_criterion",
     "batch_sums",
     "decode_codes",
 ]
-
-def n_samples_of(X):
-    return int(X.shape[0])
-
-
-def iter_batches(X, batch_size, device, dtype):
-    """``(start, stop, Xb)`` over an already validated array (callers being moved
-    to :class:`~skdict.data.sources.RowSource`)."""
-    n = n_samples_of(X)
-    tdtype = torch_dtype(dtype)
-    batch_size = max(1, int(batch_size))
-    for start in range(0, n, batch_size):
-        stop = min(n, start + batch_size)
-        if _is_torch(X):
-            Xb = X[start:stop].to(device=device, dtype=tdtype)
-        elif sp.issparse(X):
-            Xb = torch.from_numpy(X[start:stop].toarray().astype(dtype, copy=False)).to(device)
-        else:
-            Xb = torch.from_numpy(np.ascontiguousarray(X[start:stop], dtype=dtype)).to(device)
-        yield start, stop, Xb
-
 
 # --------------------------------------------------------------------------------------
 # Estimator mixin
