@@ -53,6 +53,7 @@ def check_input(estimator, X, *, reset, dtype_default=np.float64):
     """
     name = type(estimator).__name__
     if is_torch(X):
+        X = X.detach()  # codes and statistics never carry the caller's autograd graph
         if X.ndim != 2:
             raise shape_error(X.ndim, X.shape, name)
         if X.shape[0] < 1:

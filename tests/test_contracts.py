@@ -115,3 +115,62 @@ def test_partial_fit_continues_training(name, X):
     n_batches = -(-len(X) // 32)
     assert est.n_steps_ == 2 * n_batches
     assert not np.allclose(est.components_, first)
+
+
+def _fitted_state(est):
+    """Every fitted attribute and the training state, pickled for comparison."""
+    import pickle
+
+    return {k: pickle.dumps(v) for k, v in vars(est).items()
+            if k.endswith("_") or k in ("_train_state", "_resume")}
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_failed_fit_mid_stream_keeps_the_previous_model(name, X, rng):
+    # validating the new X recorded its feature count before the stream failed
+    est = FACTORIES[name]().fit(X)
+    before = _fitted_state(est)
+    X5 = rng.standard_normal((64, 5)).astype(np.float32)
+    with pytest.raises(ValueError, match="features"):
+        est.fit(iter([X5[:32], X5[32:, :3]]))
+    assert _fitted_state(est) == before
+    assert est.transform(X).shape == (len(X), est.components_.shape[0])
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_callback_raising_keeps_the_previous_model(name, X):
+    est = FACTORIES[name]().fit(X)
+    before = _fitted_state(est)
+
+    def boom(metrics):
+        if metrics["step"] >= 2:
+            raise RuntimeError("boom")
+
+    est.set_params(callbacks=[boom])
+    for method in (est.partial_fit, est.fit):
+        with pytest.raises(RuntimeError, match="boom"):
+            method(X)
+        assert _fitted_state(est) == before
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_failed_first_partial_fit_leaves_the_estimator_unfitted(name, X):
+    from sklearn.exceptions import NotFittedError
+
+    est = FACTORIES[name]()
+    with pytest.raises(ValueError, match="features"):
+        est.partial_fit([X[:32], X[32:64, :5]])
+    assert not hasattr(est, "n_features_in_")
+    with pytest.raises(NotFittedError):
+        est.transform(X)
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_tensor_requiring_grad_is_accepted(name, X):
+    Xt = torch.from_numpy(X.copy()).requires_grad_(True)
+    est = FACTORIES[name]().fit(Xt)
+    ref = FACTORIES[name]().fit(X)
+    np.testing.assert_allclose(est.components_, ref.components_, rtol=1e-5, atol=1e-6)
+    assert est.transform(Xt).shape == (len(X), ref.components_.shape[0])
+    assert np.isfinite(est.score(Xt))
+    est.partial_fit([Xt[:32], Xt[32:]])

@@ -146,6 +146,13 @@ def test_is_stream():
     assert not is_stream(sp.csr_matrix(X))
 
 
+def test_a_1d_batch_in_a_list_is_a_shape_error(rng):
+    X = rng.standard_normal((10, 4))
+    src = as_source([X[:5], X[5]], estimator=_Est(), reset=True)
+    with pytest.raises(ValueError, match="got a 1-D array of shape \\(4,\\)"):
+        list(src.batches(4, device="cpu"))
+
+
 def test_streams_yield_their_blocks_split_to_batch_size(rng):
     blocks = [rng.standard_normal((n, 4)) for n in (5, 12, 0, 3)]
     est = _Est()

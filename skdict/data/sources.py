@@ -45,7 +45,7 @@ def is_stream(X) -> bool:
     if hasattr(X, "__array__") or hasattr(X, "shape"):
         return False
     if isinstance(X, (list, tuple)):
-        return len(X) > 0 and all(_is_block(b) for b in X)
+        return len(X) > 0 and _is_block(X[0])
     return isinstance(X, Iterable)
 
 
@@ -73,7 +73,7 @@ def _nonfinite_error(name):
 def _to_tensor(block, device, tdtype):
     """A numpy / scipy / torch block as a dense tensor on ``device``."""
     if isinstance(block, torch.Tensor):
-        return block.to(device=device, dtype=tdtype)
+        return block.detach().to(device=device, dtype=tdtype)
     if sp.issparse(block):
         block = block.toarray()
     arr = np.ascontiguousarray(block, dtype=numpy_dtype(tdtype))

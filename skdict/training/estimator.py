@@ -10,6 +10,8 @@ from .trainer import Trainer
 
 __all__ = ["TrainedEstimatorMixin"]
 
+_INPUT_ATTRS = ("n_features_in_", "feature_names_in_")
+
 
 class TrainedEstimatorMixin:
     """Source -> learner -> :class:`~skdict.training.Trainer` -> fitted attributes.
@@ -35,6 +37,20 @@ class TrainedEstimatorMixin:
     _epoch_tol_param = None  # name of the parameter that stops on the epoch loss, if any
 
     def _train(self, X, *, first, single_pass):
+        # validating X records n_features_in_ / feature_names_in_ on the estimator
+        # before any batch is read: put them back if the call fails
+        saved = {a: self.__dict__[a] for a in _INPUT_ATTRS if a in self.__dict__}
+        try:
+            return self._run(X, first=first, single_pass=single_pass)
+        except BaseException:
+            for a in _INPUT_ATTRS:
+                if a in saved:
+                    self.__dict__[a] = saved[a]
+                else:
+                    self.__dict__.pop(a, None)
+            raise
+
+    def _run(self, X, *, first, single_pass):
         self._check_params()
         device = self._device()
         src = as_source(X, estimator=self, reset=first, dtype=self._train_dtype(first))
