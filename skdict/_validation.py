@@ -3,6 +3,8 @@ parameter-constraint fragments every estimator shares."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -13,7 +15,10 @@ from sklearn.utils.validation import validate_data
 from ._backend import numpy_dtype
 
 __all__ = ["DEVICE_CONSTRAINT", "SHUFFLE_CONSTRAINT", "FeatureProbe", "check_dictionary",
-           "check_input", "check_n_features", "feature_probe", "shape_error"]
+           "check_input", "check_n_features", "feature_probe", "restore_input_attrs_on_error",
+           "shape_error"]
+
+_INPUT_ATTRS = ("n_features_in_", "feature_names_in_")
 
 SHUFFLE_CONSTRAINT = ["boolean", StrOptions({"blocks"})]
 
@@ -102,6 +107,23 @@ def check_input(estimator, X, *, reset, dtype_default=np.float64):
         X = sp.csr_matrix(X)
         X.sort_indices()
     return X, X.dtype
+
+
+@contextmanager
+def restore_input_attrs_on_error(estimator):
+    """Validating ``X`` with ``reset=True`` records ``n_features_in_`` /
+    ``feature_names_in_`` before the rest of ``fit`` runs; if the call then
+    fails, put them back so the previous fitted state stays consistent."""
+    saved = {a: estimator.__dict__[a] for a in _INPUT_ATTRS if a in estimator.__dict__}
+    try:
+        yield
+    except BaseException:
+        for a in _INPUT_ATTRS:
+            if a in saved:
+                estimator.__dict__[a] = saved[a]
+            else:
+                estimator.__dict__.pop(a, None)
+        raise
 
 
 def check_n_features(estimator, n_features):

@@ -7,8 +7,9 @@ import numbers
 import torch
 from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import _check_feature_names
 
-from ._validation import check_dictionary
+from ._validation import check_dictionary, restore_input_attrs_on_error
 from .base import BaseSparseCoder
 from .functional import BlockEncoder
 from .solvers.registry import get_solver, solver_names
@@ -162,7 +163,10 @@ class SparseCoder(BaseSparseCoder):
         self
         """
         self._check_ready()
-        self._source(X)  # validates X (shape, finiteness, feature count)
+        with restore_input_attrs_on_error(self):
+            # the feature count is the dictionary's; the names are the data's
+            _check_feature_names(self, X, reset=True)
+            self._source(X)  # validates X (shape, finiteness, feature count)
         return self
 
     def _transform_state(self, device, dtype):

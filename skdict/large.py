@@ -442,11 +442,6 @@ class CollapsedDictionaryLearner(TrainedEstimatorMixin, BaseSparseCoder):
         return _CollapsedLearner(self, device)
 
     def _resume_state(self, learner, device):
-        if self.components_.shape[0] != self.n_components:
-            raise ValueError(
-                f"n_components changed from {self.components_.shape[0]} to "
-                f"{self.n_components} between partial_fit calls; call fit instead."
-            )
         return CollapsedState.from_state_dict(self._train_state, device=device,
                                               dtype=torch.float32)
 

@@ -341,12 +341,6 @@ class LCASparseCoder(TrainedEstimatorMixin, BaseSparseCoder):
         return _LCALearner(self, K, device, source.dtype)
 
     def _resume_state(self, learner, device):
-        K = self.components_.shape[0]
-        if self.n_components is not None and self.n_components != K:
-            raise ValueError(
-                f"n_components changed from {K} to {self.n_components} between "
-                "partial_fit calls; call fit instead."
-            )
         return LCAState.from_state_dict(self._train_state, device=device,
                                         dtype=torch_dtype(learner.dtype))
 

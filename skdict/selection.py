@@ -25,6 +25,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._backend import default_batch_size, torch_dtype
+from ._validation import restore_input_attrs_on_error
 from .base import BaseSparseCoder, SparseCodingMixin
 from .data.codes import Codes
 from .data.sources import as_source
@@ -218,6 +219,10 @@ class SparseTokenSelector(SparseCodingMixin, BaseEstimator):
         self
         """
         self._device()
+        with restore_input_attrs_on_error(self):
+            return self._fit(X, values)
+
+    def _fit(self, X, values):
         src = as_source(X, estimator=self, reset=True, allow_stream=False)
         X, dtype = src.X, src.dtype
         if isinstance(X, torch.Tensor):

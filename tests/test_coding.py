@@ -239,3 +239,24 @@ def test_cuda_matches_cpu_and_pickles_to_cpu(problem):
     clone = pickle.loads(pickle.dumps(coder))
     clone.set_params(device="cpu")
     np.testing.assert_allclose(clone.transform(X).toarray(), cpu, atol=1e-12)
+
+
+def test_fit_on_a_dataframe_keeps_and_checks_feature_names():
+    import warnings
+
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(0)
+    D = rng.standard_normal((6, 4))
+    df = pd.DataFrame(rng.standard_normal((5, 4)), columns=list("abcd"))
+    coder = SparseCoder(D, alpha=0.1, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "X has feature names, but ... fitted without"
+        coder.fit(df)
+        coder.transform(df)
+    np.testing.assert_array_equal(coder.feature_names_in_, list("abcd"))
+    with pytest.raises(ValueError, match="feature names should match"):
+        coder.transform(df.rename(columns={"a": "z"}))
+    with pytest.raises(ValueError, match="3 features"):
+        coder.fit(df.iloc[:, :3])
+    np.testing.assert_array_equal(coder.feature_names_in_, list("abcd"))
+    assert not hasattr(coder.fit(df.to_numpy()), "feature_names_in_")

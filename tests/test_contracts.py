@@ -174,3 +174,13 @@ def test_tensor_requiring_grad_is_accepted(name, X):
     assert est.transform(Xt).shape == (len(X), ref.components_.shape[0])
     assert np.isfinite(est.score(Xt))
     est.partial_fit([Xt[:32], Xt[32:]])
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_partial_fit_refuses_a_changed_n_components(name, X):
+    est = FACTORIES[name]().fit(X)
+    before = _fitted_state(est)
+    est.set_params(n_components=est.components_.shape[0] + 2)
+    with pytest.raises(ValueError, match="n_components changed.*call fit"):
+        est.partial_fit(X)
+    assert _fitted_state(est) == before

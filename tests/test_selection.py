@@ -248,3 +248,13 @@ def test_metrics_against_definitions():
         attention_mass_captured(W[:, :5], S)
     with pytest.raises(ValueError, match="k must be"):
         recall_at_k(W, S, 0)
+
+
+def test_failed_refit_keeps_the_previous_tokens_and_feature_count():
+    rng = np.random.default_rng(0)
+    tokens = rng.standard_normal((20, 6))
+    sel = SparseTokenSelector(method="topk", max_tokens=3, device="cpu").fit(tokens)
+    with pytest.raises(ValueError, match="values must have shape"):
+        sel.fit(rng.standard_normal((10, 4)), values=np.zeros((3, 2)))
+    assert sel.n_features_in_ == 6 and sel.tokens_.shape == (20, 6)
+    assert sel.transform(tokens[:2]).shape == (2, 20)

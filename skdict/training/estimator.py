@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from .._backend import make_generator
+from .._validation import restore_input_attrs_on_error
 from ..data.sources import as_source
 from .trainer import Trainer
 
 __all__ = ["TrainedEstimatorMixin"]
-
-_INPUT_ATTRS = ("n_features_in_", "feature_names_in_")
 
 
 class TrainedEstimatorMixin:
@@ -36,22 +35,24 @@ class TrainedEstimatorMixin:
 
     _epoch_tol_param = None  # name of the parameter that stops on the epoch loss, if any
 
+    def _check_resumable(self):
+        """``partial_fit`` continues the fitted model: its size cannot change."""
+        K = self.components_.shape[0]
+        n_components = getattr(self, "n_components", None)
+        if n_components is not None and n_components != K:
+            raise ValueError(
+                f"n_components changed from {K} to {n_components} since the model was "
+                "fitted; partial_fit continues that model: call fit to train a new one."
+            )
+
     def _train(self, X, *, first, single_pass):
-        # validating X records n_features_in_ / feature_names_in_ on the estimator
-        # before any batch is read: put them back if the call fails
-        saved = {a: self.__dict__[a] for a in _INPUT_ATTRS if a in self.__dict__}
-        try:
+        with restore_input_attrs_on_error(self):
             return self._run(X, first=first, single_pass=single_pass)
-        except BaseException:
-            for a in _INPUT_ATTRS:
-                if a in saved:
-                    self.__dict__[a] = saved[a]
-                else:
-                    self.__dict__.pop(a, None)
-            raise
 
     def _run(self, X, *, first, single_pass):
         self._check_params()
+        if not first:
+            self._check_resumable()
         device = self._device()
         src = as_source(X, estimator=self, reset=first, dtype=self._train_dtype(first))
         learner = self._make_learner(src, device, first)
