@@ -119,8 +119,24 @@ def test_state_dict_round_trip_resumes_exactly(src):
 def test_one_pass_stream_is_read_once(rng):
     blocks = [rng.standard_normal((10, 2)) for _ in range(3)]
     src = as_source((b for b in blocks), estimator=_Est(), reset=True)
-    res = Trainer(max_iter=5, batch_size=4).run(MeanLearner(), src)
+    with pytest.warns(UserWarning, match="ran out after 9 steps \\(max_iter=5"):
+        res = Trainer(max_iter=5, batch_size=4).run(MeanLearner(), src)
     assert res.n_epochs == 1 and res.n_steps == 9 and res.stopped == "exhausted"
+    src = as_source((b for b in blocks), estimator=_Est(), reset=True)
+    with pytest.warns(UserWarning, match="ran out after 9 steps \\(n_steps=50"):
+        res = Trainer(n_steps=50, batch_size=4).run(MeanLearner(), src)
+    assert res.n_steps == 9
+
+
+def test_one_pass_stream_read_once_as_asked_does_not_warn(rng):
+    import warnings
+
+    blocks = [rng.standard_normal((10, 2)) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for trainer in (Trainer(max_iter=1, batch_size=4), Trainer(n_steps=5, batch_size=4)):
+            src = as_source((b for b in blocks), estimator=_Est(), reset=True)
+            trainer.run(MeanLearner(), src)
 
 
 def test_non_finite_loss_is_a_clear_error(rng):

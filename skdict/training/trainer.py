@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -183,6 +184,17 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+        if one_pass and stopped in ("exhausted", "max_iter"):
+            wanted = (f"n_steps={self.n_steps}" if self.n_steps is not None and steps < self.n_steps
+                      else f"max_iter={self.max_iter}" if self.n_steps is None
+                      and self.max_iter > 1 else None)
+            if wanted is not None:
+                warnings.warn(
+                    f"The one-pass iterator ran out after {steps} steps ({wanted} was asked "
+                    "for): a generator can be read only once. Pass a list of batches or a "
+                    "re-iterable (e.g. a DataLoader) to train longer.",
+                    UserWarning, stacklevel=3,
+                )
         for k in state.history:
             state.history[k] = _floats(state.history[k])
         return TrainResult(state=state, n_epochs=epochs, n_steps=steps, stopped=stopped)
