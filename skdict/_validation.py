@@ -57,6 +57,8 @@ def check_input(estimator, X, *, reset, dtype_default=np.float64):
     is the numpy floating dtype of the computation (float32 or float64).
     """
     name = type(estimator).__name__
+    if is_torch(X) and X.layout != torch.strided:
+        X = _torch_sparse_to_csr(X, name)  # then validated like a scipy matrix
     if is_torch(X):
         X = X.detach()  # codes and statistics never carry the caller's autograd graph
         if X.ndim != 2:
@@ -124,6 +126,17 @@ def restore_input_attrs_on_error(estimator):
             else:
                 estimator.__dict__.pop(a, None)
         raise
+
+
+def _torch_sparse_to_csr(X, name):
+    """A torch sparse tensor (COO, CSR, ...) as a scipy CSR matrix on the host."""
+    if X.ndim != 2:
+        raise shape_error(X.ndim, X.shape, name)
+    X = X.detach().cpu().to_sparse_csr()
+    return sp.csr_matrix(
+        (X.values().numpy(), X.col_indices().numpy(), X.crow_indices().numpy()),
+        shape=tuple(X.shape),
+    )
 
 
 def check_n_features(estimator, n_features):

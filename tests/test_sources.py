@@ -27,6 +27,9 @@ def _kinds(X, tmp_path):
         "csr": sp.csr_matrix(X),
         "csc": sp.csc_matrix(X),
         "torch": torch.from_numpy(X.copy()),
+        "torch_coo": torch.from_numpy(X.copy()).to_sparse(),
+        "torch_csr": torch.from_numpy(X.copy()).to_sparse_csr(),
+        "torch_requires_grad": torch.from_numpy(X.copy()).requires_grad_(True),
         "list": X.tolist(),
     }
 
@@ -214,3 +217,13 @@ def test_ordered_covers_rows_in_order(rng):
     src = as_source(sp.csr_matrix(X), estimator=_Est(), reset=True)
     spans = [(a, b) for a, b, _ in src.ordered(4, device="cpu")]
     assert spans == [(0, 4), (4, 8), (8, 11)]
+
+
+def test_empty_batches_of_a_stream_are_skipped_even_first(rng):
+    X = rng.standard_normal((7, 3))
+    src = as_source(iter([X[:0], X[:4], X[4:4], X[4:]]), estimator=_Est(), reset=True)
+    assert src.n_features == 3
+    got = torch.cat(list(src.batches(3, device="cpu"))).numpy()
+    np.testing.assert_array_equal(got, X)
+    with pytest.raises(ValueError, match="empty"):
+        as_source(iter([X[:0], X[:0]]), estimator=_Est(), reset=True)

@@ -55,6 +55,13 @@ def _is_block(b):
     return sp.issparse(b) or getattr(b, "ndim", None) == 2
 
 
+def _n_rows(block):
+    if isinstance(block, (list, tuple)) and len(block) > 0 and isinstance(block[0], torch.Tensor):
+        block = block[0]
+    shape = getattr(block, "shape", None)
+    return int(shape[0]) if shape is not None and len(shape) > 0 else len(block)
+
+
 def _resolve_dtype(dtype, data_dtype):
     if dtype is None:
         return numpy_dtype(data_dtype)
@@ -207,6 +214,8 @@ class StreamSource(RowSource):
         self.reiterable = not isinstance(X, Iterator)
         it = iter(X)
         first = next(it, None)
+        while first is not None and _n_rows(first) == 0:  # empty batches are skipped
+            first = next(it, None)
         if first is None:
             raise ValueError(
                 f"The iterable of batches given to {self._name} is empty; pass at least "
