@@ -368,7 +368,12 @@ class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator
         Training steps taken over all calls.
     n_iter_ : int
         Passes over the data of the last ``fit`` (``partial_fit`` adds 1).
+    n_components_ : int
+        Number of latents of the fitted model.
     n_features_in_ : int
+        Number of features seen during ``fit``.
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Column names of ``X`` when it had string column names (a DataFrame).
 
     Examples
     --------

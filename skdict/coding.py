@@ -64,7 +64,11 @@ class SparseCoder(BaseSparseCoder):
     components_ : ndarray of shape (n_components, n_features)
         The dictionary, as an array.
     n_components_ : int
+        Number of atoms.
     n_features_in_ : int
+        Number of features (the dictionary's width).
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Column names of ``X`` when it had string column names (a DataFrame).
 
     See Also
     --------

@@ -252,8 +252,12 @@ class CollapsedDictionaryLearner(TrainedEstimatorMixin, BaseSparseCoder):
         Dead atoms resampled so far.
     cluster_centers_, atom_clusters_ : ndarray
         The approximate-routing index (only with ``routing="approximate"``).
+    n_components_ : int
+        Number of atoms of the fitted model.
     n_features_in_ : int
-    feature_names_in_ : ndarray
+        Number of features seen during ``fit``.
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Column names of ``X`` when it had string column names (a DataFrame).
 
     Notes
     -----

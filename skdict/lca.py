@@ -216,6 +216,10 @@ class LCASparseCoder(TrainedEstimatorMixin, BaseSparseCoder):
         Mean ``history_["loss"]`` of each epoch (``fit``) or call (``partial_fit``).
     n_resampled_ : int
         Atoms re-initialised so far.
+    n_features_in_ : int
+        Number of features seen during ``fit``.
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Column names of ``X`` when it had string column names (a DataFrame).
 
     Examples
     --------

@@ -107,3 +107,28 @@ def test_every_public_estimator_is_checked():
     }
     checked = {type(e).__name__ for e in INSTANCES} | {"SparseCoder"}
     assert public <= checked, f"estimators without sklearn checks: {public - checked}"
+
+
+def _documented_attributes(cls):
+    from numpydoc.docscrape import ClassDoc
+
+    return {n.strip() for a in ClassDoc(cls)["Attributes"] for n in a.name.split(",")}
+
+
+@pytest.mark.parametrize("est", INSTANCES, ids=lambda e: type(e).__name__)
+def test_every_fitted_attribute_is_documented(est):
+    pytest.importorskip("numpydoc")
+    pd = pytest.importorskip("pandas")
+    from sklearn.base import clone
+
+    est = clone(est)
+    if isinstance(est, SparseCoder):
+        est.set_params(dictionary=_rng.standard_normal((6, 5)))
+    X = pd.DataFrame(_rng.standard_normal((40, 5)), columns=[f"f{i}" for i in range(5)])
+    est.fit(X)
+    public = {k for k in vars(est) if k.endswith("_") and not k.startswith("_")}
+    public |= {k for k in ("components_", "n_components_", "n_features_in_")
+               if isinstance(getattr(type(est), k, None), property)}
+    assert "feature_names_in_" in public
+    assert public <= _documented_attributes(type(est)), sorted(public - _documented_attributes(
+        type(est)))
