@@ -746,8 +746,9 @@ class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator
             )
             sched.progress_ = s["progress_"]
             params["k_schedule"] = sched
-        params.update(overrides)
         est = cls(**params)
+        est.set_params(**overrides)  # unknown names: ValueError listing the valid ones
+        est._validate_params()
         t = load_file(str(path / "model.safetensors"))
         for attr, key in _FITTED_ARRAYS.items():
             setattr(est, attr, t[key])

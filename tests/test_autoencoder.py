@@ -326,6 +326,13 @@ def test_save_load_roundtrip(tmp_path):
     assert back.n_steps_ == 24
     with pytest.raises(ValueError, match="not found"):
         KSparseAutoencoder.load(tmp_path / "nothing")
+    assert KSparseAutoencoder.load(tmp_path / "m", device="cpu").device == "cpu"
+    # overrides are checked like set_params / fit would: a clear ValueError, not a
+    # TypeError from __init__ or a bad value found only at the next fit
+    with pytest.raises(ValueError, match="Invalid parameter 'bogus'"):
+        KSparseAutoencoder.load(tmp_path / "m", bogus=1)
+    with pytest.raises(ValueError, match="'batch_size' parameter"):
+        KSparseAutoencoder.load(tmp_path / "m", batch_size=0)
 
 
 _FITTED = ("components_", "encoder_weight_", "encoder_bias_", "decoder_bias_", "threshold_",
