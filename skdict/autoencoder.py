@@ -794,7 +794,9 @@ class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator
         _, init, arrays = read_saelens(path)
         d_sae, d_in = arrays["W_dec"].shape
         init.setdefault("k", min(32, d_sae))
-        est = cls(**{**init, **params})
+        est = cls(**init)
+        est.set_params(**params)  # unknown names: ValueError listing the valid ones
+        est._validate_params()
         arrays["tokens_since_fired"] = np.zeros(d_sae, dtype=np.int64)
         for attr, key in _FITTED_ARRAYS.items():
             setattr(est, attr, arrays[key])

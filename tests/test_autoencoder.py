@@ -433,6 +433,10 @@ def test_from_saelens(tmp_path, apply_b_dec):
     np.testing.assert_allclose(codes.toarray(), Z, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(sae.inverse_transform(codes), Z @ W_dec + b_dec,
                                rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="Invalid parameter 'bogus'"):
+        KSparseAutoencoder.from_saelens(tmp_path / "sae", bogus=1)
+    with pytest.raises(ValueError, match="'k' parameter"):
+        KSparseAutoencoder.from_saelens(tmp_path / "sae", k=0)
 
 
 def test_from_saelens_errors(tmp_path):
