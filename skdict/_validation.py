@@ -15,8 +15,8 @@ from sklearn.utils.validation import validate_data
 from ._backend import numpy_dtype
 
 __all__ = ["DEVICE_CONSTRAINT", "SHUFFLE_CONSTRAINT", "FeatureProbe", "check_dictionary",
-           "check_input", "check_n_features", "feature_probe", "restore_input_attrs_on_error",
-           "shape_error"]
+           "check_input", "check_n_features", "check_n_nonzero_coefs", "feature_probe",
+           "restore_input_attrs_on_error", "shape_error"]
 
 _INPUT_ATTRS = ("n_features_in_", "feature_names_in_")
 
@@ -148,6 +148,15 @@ def check_n_features(estimator, n_features):
         )
 
 
+
+
+def check_n_nonzero_coefs(n_nonzero_coefs, n_atoms, name="n_nonzero_coefs"):
+    """An atom budget must fit the dictionary: nothing is silently clipped."""
+    if n_nonzero_coefs is not None and n_nonzero_coefs > n_atoms:
+        raise ValueError(
+            f"{name}={n_nonzero_coefs} exceeds the {n_atoms} atoms of the dictionary; "
+            f"use at most {n_atoms}."
+        )
 
 
 def check_dictionary(dictionary, name="dictionary"):

@@ -9,7 +9,11 @@ from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_feature_names
 
-from ._validation import check_dictionary, restore_input_attrs_on_error
+from ._validation import (
+    check_dictionary,
+    check_n_nonzero_coefs,
+    restore_input_attrs_on_error,
+)
 from .base import BaseSparseCoder
 from .functional import BlockEncoder
 from .solvers.registry import get_solver, solver_names
@@ -140,13 +144,8 @@ class SparseCoder(BaseSparseCoder):
 
     def _check_params(self):
         """Cross-parameter checks (ValueError saying what to change)."""
-        if get_solver(self.algorithm).problem == "l0" and self.n_nonzero_coefs is not None:
-            if self.n_nonzero_coefs > self.n_components_:
-                raise ValueError(
-                    f"n_nonzero_coefs={self.n_nonzero_coefs} exceeds the "
-                    f"{self.n_components_} atoms of the dictionary; use at most "
-                    f"{self.n_components_}."
-                )
+        if get_solver(self.algorithm).problem == "l0":
+            check_n_nonzero_coefs(self.n_nonzero_coefs, self.n_components_)
 
     def _check_ready(self):
         self._validate_params()

@@ -18,7 +18,12 @@ import torch
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 
 from ._backend import default_batch_size, numpy_dtype, resolve_device, torch_dtype
-from ._validation import DEVICE_CONSTRAINT, check_dictionary, feature_probe
+from ._validation import (
+    DEVICE_CONSTRAINT,
+    check_dictionary,
+    check_n_nonzero_coefs,
+    feature_probe,
+)
 from .data.codes import Codes, CSRBuilder
 from .data.sources import ArraySource, as_source
 from .operators import DenseOperator, as_operator
@@ -228,11 +233,8 @@ def sparse_encode(
                     reset=False, allow_stream=False)
     n, K, dtype = src.n_samples, D.shape[0], src.dtype
     spec = get_solver(algorithm)
-    if spec.problem == "l0" and n_nonzero_coefs is not None and n_nonzero_coefs > K:
-        raise ValueError(
-            f"n_nonzero_coefs={n_nonzero_coefs} exceeds the {K} atoms of the dictionary; "
-            f"use at most {K}."
-        )
+    if spec.problem == "l0":
+        check_n_nonzero_coefs(n_nonzero_coefs, K)
     if init is not None:
         if isinstance(init, torch.Tensor):
             init = init.detach().cpu().numpy()

@@ -362,6 +362,13 @@ class CollapsedDictionaryLearner(TrainedEstimatorMixin, BaseSparseCoder):
                 f"n_nonzero_coefs={self.n_nonzero_coefs} exceeds n_components="
                 f"{self.n_components}; choose n_nonzero_coefs <= n_components."
             )
+        if self.n_candidates is not None and self.n_candidates < self.n_nonzero_coefs:
+            raise ValueError(
+                f"n_candidates={self.n_candidates} is below n_nonzero_coefs="
+                f"{self.n_nonzero_coefs}: each row needs at least its {self.n_nonzero_coefs} "
+                "atoms as candidates; use n_candidates >= n_nonzero_coefs (equal disables "
+                "the pruning)."
+            )
 
     def _n_codes(self):
         return self.components_.shape[0] if hasattr(self, "components_") else self.n_components
@@ -388,7 +395,7 @@ class CollapsedDictionaryLearner(TrainedEstimatorMixin, BaseSparseCoder):
     # ------------------------------------------------------------------ coding
     def _n_candidates(self, K):
         s = self.n_nonzero_coefs
-        m = 2 * s if self.n_candidates is None else max(int(self.n_candidates), s)
+        m = 2 * s if self.n_candidates is None else int(self.n_candidates)
         return min(m, K)
 
     def _route(self, Xb, routing):

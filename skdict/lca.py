@@ -10,11 +10,11 @@ from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from ._backend import torch_dtype
-from ._validation import SHUFFLE_CONSTRAINT, check_dictionary
+from ._validation import SHUFFLE_CONSTRAINT, check_dictionary, check_n_nonzero_coefs
 from .base import BaseSparseCoder
 from .functional import BlockEncoder, encode_block
 from .operators import DenseOperator
-from .solvers.registry import solver_names
+from .solvers.registry import get_solver, solver_names
 from .training import TrainState
 from .training.estimator import TrainedEstimatorMixin
 from .updates import (
@@ -342,6 +342,9 @@ class LCASparseCoder(TrainedEstimatorMixin, BaseSparseCoder):
             K = self.n_components if self.n_components is not None else source.n_features
         else:
             K = self.components_.shape[0]
+        if get_solver(self.transform_algorithm).problem == "l0":
+            check_n_nonzero_coefs(self.transform_n_nonzero_coefs, K,
+                                  "transform_n_nonzero_coefs")
         return _LCALearner(self, K, device, source.dtype)
 
     def _resume_state(self, learner, device):

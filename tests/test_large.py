@@ -318,6 +318,8 @@ def test_parameter_errors():
     X = np.random.default_rng(0).standard_normal((50, 6)).astype(np.float32)
     with pytest.raises(ValueError, match="n_nonzero_coefs=5 exceeds n_components=4"):
         CollapsedDictionaryLearner(4, n_nonzero_coefs=5, device="cpu").fit(X)
+    with pytest.raises(ValueError, match="n_candidates=1 is below n_nonzero_coefs=2"):
+        CollapsedDictionaryLearner(4, n_nonzero_coefs=2, n_candidates=1, device="cpu").fit(X)
     with pytest.raises(ValueError, match="dict_init has shape"):
         CollapsedDictionaryLearner(4, n_nonzero_coefs=2, dict_init=np.ones((3, 6)),
                                    device="cpu").fit(X)

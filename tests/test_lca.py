@@ -260,6 +260,10 @@ def test_dead_atoms_are_resampled():
         ({"dead_window": -1}, "dead_window"),
         ({"threshold": "hard", "fit_algorithm": "exact"}, "fit_algorithm='lca'"),
         ({"threshold": "hard", "transform_algorithm": "exact"}, "threshold='hard'"),
+        ({"transform_algorithm": "omp", "transform_n_nonzero_coefs": 6},
+         "transform_n_nonzero_coefs=6 exceeds the 5 atoms"),
+        ({"n_components": None, "transform_algorithm": "omp", "transform_n_nonzero_coefs": 5},
+         "exceeds the 4 atoms"),
     ],
 )
 def test_bad_parameters(params, match):
