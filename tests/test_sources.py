@@ -227,3 +227,15 @@ def test_empty_batches_of_a_stream_are_skipped_even_first(rng):
     np.testing.assert_array_equal(got, X)
     with pytest.raises(ValueError, match="empty"):
         as_source(iter([X[:0], X[:0]]), estimator=_Est(), reset=True)
+
+
+def test_stream_of_dataframes_checks_every_batch_columns(rng):
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame(rng.standard_normal((6, 3)), columns=["a", "b", "c"])
+    est = _Est()
+    src = as_source([df[:3], df[3:][["b", "a", "c"]]], estimator=est, reset=True)
+    assert list(est.feature_names_in_) == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="column 0 is 'b', but _Est is expecting 'a'"):
+        list(src.batches(4, device="cpu"))
+    src = as_source([df[:3], df[3:], df[3:].to_numpy()], estimator=_Est(), reset=True)
+    assert sum(b.shape[0] for b in src.batches(4, device="cpu")) == 9

@@ -222,6 +222,8 @@ class StreamSource(RowSource):
                 "one 2-D batch of shape (n_rows, n_features)."
             )
         first, data_dtype = self._validate(first, estimator, reset=reset)
+        names = getattr(estimator, "feature_names_in_", None)
+        self._names = None if names is None else [str(c) for c in names]
         self.n_features = int(first.shape[1])
         self._expected = self.n_features
         self.dtype = _resolve_dtype(dtype, data_dtype)
@@ -247,6 +249,22 @@ class StreamSource(RowSource):
             block[0], torch.Tensor
         ):
             block = block[0]
+        columns = getattr(block, "columns", None)
+        if columns is not None and self._names is not None:
+            got = [str(c) for c in columns]
+            if got != self._names:
+                pairs = zip(got, self._names, strict=False)
+                i = next((i for i, (a, b) in enumerate(pairs) if a != b),
+                         min(len(got), len(self._names)))
+                seen = repr(got[i]) if i < len(got) else "missing"
+                raise ValueError(
+                    f"A batch's column {i} is {seen}, but {self._name} is expecting "
+                    f"{self._names[i]!r} there (the columns of the first batch); give every "
+                    "batch the same columns in the same order."
+                    if i < len(self._names) else
+                    f"A batch has extra columns {got[i:]}; {self._name} is expecting the "
+                    "columns of the first batch."
+                )
         if not (sp.issparse(block) or isinstance(block, torch.Tensor)):
             block = np.asarray(block)
         if block.ndim != 2:
