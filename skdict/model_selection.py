@@ -10,7 +10,7 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.utils import check_random_state
 
-from ._validation import feature_probe
+from ._validation import check_dictionary, feature_probe
 from .data.sources import as_source
 from .solvers.registry import get_solver
 
@@ -33,7 +33,7 @@ def alpha_max(dictionary, X, *, positive=False, device="cpu"):
 
     It is ``max_i max_j |D_j . x_i|`` (``max D_j . x_i`` with ``positive``).
     """
-    D = torch.as_tensor(np.asarray(dictionary, dtype=np.float64), device=device)
+    D = torch.as_tensor(check_dictionary(dictionary).astype(np.float64), device=device)
     out = 0.0
     src = as_source(X, estimator=feature_probe(D.shape[1], "alpha_max"), reset=False,
                     allow_stream=False)

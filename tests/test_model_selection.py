@@ -45,3 +45,17 @@ def test_alpha_for_sparsity_errors(problem):
         alpha_for_sparsity(SparseCoder(D), X, target_l0=31)
     with pytest.raises(ValueError, match="X has 3 features"):
         alpha_for_sparsity(SparseCoder(D), X[:, :3], target_l0=2)
+
+
+def test_alpha_max_validates_the_dictionary(problem):
+    import torch
+
+    D, X = problem
+    ref = alpha_max(D, X)
+    Dt = torch.as_tensor(D).requires_grad_(True)
+    Xt = torch.as_tensor(X).requires_grad_(True)
+    assert alpha_max(Dt, Xt) == pytest.approx(ref, rel=1e-6)
+    with pytest.raises(ValueError, match="dictionary contains NaN"):
+        alpha_max(np.full_like(D, np.nan), X)
+    with pytest.raises(ValueError, match="dictionary must be 2-D"):
+        alpha_max(D[0], X)
