@@ -188,6 +188,10 @@ def test_matryoshka_prefix_sizes():
     with pytest.raises(ValueError, match="strictly increasing"):
         KSparseAutoencoder(n_components=8, k=1, sparsity="matryoshka",
                            prefix_sizes=[4, 4]).fit(np.ones((4, 3)))
+    assert prefix_sizes_for(10, np.array([2, 5])) == (2, 5, 10)
+    for bad in ([2.5, 8], [[2, 4]]):  # not truncated to 2, not a raw TypeError
+        with pytest.raises(ValueError, match="1-D sequence of integers"):
+            prefix_sizes_for(10, bad)
 
 
 def test_matryoshka_reconstructions_are_prefix_sums():

@@ -7,6 +7,7 @@ and later ones refine them. Inference and SAELens export as
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..solvers.topk import SparsePairs, sparse_decode_pairs, sparse_encode
@@ -20,7 +21,13 @@ def prefix_sizes_for(n_components, prefix_sizes=None):
     if prefix_sizes is None:
         sizes = sorted({max(1, K // f) for f in (16, 8, 4, 2)} | {K})
         return tuple(sizes)
-    sizes = [int(m) for m in prefix_sizes]
+    arr = np.asarray(prefix_sizes)
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise ValueError(
+            f"prefix_sizes={prefix_sizes!r} must be a 1-D sequence of integers (latent "
+            "counts), e.g. (n_components // 4, n_components // 2)."
+        )
+    sizes = [int(m) for m in arr]
     if not sizes or any(m < 1 or m > K for m in sizes):
         raise ValueError(
             f"prefix_sizes={tuple(prefix_sizes)} must be latent counts between 1 and "
