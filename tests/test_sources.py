@@ -34,6 +34,7 @@ def _kinds(X, tmp_path):
     }
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 @pytest.mark.parametrize("shuffle", [False, True, "blocks"])
 def test_every_array_kind_yields_the_same_batches(tmp_path, rng, shuffle):
     X = rng.standard_normal((103, 7))
