@@ -73,6 +73,11 @@ def check_input(estimator, X, *, reset, dtype_default=np.float64):
                 f"Found array with 0 feature(s) (shape={tuple(X.shape)}) while a "
                 f"minimum of 1 is required by {name}."
             )
+        if X.is_complex():
+            raise ValueError(
+                f"Complex data not supported: {name} needs a real tensor, got {X.dtype}; "
+                "pass X.real (or split real and imaginary parts into features)."
+            )
         if X.dtype not in (torch.float32, torch.float64):
             X = X.to(torch.float64 if not X.is_floating_point() else torch.float32)
         if not bool(torch.isfinite(X).all()):

@@ -111,6 +111,8 @@ def test_feature_count_is_recorded_and_checked(rng):
     (np.zeros((2, 2, 2)), "2-D array"),
     (np.array([[1.0, np.nan]]), "NaN"),
     (torch.tensor([[1.0, float("inf")]]), "NaN or infinity"),
+    (np.ones((2, 2), dtype=np.complex64), "Complex data not supported"),
+    (torch.ones(2, 2, dtype=torch.complex64), "Complex data not supported"),  # was cast to real
 ])
 def test_bad_arrays_are_clear_errors(bad, match):
     with pytest.raises(ValueError, match=match):
