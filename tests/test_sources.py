@@ -207,6 +207,18 @@ def test_stream_errors(rng):
         as_source([np.zeros((2, 2))], estimator=_Est(), reset=True, allow_stream=False)
 
 
+@pytest.mark.parametrize("bad", [np.ones((2, 4), dtype=np.complex64),
+                                 torch.ones(2, 4, dtype=torch.complex64),
+                                 np.array([["a"] * 4] * 2)])
+def test_a_later_batch_of_complex_or_strings_is_refused(rng, bad):
+    src = as_source([rng.standard_normal((3, 4)), bad], estimator=_Est(), reset=True)
+    with pytest.raises(ValueError, match="needs real numbers in every batch"):
+        list(src.batches(10, device="cpu"))
+    src = as_source([rng.standard_normal((3, 4)), np.ones((2, 4), dtype=object)],
+                    estimator=_Est(), reset=True)
+    assert sum(b.shape[0] for b in src.batches(10, device="cpu")) == 5
+
+
 def test_sample_draws_distinct_rows(rng):
     X = np.arange(30, dtype=np.float64).reshape(15, 2)
     src = as_source(X, estimator=_Est(), reset=True)

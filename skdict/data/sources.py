@@ -274,6 +274,18 @@ class StreamSource(RowSource):
                 f"A batch has {block.shape[1]} features, but {self._name} is expecting "
                 f"{self._expected} features as input (from the first batch)."
             )
+        kind = "c" if isinstance(block, torch.Tensor) and block.is_complex() else (
+            "f" if isinstance(block, torch.Tensor) else block.dtype.kind)
+        if kind == "O":  # numbers held as objects (pandas): converted as the first block is
+            try:
+                block, kind = np.asarray(block, dtype=np.float64), "f"
+            except (TypeError, ValueError):
+                pass
+        if kind not in "fiub":
+            raise ValueError(
+                f"A batch has dtype {block.dtype}, but {self._name} needs real numbers in "
+                "every batch (as in the first)."
+            )
         if block.shape[0] == 0:
             return None
         return block
