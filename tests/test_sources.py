@@ -195,6 +195,9 @@ def test_dataloader_batches_are_unwrapped():
 def test_stream_errors(rng):
     with pytest.raises(ValueError, match="empty"):
         as_source(iter([]), estimator=_Est(), reset=True)
+    for empty in ([], ()):  # was scikit-learn's "Expected 2D array, got 1D array"
+        with pytest.raises(ValueError, match="_Est was given an empty"):
+            as_source(empty, estimator=_Est(), reset=True)
     blocks = [rng.standard_normal((3, 4)), rng.standard_normal((3, 5))]
     src = as_source(blocks, estimator=_Est(), reset=True)
     with pytest.raises(ValueError, match="A batch has 5 features.*expecting 4"):

@@ -343,6 +343,11 @@ def as_source(X, *, estimator, reset, dtype=None, allow_stream=True) -> RowSourc
         Accept iterables of batches (training); transforms pass False.
     """
     name = type(estimator).__name__
+    if isinstance(X, (list, tuple)) and len(X) == 0:
+        raise ValueError(
+            f"{name} was given an empty {type(X).__name__}; pass a 2-D array of shape "
+            "(n_samples, n_features) or a non-empty list of such batches."
+        )
     if is_stream(X):
         if not allow_stream:
             raise ValueError(
