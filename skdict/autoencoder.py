@@ -479,6 +479,8 @@ class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator
     def _variant(self):
         return get_encoder(self.sparsity).from_estimator(self)
 
+    _resume_params = ("sparsity", "optimizer")
+
     def _check_params(self):
         self._variant().check_params()
 
@@ -705,6 +707,7 @@ class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator
             flat, meta = _flatten(resume, "resume")
             tensors.update(flat)
             cfg["resume"] = meta
+            cfg["trained_with"] = dict(getattr(self, "_trained_with", {}))
         with open(path / "config.json", "w") as f:
             json.dump(cfg, f, indent=2)
         save_file(tensors, str(path / "model.safetensors"))
@@ -760,6 +763,9 @@ class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator
             est.feature_names_in_ = np.asarray(cfg["feature_names_in"], dtype=object)
         if "resume" in cfg:
             est._resume = _unflatten(cfg["resume"], t, "resume")
+            # what the saved training state was built for (a load override may differ)
+            est._trained_with = cfg.get("trained_with", {p: params[p]
+                                                       for p in cls._resume_params})
         return est
 
     # ------------------------------------------------------------------ SAELens

@@ -458,3 +458,28 @@ def test_pair_dot_native_matches_gather():
         ref = (A[pairs.row] * B[pairs.col]).sum(1)
         torch.testing.assert_close(pairs.pair_dot(A, B), ref)
         torch.testing.assert_close(pairs._pair_dot_gather(A, B, chunk=7), ref)
+
+
+@pytest.mark.parametrize("param, before, after", [
+    ("sparsity", "topk", "jumprelu"), ("sparsity", "l1", "batchtopk"),
+    ("optimizer", "adam", "sgd"),
+])
+def test_partial_fit_refuses_a_changed_training_state_parameter(tmp_path, param, before,
+                                                                after):
+    # the saved optimizer moments / variant buffers belong to the fitted settings:
+    # continuing with others was a raw KeyError ('log_threshold', 'threshold', 'momentum')
+    X, _, _ = _planted(n=128, dtype=np.float32)
+    sae = _small(n_steps=2, **{param: before}).fit(X)
+    sae.save(tmp_path / "m")
+    state = pickle.dumps({k: v for k, v in vars(sae).items() if k.endswith("_")})
+    sae.set_params(**{param: after})
+    with pytest.raises(ValueError, match=f"{param} changed from '{before}' to '{after}'"):
+        sae.partial_fit(X)
+    assert pickle.dumps({k: v for k, v in vars(sae).items() if k.endswith("_")}) == state
+    with pytest.raises(ValueError, match=f"{param} changed"):
+        KSparseAutoencoder.load(tmp_path / "m", **{param: after}).partial_fit(X)
+    sae.set_params(**{param: before}).partial_fit(X)  # the fitted settings continue
+    assert sae.n_steps_ == 4
+    sae.set_params(**{param: after}).fit(X)  # fit starts over with the new ones
+    assert sae.n_steps_ == 2
+    sae.partial_fit(X)

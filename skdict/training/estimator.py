@@ -35,14 +35,27 @@ class TrainedEstimatorMixin:
 
     _epoch_tol_param = None  # name of the parameter that stops on the epoch loss, if any
 
+    # parameters the saved training state depends on (optimizer moments, variant
+    # buffers): partial_fit refuses to continue when one of them has changed
+    _resume_params = ()
+
     def _check_resumable(self):
-        """``partial_fit`` continues the fitted model: its size cannot change."""
+        """``partial_fit`` continues the fitted model: its size, and the parameters
+        its training state was built for, cannot change."""
         K = self.components_.shape[0]
         n_components = getattr(self, "n_components", None)
+        changed = []
         if n_components is not None and n_components != K:
+            changed.append(("n_components", K, n_components))
+        trained = getattr(self, "_trained_with", {})
+        changed += [(p, trained[p], getattr(self, p)) for p in self._resume_params
+                    if p in trained and trained[p] != getattr(self, p)]
+        if changed:
+            name, old, new = changed[0]
             raise ValueError(
-                f"n_components changed from {K} to {n_components} since the model was "
-                "fitted; partial_fit continues that model: call fit to train a new one."
+                f"{name} changed from {old!r} to {new!r} since the model was fitted; "
+                f"partial_fit continues that model: set {name}={old!r} back, or call fit "
+                "to train a new one."
             )
 
     def _train(self, X, *, first, single_pass):
@@ -77,6 +90,7 @@ class TrainedEstimatorMixin:
         state = result.state
         history = state.history_arrays()
         self._commit_state(state, learner)
+        self._trained_with = {p: getattr(self, p) for p in self._resume_params}
         self.history_ = history
         self.loss_curve_ = np.asarray(state.epoch_loss, dtype=np.float64)
         self.n_steps_ = int(state.n_steps)
