@@ -218,7 +218,8 @@ def test_input_kinds(tmp_path):
     assert s.score(X) > 0
     # iterables of batches: a generator (one pass) and a list (re-iterable)
     gen = (X[i : i + 64] for i in range(0, 256, 64))
-    g = _small(n_steps=None, max_iter=3).fit(gen)
+    with pytest.warns(UserWarning, match="one-pass iterator ran out after 4 steps"):
+        g = _small(n_steps=None, max_iter=3).fit(gen)
     assert g.n_steps_ == 4
     lst = [X[i : i + 64] for i in range(0, 256, 64)]
     li = _small(n_steps=None, max_iter=3).fit(lst)
