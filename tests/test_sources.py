@@ -257,3 +257,12 @@ def test_stream_of_dataframes_checks_every_batch_columns(rng):
         list(src.batches(4, device="cpu"))
     src = as_source([df[:3], df[3:], df[3:].to_numpy()], estimator=_Est(), reset=True)
     assert sum(b.shape[0] for b in src.batches(4, device="cpu")) == 9
+
+
+def test_dict_batches_say_to_yield_the_array(rng):
+    X = rng.standard_normal((4, 3))
+    with pytest.raises(ValueError, match=r"is a dict \(keys \['x'\]\); yield the 2-D array"):
+        as_source(iter([{"x": X}]), estimator=_Est(), reset=True)
+    src = as_source([X, {"x": X}], estimator=_Est(), reset=True)
+    with pytest.raises(ValueError, match="is a dict"):
+        list(src.batches(4, device="cpu"))

@@ -231,11 +231,20 @@ class StreamSource(RowSource):
         self._it = it  # continuation of the first pass
         self._passes = 0
 
-    def _validate(self, block, estimator, *, reset):
+    def _unwrap(self, block):
         if isinstance(block, (list, tuple)) and len(block) > 0 and isinstance(
             block[0], torch.Tensor
         ):
-            block = block[0]
+            return block[0]  # (x, y) / [x] batches of a DataLoader
+        if isinstance(block, dict):
+            raise ValueError(
+                f"A batch given to {self._name} is a dict (keys {sorted(map(str, block))}); "
+                "yield the 2-D array or tensor itself, e.g. (b['x'] for b in loader)."
+            )
+        return block
+
+    def _validate(self, block, estimator, *, reset):
+        block = self._unwrap(block)
         if not (sp.issparse(block) or hasattr(block, "ndim") or hasattr(block, "__array__")):
             block = np.asarray(block)
         ndim = getattr(block, "ndim", 2)
@@ -245,10 +254,7 @@ class StreamSource(RowSource):
         return block, dtype
 
     def _check_block(self, block):
-        if isinstance(block, (list, tuple)) and len(block) > 0 and isinstance(
-            block[0], torch.Tensor
-        ):
-            block = block[0]
+        block = self._unwrap(block)
         columns = getattr(block, "columns", None)
         if columns is not None and self._names is not None:
             got = [str(c) for c in columns]
