@@ -26,11 +26,14 @@ class TrainedEstimatorMixin:
     * ``_commit_state(state, learner)``: its own fitted attributes from a finished
       run.
 
-    and the parameters ``max_iter``, ``n_steps``, ``batch_size``, ``shuffle``,
-    ``callbacks``, ``verbose`` and ``random_state``. The mixin sets
-    ``n_steps_``, ``n_iter_``, ``history_`` and ``loss_curve_``. Nothing is
-    assigned before the run has returned, so a failing call leaves the fitted
-    state as it was.
+    optionally ``_resume_params``, the parameters its training state is built for
+    (``partial_fit`` refuses to continue when one has changed, as it does for
+    ``n_components``); and the parameters ``max_iter``, ``n_steps``,
+    ``batch_size``, ``shuffle``, ``callbacks``, ``verbose`` and ``random_state``.
+    The mixin sets ``n_steps_``, ``n_iter_``, ``history_`` and ``loss_curve_``.
+    Nothing is assigned before the run has returned, and ``n_features_in_`` /
+    ``feature_names_in_`` (recorded when ``X`` is validated) are put back when
+    it fails, so a failing call leaves the fitted state as it was.
     """
 
     _epoch_tol_param = None  # name of the parameter that stops on the epoch loss, if any
