@@ -244,7 +244,8 @@ def test_memmap_torch_and_minibatch_inputs_give_the_same_fit(tmp_path):
     np.testing.assert_allclose(a.components_, b.components_, atol=1e-6)
     assert b.n_iter_ == 2
     # a generator is a one-shot stream: a single epoch
-    c = CollapsedDictionaryLearner(**kw_init).fit(X[i:i + 200] for i in range(0, 1200, 200))
+    with pytest.warns(UserWarning, match="one-pass iterator ran out after 6 steps"):
+        c = CollapsedDictionaryLearner(**kw_init).fit(X[i:i + 200] for i in range(0, 1200, 200))
     assert c.n_iter_ == 1 and c.n_steps_ == 6
     np.testing.assert_allclose(c.transform(X[:5]).toarray(),
                                c.transform(torch.from_numpy(X[:5])).toarray())

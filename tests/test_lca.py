@@ -219,7 +219,8 @@ def test_stream_of_minibatches_matches_the_array(planted):
     a = LCASparseCoder(**kw).fit(X)
     b = LCASparseCoder(**kw).fit([X[i:i + 100] for i in range(0, len(X), 100)])
     np.testing.assert_allclose(b.components_, a.components_, atol=1e-12)
-    c = LCASparseCoder(**kw).fit(X[i:i + 100] for i in range(0, len(X), 100))
+    with pytest.warns(UserWarning, match="one-pass iterator ran out after 6 steps"):
+        c = LCASparseCoder(**kw).fit(X[i:i + 100] for i in range(0, len(X), 100))
     assert c.n_iter_ == 1 and c.n_steps_ == 6
 
 
