@@ -367,7 +367,7 @@ class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator
     n_steps_ : int
         Training steps taken over all calls.
     n_iter_ : int
-        Passes over the data of the last ``fit`` (``partial_fit`` adds 1).
+        Epochs run by the last ``fit`` (``partial_fit`` adds 1 per call).
     n_components_ : int
         Number of latents of the fitted model.
     n_features_in_ : int

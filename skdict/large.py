@@ -239,7 +239,7 @@ class CollapsedDictionaryLearner(TrainedEstimatorMixin, BaseSparseCoder):
     components_ : ndarray of shape (n_components, n_features)
         Unit-norm atoms (float32: all heavy state of the fit is float32).
     n_iter_ : int
-        Epochs run by the last ``fit`` (``partial_fit`` counts calls).
+        Epochs run by the last ``fit`` (``partial_fit`` adds 1 per call).
     n_steps_ : int
         Minibatch steps taken in total.
     history_ : dict of str to ndarray

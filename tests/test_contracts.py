@@ -184,3 +184,16 @@ def test_partial_fit_refuses_a_changed_n_components(name, X):
     with pytest.raises(ValueError, match="n_components changed.*call fit"):
         est.partial_fit(X)
     assert _fitted_state(est) == before
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_n_iter_counts_fit_epochs_and_adds_one_per_partial_fit(name, X):
+    # the Attributes sections of the three learners say so in the same words
+    est = FACTORIES[name]().fit(X)
+    assert est.n_iter_ == 2
+    est.partial_fit(X)
+    est.partial_fit(X[:40])
+    assert est.n_iter_ == 4
+    doc = type(est).__doc__
+    assert "(``partial_fit`` adds 1 per call)" in doc
+    assert FACTORIES[name]().partial_fit(X).n_iter_ == 1
