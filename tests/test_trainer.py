@@ -160,3 +160,19 @@ def test_make_optimizer_uses_torch_optim():
     assert isinstance(make_optimizer("sgd", [p], 0.1), torch.optim.SGD)
     with pytest.raises(ValueError, match="optimizer must be one of"):
         make_optimizer("lbfgs", [p], 0.1)
+
+
+def test_an_iterable_that_does_not_start_over_warns(rng):
+    blocks = [rng.standard_normal((10, 2)) for _ in range(3)]
+
+    class SharedIterator:  # re-iterable in appearance; its second pass is empty
+        def __init__(self):
+            self._it = iter(blocks)
+
+        def __iter__(self):
+            return self._it
+
+    src = as_source(SharedIterator(), estimator=_Est(), reset=True)
+    with pytest.warns(UserWarning, match="yielded nothing on pass 2 \\(after 9 steps\\)"):
+        res = Trainer(max_iter=3, batch_size=4).run(MeanLearner(), src)
+    assert res.n_epochs == 1 and res.n_steps == 9

@@ -159,6 +159,12 @@ class Trainer:
                 if not losses:
                     if steps == 0:
                         raise ValueError("No rows were given to fit.")
+                    warnings.warn(
+                        f"The iterable of batches yielded nothing on pass {epochs + 1} "
+                        f"(after {steps} steps); training stopped early. Its __iter__ "
+                        "must start over on every call (a list or a DataLoader does).",
+                        UserWarning, stacklevel=3,
+                    )
                     break
                 state.n_epochs += 1
                 epochs += 1
