@@ -266,3 +266,13 @@ def test_dict_batches_say_to_yield_the_array(rng):
     src = as_source([X, {"x": X}], estimator=_Est(), reset=True)
     with pytest.raises(ValueError, match="is a dict"):
         list(src.batches(4, device="cpu"))
+
+
+def test_a_stream_of_torch_sparse_batches(rng):
+    X = rng.standard_normal((8, 3))
+    X[X < 0] = 0.0
+    blocks = [torch.from_numpy(X[:4]).to_sparse(), torch.from_numpy(X[4:]).to_sparse()]
+    src = as_source(blocks, estimator=_Est(), reset=True)
+    for _ in range(2):  # the first pass replays the validated first block
+        got = torch.cat(list(src.batches(3, device="cpu"))).numpy()
+        np.testing.assert_array_equal(got, X)

@@ -271,6 +271,8 @@ class StreamSource(RowSource):
                     f"A batch has extra columns {got[i:]}; {self._name} is expecting the "
                     "columns of the first batch."
                 )
+        if isinstance(block, torch.Tensor) and block.layout != torch.strided:
+            block = block.detach().to_dense()  # one batch: densified as a scipy batch is
         if not (sp.issparse(block) or isinstance(block, torch.Tensor)):
             block = np.asarray(block)
         if block.ndim != 2:
