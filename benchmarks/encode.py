@@ -173,8 +173,8 @@ def run_encode(args):
         for name, (t, codes) in best.items():
             record(name, Xd.shape[0], t, codes, ref)
         # skdict iterative algorithms at tolerances that reach 1e-5 (subset)
-        for alg, kw in (("fista", {"tol": 1e-7, "max_iter": 5000}),
-                        ("lca", {"tol": 1e-7, "max_iter": 5000})):
+        for alg, kw in (("fista", {"tol": 1e-7, "transform_max_iter": 5000}),
+                        ("lca", {"tol": 1e-7, "transform_max_iter": 5000})):
             c = skdict_coder(D, alg, dt, **kw)
             t, codes = timed(lambda: c.transform(Xd[:sub]), 1)
             record(f"skdict {alg}", sub, t, codes, ref[:sub])

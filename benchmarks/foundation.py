@@ -52,7 +52,8 @@ def main(argv=None):
     o_ref = objective(ref)
     rows.append(("sklearn lasso_lars", t_ref, o_ref, (ref != 0).sum(1).mean()))
     for algo in ["exact", "fista", "lca", "ista"]:
-        coder = SparseCoder(D, algorithm=algo, alpha=args.alpha, device="cpu", max_iter=5000)
+        coder = SparseCoder(D, algorithm=algo, alpha=args.alpha, device="cpu",
+                            transform_max_iter=5000)
         coder.transform(X_test[:10])  # warm-up
         t = time.perf_counter()
         codes = coder.transform(X_test)

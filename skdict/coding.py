@@ -50,7 +50,7 @@ class SparseCoder(BaseSparseCoder):
         Atoms per row for ``"omp"``; None means ``max(1, n_features // 10)``.
     positive_code : bool, default=False
         Constrain codes to be non-negative.
-    max_iter : int, default=1000
+    transform_max_iter : int, default=1000
         Iterations for the iterative algorithms.
     tol : float, default=1e-5
         Relative duality gap at which iterative algorithms stop (floored at
@@ -100,7 +100,7 @@ class SparseCoder(BaseSparseCoder):
         "alpha": [Interval(numbers.Real, 0, None, closed="left")],
         "n_nonzero_coefs": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "positive_code": ["boolean"],
-        "max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
+        "transform_max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
         "tol": [Interval(numbers.Real, 0, None, closed="left")],
     }
 
@@ -112,7 +112,7 @@ class SparseCoder(BaseSparseCoder):
         alpha=1.0,
         n_nonzero_coefs=None,
         positive_code=False,
-        max_iter=1000,
+        transform_max_iter=1000,
         tol=1e-5,
         device="auto",
         sparse_output=True,
@@ -123,7 +123,7 @@ class SparseCoder(BaseSparseCoder):
         self.alpha = alpha
         self.n_nonzero_coefs = n_nonzero_coefs
         self.positive_code = positive_code
-        self.max_iter = max_iter
+        self.transform_max_iter = transform_max_iter
         self.tol = tol
         self.device = device
         self.sparse_output = sparse_output
@@ -181,7 +181,7 @@ class SparseCoder(BaseSparseCoder):
             alpha=self.alpha,
             n_nonzero_coefs=self.n_nonzero_coefs,
             positive=self.positive_code,
-            max_iter=self.max_iter,
+            max_iter=self.transform_max_iter,
             tol=self.tol,
         )
 

@@ -88,8 +88,8 @@ class _LCALearner:
         est, D = self.est, state.D
         res = encode_block(
             Xb, DenseOperator(D), algorithm=est.fit_algorithm, alpha=est.alpha,
-            positive=est.positive_code, max_iter=est.fit_max_iter, tol=est.tol, tau=est.tau,
-            threshold=est.threshold, objective=est.threshold == "soft",
+            positive=est.positive_code, max_iter=est.fit_max_iter, tol=est.inference_tol,
+            tau=est.tau, threshold=est.threshold, objective=est.threshold == "soft",
         )
         codes = res.codes
         if res.objective is not None:  # the exact solver's by-product
@@ -147,10 +147,14 @@ class LCASparseCoder(TrainedEstimatorMixin, BaseSparseCoder):
     fit_max_iter : int, default=100
         Iterations of ``fit_algorithm`` per minibatch during ``fit`` (when it is
         iterative).
-    tol : float, default=1e-5
-        Inference stopping tolerance (relative duality gap for the soft
-        threshold, relative change of the potentials for the hard one), in fit
-        and transform.
+    tol : float, default=0.0
+        ``fit`` stops when the epoch mean objective improves by less than
+        ``tol`` relatively to the previous epoch (as for
+        :class:`CollapsedDictionaryLearner`); 0 runs ``max_iter`` epochs.
+    inference_tol : float, default=1e-5
+        Stopping tolerance of the iterative inference (relative duality gap for
+        the soft threshold, relative change of the potentials for the hard one),
+        in fit and transform.
     threshold : {"soft", "hard"}, default="soft"
     positive_code : bool, default=False
         Non-negative codes (rectified LCA).
@@ -243,6 +247,7 @@ class LCASparseCoder(TrainedEstimatorMixin, BaseSparseCoder):
         "n_steps": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "fit_max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
         "tol": [Interval(numbers.Real, 0, None, closed="left")],
+        "inference_tol": [Interval(numbers.Real, 0, None, closed="left")],
         "threshold": [StrOptions({"soft", "hard"})],
         "positive_code": ["boolean"],
         "fit_algorithm": [StrOptions(set(solver_names(problem="lasso")))],
@@ -273,7 +278,8 @@ class LCASparseCoder(TrainedEstimatorMixin, BaseSparseCoder):
         max_iter=10,
         n_steps=None,
         fit_max_iter=100,
-        tol=1e-5,
+        tol=0.0,
+        inference_tol=1e-5,
         threshold="soft",
         positive_code=False,
         fit_algorithm="lca",
@@ -300,6 +306,7 @@ class LCASparseCoder(TrainedEstimatorMixin, BaseSparseCoder):
         self.n_steps = n_steps
         self.fit_max_iter = fit_max_iter
         self.tol = tol
+        self.inference_tol = inference_tol
         self.threshold = threshold
         self.positive_code = positive_code
         self.fit_algorithm = fit_algorithm
@@ -334,6 +341,8 @@ class LCASparseCoder(TrainedEstimatorMixin, BaseSparseCoder):
 
     # ------------------------------------------------------------------ training
     # ------------------------------------------------------------------ training
+    _epoch_tol_param = "tol"
+
     def _train_dtype(self, first):
         return None if first else self.components_.dtype
 
@@ -397,8 +406,8 @@ or an iterable of such minibatches
         return BlockEncoder(
             self.components_, self.transform_algorithm, device=device, dtype=dtype,
             alpha=self.alpha, n_nonzero_coefs=self.transform_n_nonzero_coefs,
-            positive=self.positive_code, max_iter=self.transform_max_iter, tol=self.tol,
-            tau=self.tau, threshold=self.threshold,
+            positive=self.positive_code, max_iter=self.transform_max_iter,
+            tol=self.inference_tol, tau=self.tau, threshold=self.threshold,
         )
 
     def _encode(self, Xb, encoder):

@@ -34,7 +34,7 @@ def test_algorithms_agree_with_sklearn_lasso_lars(problem, algorithm, rel):
     X, D = problem
     alpha = 0.5
     ref = SkSparseCoder(D, transform_algorithm="lasso_lars", transform_alpha=alpha).transform(X)
-    kw = {"max_iter": 5000} if algorithm in ("ista", "lca") else {}
+    kw = {"transform_max_iter": 5000} if algorithm in ("ista", "lca") else {}
     codes = SparseCoder(D, algorithm=algorithm, alpha=alpha, device="cpu", **kw).transform(X)
     o, o_ref = _obj(X, codes, D, alpha), _obj(X, ref, D, alpha)
     assert abs(o - o_ref) / o_ref < rel
@@ -167,7 +167,7 @@ def test_every_registered_solver_is_an_algorithm_and_encodes():
     ref = SparseCoder(D, alpha=0.2, device="cpu", sparse_output=False).fit_transform(X)
     for name in solver_names():
         coder = SparseCoder(D, algorithm=name, alpha=0.2, n_nonzero_coefs=2, tol=1e-9,
-                            max_iter=50000, device="cpu")
+                            transform_max_iter=50000, device="cpu")
         codes = coder.fit_transform(X)
         assert codes.shape == (5, 6)
         if name != "omp":  # every lasso solver reaches the exact codes

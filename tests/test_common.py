@@ -53,10 +53,6 @@ _SPARSE_CODER_XFAIL = {
         "n_features_in_ is defined by the fixed dictionary before fit, as for "
         "scikit-learn's SparseCoder"
     ),
-    "check_transformer_n_iter": (
-        "SparseCoder learns nothing, so fit has no iterations; max_iter bounds "
-        "the solver inside transform"
-    ),
 }
 
 

@@ -354,7 +354,20 @@ def test_exact_fit_algorithm_is_deterministic_and_matches_converged_lca():
     again = LCASparseCoder(fit_algorithm="exact", max_iter=2, **kw).fit(X)
     np.testing.assert_array_equal(est.components_, again.components_)
     # the exact codes solve the lasso the LCA converges to: same first step
-    lca = LCASparseCoder(fit_algorithm="lca", fit_max_iter=3000, tol=1e-10, max_iter=1,
+    lca = LCASparseCoder(fit_algorithm="lca", fit_max_iter=3000, inference_tol=1e-10, max_iter=1,
                          **kw).fit(X[:64])
     ex = LCASparseCoder(fit_algorithm="exact", max_iter=1, **kw).fit(X[:64])
     np.testing.assert_allclose(lca.components_, ex.components_, atol=1e-5)
+
+
+def test_tol_stops_fit_on_the_epoch_objective(rng):
+    X = rng.standard_normal((200, 8))
+    full = LCASparseCoder(n_components=8, alpha=0.3, max_iter=30, batch_size=50,
+                          random_state=0, device="cpu").fit(X)
+    assert full.n_iter_ == 30
+    early = LCASparseCoder(n_components=8, alpha=0.3, max_iter=30, batch_size=50, tol=1e-2,
+                           random_state=0, device="cpu").fit(X)
+    assert 2 <= early.n_iter_ < 30
+    c = early.loss_curve_
+    assert c[-2] - c[-1] < 1e-2 * abs(c[-2])
+    assert all(c[i - 1] - c[i] >= 1e-2 * abs(c[i - 1]) for i in range(1, len(c) - 1))
