@@ -18,8 +18,8 @@ One minibatch step:
 4. **Project** -- unit-norm atoms; atoms unused for ``dead_window`` rows are
    resampled from high-residual rows (:mod:`skdict.updates.atoms`).
 
-Training runs through :class:`skdict.training.Trainer`; ``_CollapsedLearner`` is
-one minibatch step and ``CollapsedState`` what it updates.
+Training runs through :class:`skdict.training.Trainer`; the step is
+:class:`skdict.training.collapsed.CollapsedLearner`.
 
 No object of size ``(n_samples, n_components)`` or ``(n_components,
 n_components)`` is formed: the largest are the ``(batch, tile_size)`` score
@@ -28,11 +28,8 @@ block, the ``(K, P)`` dictionary and ``B``, and the capped sparse ``A``.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
-from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -40,119 +37,15 @@ from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from ._backend import torch_dtype
-from ._validation import SHUFFLE_CONSTRAINT, check_dictionary
+from ._validation import SHUFFLE_CONSTRAINT
 from .base import BaseSparseCoder
 from .data.codes import Codes
 from .solvers.active_lstsq import active_lstsq
-from .solvers.decode import topk_decode
 from .solvers.routing import ClusterIndex, route_approx, route_topk
-from .training import TrainState
+from .training.collapsed import CollapsedLearner, CollapsedState, Routing
 from .training.estimator import TrainedEstimatorMixin
-from .updates import (
-    SparseStats,
-    dead_atoms,
-    forgetting_factor,
-    init_atoms,
-    refresh_atoms,
-    resample_dead_atoms,
-    update_since_used,
-)
 
 __all__ = ["CollapsedDictionaryLearner"]
-
-
-@dataclass
-class CollapsedState(TrainState):
-    """What :class:`CollapsedDictionaryLearner` trains: the float32 dictionary
-    ``D`` (K x P), its sparse statistics, the rows since each atom was last used,
-    the atoms resampled so far and the generator of the batch order, the index
-    and resampling."""
-
-    D: torch.Tensor = None
-    stats: SparseStats = None
-    since_used: torch.Tensor = None
-    n_resampled: int = 0
-    generator: torch.Generator = None
-
-    def state_dict(self):
-        out = TrainState.state_dict(dataclasses.replace(self, stats=None))
-        out["stats"] = self.stats.state_dict()
-        return out
-
-    @classmethod
-    def from_state_dict(cls, d, *, device=None, dtype=None):
-        d = dict(d)
-        stats = d.pop("stats")
-        state = super().from_state_dict(d, device=device, dtype=dtype)
-        state.stats = SparseStats.from_state_dict(stats, device=device or "cpu",
-                                                  dtype=dtype or torch.float32)
-        return state
-
-
-class _Routing(NamedTuple):
-    """What ``_encode`` routes with: the dictionary and, for approximate routing,
-    its cluster index and the atoms sorted by cluster."""
-
-    D: torch.Tensor
-    index: ClusterIndex | None
-    Dsorted: torch.Tensor | None
-
-
-class _CollapsedLearner:
-    """One minibatch of :class:`CollapsedDictionaryLearner`: route and code, add the
-    sparse statistics, refresh the touched atoms, resample the dead ones."""
-
-    dtype = np.float32
-
-    def __init__(self, est, device):
-        self.est = est
-        self.device = device
-        self.index = None  # approximate-routing index, rebuilt every index_refresh steps
-
-    def init_state(self, source, generator):
-        est, K, P = self.est, self.est.n_components, source.n_features
-        if est.dict_init is not None:
-            D0 = torch.as_tensor(check_dictionary(est.dict_init, "dict_init"))
-            D = init_atoms(K, P, init=D0, generator=generator, device=self.device,
-                           name="dict_init")
-        else:
-            rows = source.sample(K, generator=generator, device=self.device,
-                                 dtype=torch.float32)
-            D = init_atoms(K, P, rows=rows, generator=generator, device=self.device)
-        return CollapsedState(
-            D=D, stats=SparseStats(K, P, max_nnz=est._max_nnz(), device=self.device),
-            since_used=torch.zeros(K, dtype=torch.long, device=self.device),
-            generator=generator,
-        )
-
-    def step(self, state, Xb):
-        est, D = self.est, state.D
-        if est.routing == "approximate" and (
-            self.index is None or state.n_steps % est.index_refresh == 0
-        ):
-            self.index = est._build_index(D, state.generator)
-        Dsorted = D[self.index.order] if self.index is not None else None
-        routing = _Routing(D, self.index, Dsorted)
-        idx, vals = est._code(Xb, routing)
-        R = Xb - topk_decode(idx, vals, D)
-        mse = float((R.double() ** 2).mean())
-        if not math.isfinite(mse):
-            raise ValueError(
-                "The reconstruction error became non-finite; check the scale of X "
-                "(values too large for float32?)."
-            )
-        state.stats.update(Xb, idx, vals, forgetting_factor(state.n_steps, Xb.shape[0]))
-        touched = torch.unique(idx[vals != 0])
-        refresh_atoms(D, state.stats, touched,
-                      preconditioner="gershgorin" if est.positive_code else "jacobi")
-        used = torch.zeros(D.shape[0], dtype=torch.bool, device=D.device)
-        used[touched] = True
-        update_since_used(state.since_used, used, Xb.shape[0])
-        dead = dead_atoms(state.since_used, est._window())
-        state.n_resampled += int(resample_dead_atoms(
-            D, dead, R, generator=state.generator, stats=state.stats,
-            since_used=state.since_used).numel())
-        return {"loss": mse}
 
 
 class CollapsedDictionaryLearner(TrainedEstimatorMixin, BaseSparseCoder):
@@ -429,8 +322,8 @@ class CollapsedDictionaryLearner(TrainedEstimatorMixin, BaseSparseCoder):
         D = torch.as_tensor(np.asarray(self.components_), dtype=torch_dtype(dtype)).to(device)
         if self.routing == "approximate" and hasattr(self, "cluster_centers_"):
             index = _index_from_fitted(self, D)
-            return _Routing(D, index, D[index.order])
-        return _Routing(D, None, None)
+            return Routing(D, index, D[index.order])
+        return Routing(D, None, None)
 
     def _encode(self, Xb, routing):
         idx, vals = self._code(Xb, routing)
@@ -450,7 +343,7 @@ class CollapsedDictionaryLearner(TrainedEstimatorMixin, BaseSparseCoder):
         return np.float32  # all heavy state of the fit is float32
 
     def _make_learner(self, source, device, first):
-        return _CollapsedLearner(self, device)
+        return CollapsedLearner(self, device)
 
     def _resume_state(self, learner, device):
         return CollapsedState.from_state_dict(self._train_state, device=device,

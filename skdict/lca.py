@@ -3,115 +3,20 @@
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
 
 import torch
 from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from ._backend import torch_dtype
-from ._validation import SHUFFLE_CONSTRAINT, check_dictionary, check_n_nonzero_coefs
+from ._validation import SHUFFLE_CONSTRAINT, check_n_nonzero_coefs
 from .base import BaseSparseCoder
-from .functional import BlockEncoder, encode_block
-from .operators import DenseOperator
+from .functional import BlockEncoder
 from .solvers.registry import get_solver, solver_names
-from .training import TrainState
 from .training.estimator import TrainedEstimatorMixin
-from .updates import (
-    OnlineStats,
-    bcd_update,
-    dead_atoms,
-    forgetting_factor,
-    hebbian_update,
-    init_atoms,
-    resample_dead_atoms,
-    statistics_update,
-    update_since_used,
-)
+from .training.lca import LCALearner, LCAState
 
 __all__ = ["LCASparseCoder"]
-
-
-@dataclass
-class LCAState(TrainState):
-    """What :class:`LCASparseCoder` trains: the dictionary ``D`` (K x P), the
-    online statistics ``A`` (K x K) and ``B`` (K x P), the rows since each atom
-    was last used, the atoms resampled so far and the generator of the batch
-    order and of resampling."""
-
-    D: torch.Tensor = None
-    A: torch.Tensor = None
-    B: torch.Tensor = None
-    since_used: torch.Tensor = None
-    n_resampled: int = 0
-    generator: torch.Generator = None
-
-
-def _batch_objective(X, codes, D, alpha, threshold):
-    R = X - codes @ D
-    rss = 0.5 * (R * R).sum(1)
-    if threshold == "hard":
-        return rss + 0.5 * alpha**2 * (codes != 0).sum(1).to(X.dtype)
-    return rss + alpha * codes.abs().sum(1)
-
-
-class _LCALearner:
-    """One minibatch of :class:`LCASparseCoder`: codes by ``fit_algorithm``, then
-    the online (or Hebbian) dictionary update and dead-atom resampling."""
-
-    def __init__(self, est, n_components, device, dtype):
-        self.est = est
-        self.n_components = n_components
-        self.device = device
-        self.dtype = dtype
-
-    def init_state(self, source, generator):
-        est, K, P = self.est, self.n_components, source.n_features
-        tdtype = torch_dtype(self.dtype)
-        if est.dict_init is not None:
-            D = init_atoms(K, P, init=torch.as_tensor(check_dictionary(est.dict_init, "dict_init")),
-                           generator=generator, device=self.device, dtype=tdtype,
-                           name="dict_init")
-        else:
-            rows = source.sample(K, generator=generator, device=self.device, dtype=tdtype)
-            D = init_atoms(K, P, rows=rows, generator=generator, device=self.device,
-                           dtype=tdtype)
-        return LCAState(
-            D=D,
-            A=torch.zeros(K, K, dtype=tdtype, device=self.device),
-            B=torch.zeros(K, P, dtype=tdtype, device=self.device),
-            since_used=torch.zeros(K, dtype=torch.long, device=self.device),
-            generator=generator,
-        )
-
-    def step(self, state, Xb):
-        est, D = self.est, state.D
-        res = encode_block(
-            Xb, DenseOperator(D), algorithm=est.fit_algorithm, alpha=est.alpha,
-            positive=est.positive_code, max_iter=est.fit_max_iter, tol=est.inference_tol,
-            tau=est.tau, threshold=est.threshold, objective=est.threshold == "soft",
-        )
-        codes = res.codes
-        if res.objective is not None:  # the exact solver's by-product
-            loss = res.objective.mean()
-        else:
-            loss = _batch_objective(Xb, codes, D, est.alpha, est.threshold).mean()
-        b = Xb.shape[0]
-        if est.dict_update == "online":
-            beta = forgetting_factor(state.n_steps, b, est.forget_window)
-            statistics_update(state.A, state.B, codes, Xb, beta)
-            bcd_update(D, state.A, state.B)
-        else:
-            D = state.D = hebbian_update(D, Xb, codes, est.learning_rate)
-        update_since_used(state.since_used, (codes != 0).any(0), b)
-        if est.dead_window:
-            dead = dead_atoms(state.since_used, est.dead_window)
-            if bool(dead.any()):
-                idx = resample_dead_atoms(D, dead, Xb - codes @ D, generator=state.generator,
-                                          stats=OnlineStats(state.A, state.B),
-                                          since_used=state.since_used)
-                state.n_resampled += int(idx.numel())
-        return {"loss": loss, "n_iter": float(res.n_iter)}
 
 
 class LCASparseCoder(TrainedEstimatorMixin, BaseSparseCoder):
@@ -354,7 +259,7 @@ class LCASparseCoder(TrainedEstimatorMixin, BaseSparseCoder):
         if get_solver(self.transform_algorithm).problem == "l0":
             check_n_nonzero_coefs(self.transform_n_nonzero_coefs, K,
                                   "transform_n_nonzero_coefs")
-        return _LCALearner(self, K, device, source.dtype)
+        return LCALearner(self, K, device, source.dtype)
 
     def _resume_state(self, learner, device):
         return LCAState.from_state_dict(self._train_state, device=device,

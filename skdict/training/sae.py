@@ -1,0 +1,190 @@
+"""Training step of the sparse autoencoders (:class:`~skdict.KSparseAutoencoder`):
+the variant's forward pass (:mod:`skdict.encoders`), summed FVUs + penalty + AuxK,
+the decoder-gradient projection, a ``torch.optim`` step and unit-norm decoder rows."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..encoders.base import preactivations
+from ..losses import auxk_loss, batch_variance, fvu_loss
+from ..updates.atoms import dead_atoms, init_atoms, project_unit_norm, update_since_used
+from .optim import make_optimizer
+from .state import TrainState
+
+__all__ = ["AUTOCAST", "PARAMS", "SAELearner", "SAEState"]
+
+AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+#: the trained parameters of every variant (variants may add their own)
+PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
+# rows the initialisation (input scale, decoder bias) is estimated from
+_INIT_ROWS = 65536
+
+def _geometric_median(X, n_iter=50, eps=1e-8):
+    """Weiszfeld iterations for the geometric median of the rows of ``X``."""
+    y = X.mean(0)
+    for _ in range(n_iter):
+        d = torch.linalg.vector_norm(X - y, dim=1).clamp_min(eps)
+        w = 1.0 / d
+        y_new = (w[:, None] * X).sum(0) / w.sum()
+        done = float(torch.linalg.vector_norm(y_new - y)) < eps * (1 + float(y.norm()))
+        y = y_new
+        if done:
+            break
+    return y
+
+
+@dataclass
+class SAEState(TrainState):
+    """Training state of :class:`KSparseAutoencoder`.
+
+    ``params``: ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec`` and the variant's
+    extra learned tensors; ``buffers``: the variant's running state;
+    ``optimizer``: the ``torch.optim`` state dict (None before the first step);
+    ``generator``: CPU generator of the batch order; ``k_progress``: steps
+    counted by the ``k_schedule``.
+    """
+
+    params: dict = None
+    buffers: dict = None
+    optimizer: dict = None
+    tokens_since_fired: torch.Tensor = None
+    scale: float = 1.0
+    k_progress: int = 0
+    generator: torch.Generator = None
+
+
+class SAELearner:
+    """One training step of a sparse autoencoder, for :class:`Trainer`."""
+
+    def __init__(self, est, variant, device, dtype):
+        self.est = est
+        self.variant = variant
+        self.device = device
+        self.dtype = dtype
+        self.opt = None
+        self.k_schedule = copy.deepcopy(est.k_schedule)
+        self._pre_buf = {}
+
+    # ---------------------------------------------------------------- state
+    def init_state(self, source, generator):
+        est, K = self.est, self.est.n_components
+        td = self.dtype
+        X0 = source.sample(_INIT_ROWS, generator=generator, device=self.device, dtype=td)
+        d = X0.shape[1]
+        scale = 1.0
+        if est.normalize_input:
+            ms = float((X0.double() ** 2).sum(1).mean())
+            scale = math.sqrt(ms / d) if ms > 0 else 1.0
+        X0 = X0 / scale
+        W = init_atoms(K, d, method="gaussian", generator=generator, device=self.device,
+                       dtype=td)
+        if est.b_dec_init == "mean":
+            b_dec = X0.mean(0)
+        elif est.b_dec_init == "geometric_median":
+            b_dec = _geometric_median(X0)
+        else:
+            b_dec = X0.new_zeros(d)
+        P = {"W_enc": W.clone(), "b_enc": X0.new_zeros(K), "W_dec": W, "b_dec": b_dec}
+        P.update(self.variant.init_parameters(P, X0))
+        return SAEState(
+            params=P,
+            buffers=self.variant.init_buffers(P),
+            tokens_since_fired=torch.zeros(K, dtype=torch.long, device=self.device),
+            scale=float(scale),
+            generator=generator,
+        )
+
+    def _optimizer(self, state):
+        if self.opt is None:
+            # a fixed order: the optimizer state is matched to parameters by position
+            extra = sorted(k for k in state.params if k not in PARAMS)
+            params = [state.params[k] for k in (*PARAMS, *extra)]
+            for p in params:
+                p.requires_grad_(True)
+            self.opt = make_optimizer(self.est.optimizer, params, self.est._lr())
+            if state.optimizer is not None:
+                self.opt.load_state_dict(state.optimizer)
+        return self.opt
+
+    def finish(self, state):
+        """Write the optimizer's state into ``state`` after a run."""
+        if self.opt is not None:
+            state.optimizer = self.opt.state_dict()
+        for p in state.params.values():
+            p.requires_grad_(False)
+
+    # ---------------------------------------------------------------- step
+    def _pre(self, x, P):
+        """Detached encoder pre-activations (one reused (B, K) buffer)."""
+        with torch.no_grad():
+            if self.est.autocast is not None:
+                ac = AUTOCAST[self.est.autocast]
+                xc = (x - P["b_dec"]).to(ac)
+                return (xc @ P["W_enc"].to(ac).T).to(x.dtype) + P["b_enc"]
+            key = (x.shape[0], P["W_enc"].shape[0], x.dtype, x.device)
+            if self._pre_buf.get("key") != key:
+                self._pre_buf = {"key": key, "pre": torch.empty(key[0], key[1], dtype=key[2],
+                                                                device=key[3])}
+            return preactivations(x, P, out=self._pre_buf["pre"])
+
+    def _k(self, state):
+        if self.k_schedule is None:
+            return int(self.est.k)
+        k = round(self.k_schedule.value_at(state.k_progress))
+        return int(min(self.est.n_components, max(1, k)))
+
+    def step(self, state, Xb):
+        est, variant, P = self.est, self.variant, state.params
+        opt = self._optimizer(state)
+        x = Xb / state.scale if state.scale != 1.0 else Xb
+        B = x.shape[0]
+        k = self._k(state)
+        pre = self._pre(x, P) if variant.sparse else None
+        out = variant.forward(x, P, k, state.buffers, pre)
+        denom = batch_variance(x)
+        fvus = [fvu_loss(x, r, denom) for r in out.reconstructions]
+        x_hat = out.reconstructions[-1]
+        tsf = state.tokens_since_fired
+        aux = x.new_zeros(())
+        with torch.no_grad():
+            update_since_used(tsf, out.fired, B)
+            if est.dead_window:
+                dead = dead_atoms(tsf, est.dead_window)
+                dead_fraction = dead.to(x.dtype).mean()
+            else:
+                dead, dead_fraction = None, x.new_zeros(())
+        if dead is not None and variant.auxk and est.aux_coef > 0:
+            aux = auxk_loss(x, x_hat, pre, P, dead, self._k_aux(x))
+        loss = sum(fvus) + out.penalty + est.aux_coef * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            W, g = P["W_dec"], P["W_dec"].grad
+            if g is not None:  # keep the step tangent to the unit sphere of each row
+                g -= (g * W).sum(1, keepdim=True) * W
+        opt.step()
+        with torch.no_grad():
+            project_unit_norm(W, inplace=True)
+        if self.k_schedule is not None:
+            thr = self.k_schedule.accuracy_threshold
+            if thr is None or 1.0 - float(fvus[-1]) >= thr:
+                state.k_progress += 1
+        metrics = {
+            "loss": loss.detach(),
+            "fvu": fvus[-1].detach(),
+            "l0": out.l0,
+            "dead_fraction": dead_fraction,
+            "aux_loss": aux.detach(),
+            "k": float(k),
+        }
+        metrics.update(out.metrics)
+        return metrics
+
+    def _k_aux(self, x):
+        k_aux = self.est.k_aux
+        return int(k_aux) if k_aux is not None else max(1, x.shape[1] // 2)
