@@ -3,30 +3,16 @@
 import numpy as np
 import pytest
 import torch
+from _matrix_free import MatrixFree
 
 import skdict.operators.dense as dense_mod
 from skdict.functional import encode_codes
-from skdict.operators import DenseOperator, GramOperator, Operator, as_operator, power_iteration
+from skdict.operators import DenseOperator, GramOperator, as_operator, power_iteration
 
 
 def _D(K=30, P=12, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(K, P, generator=g, dtype=dtype)
-
-
-class MatrixFree(Operator):
-    """A dictionary known only through its maps (as a convolutional one would be)."""
-
-    def __init__(self, D):
-        self._D = D
-        self.n_atoms, self.n_features = D.shape
-        self.dtype, self.device = D.dtype, D.device
-
-    def forward(self, a):
-        return a @ self._D
-
-    def adjoint(self, x):
-        return x @ self._D.T
 
 
 def test_dense_adjoint_identity_and_normal():

@@ -9,10 +9,11 @@ positive codes, and operator-only solvers on a matrix-free operator.
 import numpy as np
 import pytest
 import torch
+from _matrix_free import MatrixFree
 from sklearn.linear_model import LassoLars, orthogonal_mp_gram
 
 from skdict.functional import encode_block
-from skdict.operators import DenseOperator, Operator
+from skdict.operators import DenseOperator
 from skdict.solvers import SolverResult, get_solver, register, solver_names
 
 LASSO = solver_names(problem="lasso")
@@ -122,21 +123,6 @@ def test_float32_in_float32_out(name):
         assert np.abs(o32 - o64).max() / o64.mean() < 1e-4
     else:
         np.testing.assert_allclose(r32.codes.numpy(), r64.codes.numpy(), rtol=0, atol=1e-4)
-
-
-class MatrixFree(Operator):
-    """forward / adjoint only (no Gram), as a convolutional operator."""
-
-    def __init__(self, D):
-        self._D = D
-        self.n_atoms, self.n_features = D.shape
-        self.dtype, self.device = D.dtype, D.device
-
-    def forward(self, a):
-        return a @ self._D
-
-    def adjoint(self, x):
-        return x @ self._D.T
 
 
 @pytest.mark.parametrize("name", ALL)
