@@ -89,9 +89,11 @@ def main(argv=None):
     est = LCASparseCoder(n_components=K, alpha=ALPHA, fit_algorithm="exact",
                          dict_update="online", dict_init=D0, batch_size=BATCH,
                          forget_window=args.forget_window or None, dead_window=0,
-                         random_state=0, device="cpu")
+                         shuffle=False, random_state=0, device="cpu")
     print(f"skdict: LCASparseCoder(fit_algorithm='exact', dict_update='online', "
           f"forget_window={args.forget_window})")
+    # the rows come in this (random) order, as SPAMS and scikit-learn get theirs:
+    # partial_fit reads them as given (shuffle=False)
     order = rng.permutation(Xtr.shape[0])
     sk_rows = []
     elapsed, step = 0.0, 0
