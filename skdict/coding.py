@@ -71,7 +71,7 @@ class SparseCoder(BaseSparseCoder):
         Number of atoms.
     n_features_in_ : int
         Number of features (the dictionary's width).
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Column names of ``X`` when it had string column names (a DataFrame).
 
     See Also

@@ -149,7 +149,7 @@ class CollapsedDictionaryLearner(TrainedEstimatorMixin, BaseSparseCoder):
         Number of atoms of the fitted model.
     n_features_in_ : int
         Number of features seen during ``fit``.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Column names of ``X`` when it had string column names (a DataFrame).
 
     Notes

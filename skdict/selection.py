@@ -140,7 +140,7 @@ class SparseTokenSelector(SparseCodingMixin, BaseEstimator):
     n_tokens_ : int
     n_features_in_ : int
         Number of features seen during ``fit``.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Column names of ``X`` when it had string column names (a DataFrame).
 
     See Also
