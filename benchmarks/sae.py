@@ -21,7 +21,7 @@ whole ``fit`` for skdict, initialisation included). The variant rows train skdic
 is the mean number of active latents per held-out token and "dead" the fraction of
 latents that did not fire in the last ``dead_window`` training tokens.
 
-SAELens (``pip install sae-lens "torch==2.13.0"``) is used when importable; otherwise its row says
+SAELens (in the ``bench`` extra) is used when importable; otherwise its row says
 why.
 """
 
