@@ -473,3 +473,24 @@ def test_exact_transform_with_nearly_collinear_atoms_is_certified():
     idx = np.argsort(A == 0, axis=1, kind="stable")  # non-zeros first
     val = np.take_along_axis(A, idx, 1)
     assert (_kkt_violation(C, G, idx, val, alpha, False) <= 1e-6).all()
+
+
+@pytest.mark.parametrize("pass_dtype", [np.float32, np.float64])
+def test_kernel_long_paths_with_many_drops_match_lasso_lars(pass_dtype):
+    # small alpha on a coherent dictionary: supports near the rank and paths with
+    # many drops (each downdates the Cholesky factor of the active Gram); every
+    # row certified on a fresh residual and at lasso_lars' objective
+    from skdict.solvers._kernels.lars import lars_lasso_rows
+
+    X, D, C, G = _problem(n=120, K=64, P=32, coherent=True, seed=5)
+    alpha = 0.004
+    idx, val, steps, ok = lars_lasso_rows(C.numpy(), G.numpy(), alpha, fresh_certificate=True,
+                                          pass_dtype=pass_dtype)
+    assert ok.all()
+    nnz = (val != 0).sum(1)
+    assert nnz.mean() > 25 and (steps - nnz).mean() > 10  # ~15 drops a row
+    A = np.zeros((len(X), D.shape[0]))
+    np.add.at(A, (np.arange(len(X))[:, None], idx), val)
+    ref = SkSparseCoder(D, transform_algorithm="lasso_lars", transform_alpha=alpha).transform(X)
+    o, o_ref = _obj(X, A, D, alpha), _obj(X, ref, D, alpha)
+    assert np.all((o - o_ref) / o_ref < 1e-9)
