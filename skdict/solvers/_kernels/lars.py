@@ -25,8 +25,8 @@ the caller can finish them with another solver.
 
 Cost per step (``m`` active atoms, ``K`` atoms): one triangular solve (``z =
 L^{-1} s_A`` is kept current as atoms join, so only ``L^T w = z`` is solved), about
-``m / 2 + 1`` vectorised passes over ``K`` for ``u = G[:, A] w`` (the first applies
-the previous move to the correlations, the middle ones add two columns each, the
+``m / 4 + 2`` vectorised passes over ``K`` for ``u = G[:, A] w`` (the first applies
+the previous move to the correlations, the middle ones add four columns each, the
 last flags the inactive atoms that could join before the level reaches
 ``alpha``: ``|c_k - (cmax - alpha) u_k| > alpha``), a bit scan that lists the
 flagged atoms, and exact step lengths for them only (about 4% of the atoms on
@@ -279,7 +279,19 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, cor
                 corr[k] -= gp * u[k]
                 u[k] = wi * gi[k]
             i = 1
-            while i + 1 < m - 1:  # two columns a pass: half the traffic on u
+            while i + 3 < m - 1:  # four columns a pass: a quarter of the traffic on u
+                w0 = wf[i]
+                w1 = wf[i + 1]
+                w2 = wf[i + 2]
+                w3 = wf[i + 3]
+                h0 = Gw[act[i]]
+                h1 = Gw[act[i + 1]]
+                h2 = Gw[act[i + 2]]
+                h3 = Gw[act[i + 3]]
+                for k in range(K):
+                    u[k] += (w0 * h0[k] + w1 * h1[k]) + (w2 * h2[k] + w3 * h3[k])
+                i += 4
+            if i + 1 < m - 1:
                 wi = wf[i]
                 wj = wf[i + 1]
                 gi = Gw[act[i]]
