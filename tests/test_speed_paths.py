@@ -204,6 +204,12 @@ def test_olshausen_metrics_recognise_a_gabor():
     assert s["Gabor-like"] == 1.0 and abs(s["median peak (cyc/patch)"] - 3.0) < 0.3
     noise = summarize(np.random.default_rng(0).standard_normal((20, 144)))
     assert noise["Gabor-like"] < 0.2
+    # the least-squares Gabor fit finds an oblique, elongated Gabor (any phase)
+    from benchmarks.olshausen import _gabor_basis, gabor_fit
+
+    q = [5.3, 6.2, np.log(1.3), np.log(2.4), 0.6, 0.2]
+    assert gabor_fit(_gabor_basis(q, 12) @ [0.7, -0.4]) > 0.97
+    assert gabor_fit(gabor) > 0.99
 
 
 @pytest.mark.parametrize("method", METHODS)
