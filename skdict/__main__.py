@@ -21,7 +21,7 @@ def main(argv=None):
         prog="python -m skdict",
         description="Olshausen-Field dictionary learning demo on natural image patches.",
     )
-    parser.add_argument("--n-patches", type=int, default=20000)
+    parser.add_argument("--n-patches", type=int, default=30000)
     parser.add_argument("--patch-size", type=int, default=12)
     parser.add_argument("--n-components", type=int, default=144)
     parser.add_argument("--alpha", type=float, default=0.3)
