@@ -6,6 +6,8 @@ Run::
     python -m benchmarks.encode                       # 20k rows, float64 + float32
     python -m benchmarks.encode --n-rows 100000 --repeats 3
     python -m benchmarks.encode --memory-rows 1000000 # + peak memory of a 1M-row transform
+    python -m benchmarks.encode --sweep               # vs SPAMS over alpha (L0 ~5-50) and rows
+    python -m benchmarks.encode --sweep --sweep-rows 1000 10000 100000 1000000
 
 Data: 8x8 mean-removed unit-norm patches of the images shipped with
 scikit-learn; a 256-atom dictionary learned on other patches (SPAMS ``trainDL``
@@ -207,6 +209,63 @@ def run_encode(args):
     return D
 
 
+# ---------------------------------------------------------------------- sweep
+def run_sweep(args, D):
+    """skdict exact vs SPAMS lasso over support sizes (alpha) and row counts."""
+    spams, why = import_spams()
+    print(f"\n## Sweep: exact encode vs SPAMS over alpha (mean support) and rows")
+    if spams is None:
+        print(why)
+        return
+    base = natural_patches(min(max(args.sweep_rows), 200_000), 8, seed=3)
+    rows = []
+    for alpha in args.sweep_alphas:
+        for dtype in args.dtypes:
+            dt = np.dtype(dtype)
+            Dd = D.astype(dt)
+            Df = np.asfortranarray(Dd.T)
+            from skdict import SparseCoder
+
+            coder = SparseCoder(Dd, alpha=alpha, device="cpu")
+            coder.transform(base[:2000].astype(dt))  # warm-up (kernel compiled or loaded)
+            for n in args.sweep_rows:
+                X = np.resize(base, (n, base.shape[1])).astype(dt)
+                Xf = np.asfortranarray(X.T)
+                fns = {
+                    "skdict": lambda: coder.transform(X),
+                    "SPAMS": lambda: spams.lasso(Xf, D=Df, lambda1=alpha, mode=2,
+                                                 numThreads=2).T.tocsr(),
+                }
+                # interleaved, best of `repeats` (one run from 500k rows up)
+                reps = max(1, args.repeats if n < 500_000 else 1)
+                best = {k: (float("inf"), None) for k in fns}
+                all_t = {k: [] for k in fns}
+                for _ in range(reps):
+                    for name, fn in fns.items():
+                        t, out = timed(fn, 1)
+                        all_t[name].append(t)
+                        if t < best[name][0]:
+                            best[name] = (t, out)
+                (ts, cs), (tp, cp) = best["skdict"], best["SPAMS"]
+                m = min(n, 20_000)  # objective check on the first rows
+                os_ = lasso_objective(X[:m], cs[:m], Dd, alpha).mean()
+                op = lasso_objective(X[:m], cp[:m], Dd, alpha).mean()
+                rows.append({"alpha": alpha, "dtype": dt.name, "rows": n, "L0": l0(cs),
+                             "skdict (s)": ts, "SPAMS (s)": tp, "vs SPAMS": ts / tp,
+                             "spread skdict": max(all_t["skdict"]) / ts - 1,
+                             "spread SPAMS": max(all_t["SPAMS"]) / tp - 1,
+                             "obj skdict - SPAMS (rel)": (os_ - op) / op})
+                print(f"  alpha {alpha} {dt.name} {n} rows: L0 {rows[-1]['L0']:.1f}, skdict "
+                      f"{ts:.3f} s, SPAMS {tp:.3f} s, ratio {ts / tp:.3f}", flush=True)
+    print_table(rows, ["alpha", "dtype", "rows", "L0", "skdict (s)", "SPAMS (s)", "vs SPAMS",
+                       "spread skdict", "spread SPAMS", "obj skdict - SPAMS (rel)"],
+                "Sweep: skdict exact / SPAMS lasso time (best of repeats; spread = worst/best - 1)")
+    worst = max(rows, key=lambda r: r["vs SPAMS"])
+    print(f"\nworst ratio {worst['vs SPAMS']:.3f} (alpha {worst['alpha']}, {worst['dtype']}, "
+          f"{worst['rows']} rows, L0 {worst['L0']:.1f}); target <= 0.5: "
+          f"{'met' if worst['vs SPAMS'] <= 0.5 else 'MISSED'}")
+
+
 # ---------------------------------------------------------------------- GPU
 def run_gpu(D, n_rows):
     print("\n## GPU: 1M-row encode throughput")
@@ -319,9 +378,22 @@ def main(argv=None):
     p.add_argument("--memory-rows", type=int, default=0,
                    help="rows of the memory measurement (0: skip; 1000000 for the target)")
     p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--sweep", action="store_true",
+                   help="the alpha x rows sweep against SPAMS (skips the main table)")
+    p.add_argument("--sweep-alphas", type=float, nargs="+", default=[0.3, 0.2, 0.1, 0.05, 0.03],
+                   help="alphas of the sweep (mean supports ~5 to ~50 on 8x8 patches)")
+    p.add_argument("--sweep-rows", type=int, nargs="+", default=[1000, 10000, 100000],
+                   help="row counts of the sweep (1000000 for the full target)")
     args = p.parse_args(argv)
     if args.memory_child:
         memory_child(int(args.memory_child[0]), args.memory_child[1])
+        return
+    if args.sweep:
+        print(f"# Encode sweep  ({machine_info()})")
+        X_train = natural_patches(args.n_train + args.n_rows + 1000, 8, seed=0)[: args.n_train]
+        D, how = learn_dictionary(X_train)
+        print(f"dictionary: {D.shape[0]} atoms by {how}")
+        run_sweep(args, D)
         return
     D = run_encode(args)
     run_gpu(D, args.gpu_rows)

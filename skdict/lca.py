@@ -20,10 +20,11 @@ __all__ = ["LCASparseCoder"]
 
 
 class LCASparseCoder(TrainedEstimatorMixin, BaseSparseCoder):
-    """Sparse coding with a learned dictionary and LCA inference.
+    """Sparse coding with a learned dictionary, by exact lasso or LCA inference.
 
-    ``fit`` alternates, over minibatches, LCA inference of the codes (Rozell et
-    al. 2008) with a dictionary update: the online block-coordinate update of
+    ``fit`` alternates, over minibatches, inference of the codes (by default the
+    exact lasso codes of the homotopy solver; ``fit_algorithm="lca"`` runs the
+    Locally Competitive Algorithm of Rozell et al. 2008) with a dictionary update: the online block-coordinate update of
     Mairal et al. (2010) on the sufficient statistics ``A = sum a^T a``,
     ``B = sum a^T x`` (``dict_update="online"``, default), or the Hebbian
     gradient step of Olshausen & Field (1996) (``dict_update="sgd"``). Atoms are
@@ -63,13 +64,17 @@ class LCASparseCoder(TrainedEstimatorMixin, BaseSparseCoder):
     threshold : {"soft", "hard"}, default="soft"
     positive_code : bool, default=False
         Non-negative codes (rectified LCA).
-    fit_algorithm : {"lca", "exact", "fista", "ista"}, default="lca"
+    fit_algorithm : {"auto", "lca", "exact", "fista", "ista"}, default="auto"
         Inference used on each minibatch during ``fit`` / ``partial_fit``.
         ``"exact"`` (soft threshold only) gives the exact lasso codes with the
-        active-set solver, which on natural images is much faster than running
-        LCA to convergence (see ``benchmarks/fit.py``).
-    transform_algorithm : {"lca", "exact", "fista", "ista", "omp"}, default="lca"
-        Encoder used by ``transform`` and ``score``.
+        homotopy / active-set solver, which on natural images is much faster
+        than running LCA to convergence and gives a better dictionary per
+        minibatch (see ``benchmarks/fit.py``). ``"auto"`` is ``"exact"`` for
+        ``threshold="soft"`` and ``"lca"`` for ``"hard"`` (the only algorithm for
+        L0-type codes).
+    transform_algorithm : {"auto", "lca", "exact", "fista", "ista", "omp"}, default="auto"
+        Encoder used by ``transform`` and ``score``; ``"auto"`` as for
+        ``fit_algorithm`` (exact lasso codes for the soft threshold).
     transform_max_iter : int, default=1000
         Iterations of the iterative transform algorithms.
     transform_n_nonzero_coefs : int, default=None
@@ -155,8 +160,8 @@ class LCASparseCoder(TrainedEstimatorMixin, BaseSparseCoder):
         "inference_tol": [Interval(numbers.Real, 0, None, closed="left")],
         "threshold": [StrOptions({"soft", "hard"})],
         "positive_code": ["boolean"],
-        "fit_algorithm": [StrOptions(set(solver_names(problem="lasso")))],
-        "transform_algorithm": [StrOptions(set(solver_names()))],
+        "fit_algorithm": [StrOptions(set(solver_names(problem="lasso")) | {"auto"})],
+        "transform_algorithm": [StrOptions(set(solver_names()) | {"auto"})],
         "transform_max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
         "transform_n_nonzero_coefs": [
             Interval(numbers.Integral, 1, None, closed="left"),
@@ -187,8 +192,8 @@ class LCASparseCoder(TrainedEstimatorMixin, BaseSparseCoder):
         inference_tol=1e-5,
         threshold="soft",
         positive_code=False,
-        fit_algorithm="lca",
-        transform_algorithm="lca",
+        fit_algorithm="auto",
+        transform_algorithm="auto",
         transform_max_iter=1000,
         transform_n_nonzero_coefs=None,
         dict_init=None,
@@ -231,14 +236,28 @@ class LCASparseCoder(TrainedEstimatorMixin, BaseSparseCoder):
         self.verbose = verbose
         self.sparse_output = sparse_output
 
+    def _resolved(self, algorithm):
+        """``"auto"``: exact lasso codes for the soft threshold, LCA for the hard one."""
+        if algorithm != "auto":
+            return algorithm
+        return "lca" if self.threshold == "hard" else "exact"
+
+    @property
+    def _fit_algorithm(self):
+        return self._resolved(self.fit_algorithm)
+
+    @property
+    def _transform_algorithm(self):
+        return self._resolved(self.transform_algorithm)
+
     def _check_params(self):
         """Cross-parameter checks (ValueError saying what to change)."""
-        if self.threshold == "hard" and self.transform_algorithm not in ("lca", "omp"):
+        if self.threshold == "hard" and self._transform_algorithm not in ("lca", "omp"):
             raise ValueError(
                 "threshold='hard' codes are L0-type and only transform_algorithm='lca' "
                 f"or 'omp' can reproduce them; got {self.transform_algorithm!r}."
             )
-        if self.threshold == "hard" and self.fit_algorithm != "lca":
+        if self.threshold == "hard" and self._fit_algorithm != "lca":
             raise ValueError(
                 "threshold='hard' is only supported by fit_algorithm='lca'; got "
                 f"{self.fit_algorithm!r}."
@@ -256,7 +275,7 @@ class LCASparseCoder(TrainedEstimatorMixin, BaseSparseCoder):
             K = self.n_components if self.n_components is not None else source.n_features
         else:
             K = self.components_.shape[0]
-        if get_solver(self.transform_algorithm).problem == "l0":
+        if get_solver(self._transform_algorithm).problem == "l0":
             check_n_nonzero_coefs(self.transform_n_nonzero_coefs, K,
                                   "transform_n_nonzero_coefs")
         return LCALearner(self, K, device, source.dtype)
@@ -309,7 +328,7 @@ or an iterable of such minibatches
     # ------------------------------------------------------------------ transform
     def _transform_state(self, device, dtype):
         return BlockEncoder(
-            self.components_, self.transform_algorithm, device=device, dtype=dtype,
+            self.components_, self._transform_algorithm, device=device, dtype=dtype,
             alpha=self.alpha, n_nonzero_coefs=self.transform_n_nonzero_coefs,
             positive=self.positive_code, max_iter=self.transform_max_iter,
             tol=self.inference_tol, tau=self.tau, threshold=self.threshold,

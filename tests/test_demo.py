@@ -17,6 +17,6 @@ def test_demo_runs_and_reports_steady_state_and_first_call(tmp_path, capsys):
                   r"first call ([\d.]+) s", text)
     assert m and int(m.group(1)) == 80
     assert "mean L0 = " in text and out.stat().st_size > 0
-    # one epoch: one mean objective, a lasso objective of unit-variance patches
+    # one epoch: one mean objective (a positive lasso objective)
     m = re.search(r"epoch objective: ([\d.]+)\n", text)
     assert m and float(m.group(1)) > 0

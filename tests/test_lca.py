@@ -32,11 +32,14 @@ def planted():
 @pytest.fixture(scope="module")
 def fitted(planted):
     X, _ = planted
+    # LCA inference in fit and transform (the default is the exact lasso)
     return LCASparseCoder(
         n_components=24,
         alpha=0.1,
         max_iter=4,
         batch_size=128,
+        fit_algorithm="lca",
+        transform_algorithm="lca",
         fit_max_iter=50,
         random_state=0,
         device="cpu",
@@ -371,3 +374,23 @@ def test_tol_stops_fit_on_the_epoch_objective(rng):
     c = early.loss_curve_
     assert c[-2] - c[-1] < 1e-2 * abs(c[-2])
     assert all(c[i - 1] - c[i] >= 1e-2 * abs(c[i - 1]) for i in range(1, len(c) - 1))
+
+
+def test_default_algorithms_are_the_exact_lasso_and_lca_for_hard_threshold(planted):
+    X, _ = planted
+    X = X[:256]
+    kw = dict(n_components=8, alpha=0.2, max_iter=1, batch_size=128, random_state=0,
+              device="cpu")
+    est = LCASparseCoder(**kw).fit(X)
+    assert est.fit_algorithm == "auto" and est.transform_algorithm == "auto"
+    # "auto" is the exact solver: the same codes (and the same fit) as asking for it
+    exact = LCASparseCoder(fit_algorithm="exact", transform_algorithm="exact", **kw).fit(X)
+    np.testing.assert_array_equal(est.components_, exact.components_)
+    ref = SparseCoder(est.components_, alpha=0.2, device="cpu").transform(X).toarray()
+    np.testing.assert_array_equal(est.transform(X).toarray(), ref)
+    # the hard threshold has only LCA: "auto" resolves to it in fit and transform
+    hard = LCASparseCoder(threshold="hard", fit_max_iter=20, **kw).fit(X)
+    lca = LCASparseCoder(threshold="hard", fit_max_iter=20, fit_algorithm="lca",
+                         transform_algorithm="lca", **kw).fit(X)
+    np.testing.assert_array_equal(hard.components_, lca.components_)
+    np.testing.assert_array_equal(hard.transform(X).toarray(), lca.transform(X).toarray())

@@ -204,6 +204,12 @@ def test_olshausen_metrics_recognise_a_gabor():
     assert s["Gabor-like"] == 1.0 and abs(s["median peak (cyc/patch)"] - 3.0) < 0.3
     noise = summarize(np.random.default_rng(0).standard_normal((20, 144)))
     assert noise["Gabor-like"] < 0.2
+    # the least-squares Gabor fit finds an oblique, elongated Gabor (any phase)
+    from benchmarks.olshausen import _gabor_basis, gabor_fit
+
+    q = [5.3, 6.2, np.log(1.3), np.log(2.4), 0.6, 0.2]
+    assert gabor_fit(_gabor_basis(q, 12) @ [0.7, -0.4]) > 0.97
+    assert gabor_fit(gabor) > 0.99
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -473,3 +479,24 @@ def test_exact_transform_with_nearly_collinear_atoms_is_certified():
     idx = np.argsort(A == 0, axis=1, kind="stable")  # non-zeros first
     val = np.take_along_axis(A, idx, 1)
     assert (_kkt_violation(C, G, idx, val, alpha, False) <= 1e-6).all()
+
+
+@pytest.mark.parametrize("pass_dtype", [np.float32, np.float64])
+def test_kernel_long_paths_with_many_drops_match_lasso_lars(pass_dtype):
+    # small alpha on a coherent dictionary: supports near the rank and paths with
+    # many drops (each downdates the Cholesky factor of the active Gram); every
+    # row certified on a fresh residual and at lasso_lars' objective
+    from skdict.solvers._kernels.lars import lars_lasso_rows
+
+    X, D, C, G = _problem(n=120, K=64, P=32, coherent=True, seed=5)
+    alpha = 0.004
+    idx, val, steps, ok = lars_lasso_rows(C.numpy(), G.numpy(), alpha, fresh_certificate=True,
+                                          pass_dtype=pass_dtype)
+    assert ok.all()
+    nnz = (val != 0).sum(1)
+    assert nnz.mean() > 25 and (steps - nnz).mean() > 10  # ~15 drops a row
+    A = np.zeros((len(X), D.shape[0]))
+    np.add.at(A, (np.arange(len(X))[:, None], idx), val)
+    ref = SkSparseCoder(D, transform_algorithm="lasso_lars", transform_alpha=alpha).transform(X)
+    o, o_ref = _obj(X, A, D, alpha), _obj(X, ref, D, alpha)
+    assert np.all((o - o_ref) / o_ref < 1e-9)

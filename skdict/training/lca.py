@@ -83,7 +83,7 @@ class LCALearner:
     def step(self, state, Xb):
         est, D = self.est, state.D
         res = encode_block(
-            Xb, DenseOperator(D), algorithm=est.fit_algorithm, alpha=est.alpha,
+            Xb, DenseOperator(D), algorithm=est._fit_algorithm, alpha=est.alpha,
             positive=est.positive_code, max_iter=est.fit_max_iter, tol=est.inference_tol,
             tau=est.tau, threshold=est.threshold, objective=est.threshold == "soft",
         )
