@@ -40,7 +40,7 @@ from ._backend import torch_dtype
 from ._validation import SHUFFLE_CONSTRAINT
 from .base import BaseSparseCoder
 from .data.codes import Codes
-from .solvers.active_lstsq import active_lstsq
+from .solvers.active_lstsq import active_gram, active_lstsq
 from .solvers.routing import ClusterIndex, route_approx, route_topk
 from .training.collapsed import CollapsedLearner, CollapsedState, Routing
 from .training.estimator import TrainedEstimatorMixin
@@ -309,12 +309,20 @@ class CollapsedDictionaryLearner(TrainedEstimatorMixin, BaseSparseCoder):
         D = routing.D
         idx = self._route(Xb, routing)
         s = self.n_nonzero_coefs
+        G = c = None
         if idx.shape[1] > s:  # prune the candidates to the s largest LS coefficients
-            v = active_lstsq(Xb, D, idx, positive=self.positive_code).codes
+            G, c = active_gram(Xb, D, idx)
+            v = active_lstsq(Xb, D, idx, positive=self.positive_code, G=G, c=c).codes
             key = v if self.positive_code else v.abs()
-            idx = idx.gather(1, key.topk(s, dim=1).indices)
+            pos = key.topk(s, dim=1).indices
+            idx = idx.gather(1, pos)
+            # the kept atoms' Gram is a sub-block of the candidates'
+            m = G.shape[1]
+            G = G.gather(1, pos[:, :, None].expand(-1, s, m)).gather(
+                2, pos[:, None, :].expand(-1, s, s))
+            c = c.gather(1, pos)
         vals = active_lstsq(
-            Xb, D, idx, positive=self.positive_code, alpha=self.alpha
+            Xb, D, idx, positive=self.positive_code, alpha=self.alpha, G=G, c=c
         ).codes
         return idx, vals
 

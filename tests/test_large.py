@@ -41,14 +41,36 @@ def test_route_topk_matches_dense(tile_size, positive):
     torch.testing.assert_close(v, v0)
 
 
-def test_route_topk_group_selection_is_exact():
-    # tiles divisible by the group size take the two-stage selection path
+@pytest.mark.parametrize("positive", [False, True])
+def test_route_topk_group_selection_is_exact(positive):
+    # the device-agnostic path (GPU): tiles divisible by the group size take the
+    # two-stage selection
+    from skdict.solvers.routing import _route_topk_torch
+
     D = _dict(1024, 8, seed=1)
     X = torch.randn(200, 8, dtype=torch.float64)
     for s in (1, 4, 16):
-        _, i = route_topk(X, D, s, tile_size=512, group=16)
-        _, i0 = route_dense(X, D, s)
-        assert torch.equal(i, i0)
+        for tile in (512, 100):
+            v, i = _route_topk_torch(X, D, s, tile, positive, 16)
+            v0, i0 = route_dense(X, D, s, positive=positive)
+            assert torch.equal(i, i0)
+            torch.testing.assert_close(v, v0)
+
+
+def test_running_topk_kernel_float32():
+    from skdict.solvers._kernels.select import running_topk
+
+    g = torch.Generator().manual_seed(3)
+    S = torch.randn(64, 500, generator=g)
+    hv = torch.full((64, 7), float("-inf"))
+    hi = torch.zeros((64, 7), dtype=torch.long)
+    for c0 in range(0, 500, 120):  # tiles of a wider score matrix
+        running_topk(S[:, c0:c0 + 120].contiguous().numpy(), c0, hv.numpy(), hi.numpy(),
+                     absval=True)
+    v, order = hv.sort(1, descending=True)
+    v0, i0 = S.abs().topk(7, dim=1)
+    assert torch.equal(hi.gather(1, order), i0)
+    torch.testing.assert_close(v, v0)
 
 
 def test_route_topk_rejects_bad_s():

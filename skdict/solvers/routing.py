@@ -90,6 +90,15 @@ def route_topk(
     if not 1 <= s <= K:
         raise ValueError(f"s={s} must be between 1 and the number of atoms {K}.")
     tile_size = max(int(tile_size), 1)
+    if X.device.type == "cpu" and X.dtype in (torch.float32, torch.float64):
+        return _route_topk_cpu(X, D, s, tile_size, positive)
+    return _route_topk_torch(X, D, s, tile_size, positive, group)
+
+
+def _route_topk_torch(X, D, s, tile_size, positive, group):
+    """Device-agnostic path of :func:`route_topk`: per tile, the two-stage exact
+    selection, merged into the running top-s."""
+    n, K = X.shape[0], D.shape[0]
     best_v = torch.full((n, 0), -math.inf, dtype=X.dtype, device=X.device)
     best_i = torch.zeros((n, 0), dtype=torch.long, device=X.device)
     buf = None
@@ -112,6 +121,27 @@ def route_topk(
         best_i = i.gather(1, loc)
     best_v, order = best_v.sort(dim=1, descending=True)
     return best_v, best_i.gather(1, order)
+
+
+def _route_topk_cpu(X, D, s, tile_size, positive):
+    """CPU path of :func:`route_topk`: each GEMM tile is merged into per-row heaps
+    by one compiled pass (:func:`~skdict.solvers._kernels.select.running_topk`)."""
+    from ._kernels.select import running_topk
+
+    n, K = X.shape[0], D.shape[0]
+    hv = torch.full((n, s), -math.inf, dtype=X.dtype)
+    hi = torch.zeros((n, s), dtype=torch.long)
+    hvn, hin = hv.numpy(), hi.numpy()
+    X = X.detach().contiguous()
+    buf = None
+    for k0 in range(0, K, tile_size):
+        k1 = min(K, k0 + tile_size)
+        if buf is None or buf.shape[1] != k1 - k0:
+            buf = torch.empty((n, k1 - k0), dtype=X.dtype)
+        torch.matmul(X, D[k0:k1].detach().T, out=buf)
+        running_topk(buf.numpy(), k0, hvn, hin, absval=not positive)
+    best_v, order = hv.sort(dim=1, descending=True)
+    return best_v, hi.gather(1, order)
 
 
 class ClusterIndex:

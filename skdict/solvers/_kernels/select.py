@@ -93,3 +93,53 @@ def kth_largest(X, k):
     if n:
         _kth_rows(X, int(k), thr, ties)
     return thr, ties
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _sift_down(hv, hi, pos, m):
+    """Restore the min-heap ``hv[:m]`` (with payload ``hi``) below ``pos``."""
+    v, i = hv[pos], hi[pos]
+    while True:
+        c = 2 * pos + 1
+        if c >= m:
+            break
+        if c + 1 < m and hv[c + 1] < hv[c]:
+            c += 1
+        if hv[c] >= v:
+            break
+        hv[pos] = hv[c]
+        hi[pos] = hi[c]
+        pos = c
+    hv[pos] = v
+    hi[pos] = i
+
+
+@njit(cache=True, parallel=True, nogil=True, fastmath=True)
+def _heap_rows(S, col0, absval, hv, hi):
+    n, t = S.shape
+    m = hv.shape[1]
+    for r in prange(n):
+        row_v = hv[r]
+        row_i = hi[r]
+        floor = row_v[0]
+        for j in range(t):
+            x = S[r, j]
+            if absval:
+                x = abs(x)
+            if x > floor:
+                row_v[0] = x
+                row_i[0] = col0 + j
+                _sift_down(row_v, row_i, 0, m)
+                floor = row_v[0]
+
+
+def running_topk(S, col0, values, indices, *, absval):
+    """Merge the columns of a score block into each row's running top-``m``, in place.
+
+    ``values`` / ``indices`` (n, m) are per-row min-heaps (start them at ``-inf``
+    and any index); column ``j`` of ``S`` is the global column ``col0 + j``; with
+    ``absval`` the key is ``|S|``. One pass over ``S``: an entry below the row's
+    current ``m``-th best costs one comparison. Reference: ``torch.topk`` of the
+    concatenated columns (tests/test_large.py).
+    """
+    _heap_rows(S, int(col0), bool(absval), values, indices)
