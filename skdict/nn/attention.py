@@ -125,6 +125,8 @@ def sparse_weights(scores, method="topk", *, alpha=1.0, k=None, empty="argmax"):
     return torch.zeros_like(scores).scatter(-1, idx, w)
 
 
+# key blocks per query at least (block_size shrinks for small budgets)
+MIN_BLOCKS = 4
 # "auto" preselection: candidates per budget key, and the shortest key sequence
 PRESELECT_FACTOR = 4
 PRESELECT_MIN_KEYS = 4096
@@ -183,8 +185,9 @@ def sparse_attention(
         ``floor(k / block_size)`` best and attends with an exact softmax over
         every allowed key inside them (a gather and a batched matmul: the
         scores of one chunk are ``(block_size, kept keys)`` per query block,
-        never ``L x S``). With a budget below ``block_size`` the blocks shrink
-        to ``k`` keys. Under ``is_causal`` the diagonal block is always kept.
+        never ``L x S``). With a budget below ``4 * block_size`` the blocks
+        shrink to ``floor(k / 4)`` keys (at least 4 blocks per query). Under
+        ``is_causal`` the diagonal block is always kept.
         No budget keeps every block: dense softmax attention.
     alpha, empty
         See :func:`sparse_weights`.
@@ -637,7 +640,8 @@ def _block_attention(query, key, value, attn_mask, *, k, block_size, is_causal, 
         else:
             full_add = full_mask.to(q.dtype)
             full_valid = full_add > float("-inf")
-    bs = max(1, min(int(block_size), int(candidates)))
+    # blocks shrink so that at least MIN_BLOCKS of them fit in the budget
+    bs = max(1, min(int(block_size), int(candidates) // MIN_BLOCKS or 1))
     nq, nk = -(-L // bs), -(-S // bs)
     n_blocks = nk if int(candidates) >= S else max(1, int(candidates) // bs)
     block_allowed = None
