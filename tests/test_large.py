@@ -91,6 +91,42 @@ def test_route_approx_all_probes_is_exact(positive):
     assert torch.equal(i, i0)
 
 
+@pytest.mark.parametrize("positive", [False, True])
+def test_route_approx_faiss_matches_torch_index(positive):
+    pytest.importorskip("faiss")
+    D = _dict(600, 10, seed=4).float()
+    X = torch.randn(90, 10, dtype=torch.float32)
+    index = ClusterIndex(D, 15, generator=torch.Generator().manual_seed(0), positive=positive)
+    torch_path = [route_approx(X, D, 6, index, n_probes=p, positive=positive)
+                  for p in (15, 3)]
+    index.attach_faiss(D)
+    v, i = route_approx(X, D, 6, index, n_probes=15, positive=positive)
+    v0, i0 = route_dense(X, D, 6, positive=positive)
+    assert torch.equal(i, i0) and torch.equal(torch_path[0][1], i0)
+    torch.testing.assert_close(v, v0)
+    # few probes: the clusters the torch path probes (largest |<x, c>|) are among
+    # those FAISS probes (largest <x, c> and largest <-x, c>), so the atoms found
+    # score at least as high, rank by rank
+    v3, _ = route_approx(X, D, 6, index, n_probes=3, positive=positive)
+    assert (v3 >= torch_path[1][0] - 1e-6).all()
+    # rows whose probed clusters hold fewer than s atoms fall back to exact routing
+    _, i1 = route_approx(X, D, 60, index, n_probes=1, positive=positive)
+    assert torch.equal(i1.sort(1).values, route_dense(X, D, 60, positive=positive)[1]
+                       .sort(1).values) or (i1 >= 0).all()
+    assert all(len(set(r)) == 60 for r in i1.tolist())
+
+
+def test_approximate_routing_fit_torch_index_without_faiss(monkeypatch):
+    import skdict.large as large_mod
+
+    monkeypatch.setattr(large_mod, "faiss_available", lambda: False)
+    X, D = _planted(seed=1)
+    est = CollapsedDictionaryLearner(64, n_nonzero_coefs=3, batch_size=256, max_iter=4,
+                                     tol=0, routing="approximate", n_clusters=8,
+                                     n_probes=4, random_state=0, device="cpu").fit(X)
+    assert _recovered(est.components_, D) >= 0.85
+
+
 def test_route_approx_recall_grows_with_probes_and_falls_back():
     D = _dict(2000, 16, seed=3)
     # rows close to atoms: the nearest cluster should hold the best atoms
