@@ -1,12 +1,15 @@
-"""Compiled CPU kernel: the ``k``-th largest value of every row, by quickselect.
+"""Compiled CPU selection kernels, each tested against a torch reference.
 
-``torch.topk`` on CPU sorts (or heap-selects) each row and returns indices, which
-for a budget that is a sizeable share of the row (top 1638 of 3276 candidates in
-block-preselected attention) costs several times the attention's own softmax. A
-threshold is all a masked softmax needs: an in-place Hoare quickselect on a
-per-thread copy of the row finds it in linear expected time, parallel over rows.
-
-Reference: ``torch.topk(x, k).values[..., -1]`` (tests/test_nn_attention.py).
+* :func:`kth_largest` -- the ``k``-th largest value of every row, by quickselect.
+  ``torch.topk`` on CPU sorts (or heap-selects) each row and returns indices,
+  which for a budget that is a sizeable share of the row (top 1638 of 6552
+  candidates in block-preselected attention) costs several times the
+  attention's own softmax; a threshold is all a masked softmax needs.
+  Reference: ``torch.topk(x, k).values[..., -1]``.
+* :func:`running_topk` -- per-row top-``m`` heaps merged with a score block in
+  one pass (exact routing of large dictionaries). Reference: ``torch.topk``.
+* :func:`active_gram_rows` -- the per-row Gram of a few atoms read in place.
+  Reference: :func:`skdict.solvers.active_lstsq.active_gram`'s torch path.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["kth_largest"]
+__all__ = ["kth_largest", "running_topk", "active_gram_rows"]
 
 
 @njit(cache=True, nogil=True, fastmath=False)
@@ -143,3 +146,36 @@ def running_topk(S, col0, values, indices, *, absval):
     concatenated columns (tests/test_large.py).
     """
     _heap_rows(S, int(col0), bool(absval), values, indices)
+
+
+@njit(cache=True, parallel=True, nogil=True, fastmath=True)
+def _active_gram_rows(X, D, idx, G, c):
+    n, s = idx.shape
+    P = D.shape[1]
+    for r in prange(n):
+        zero = D[0, 0] * 0  # accumulate in D's dtype (vectorised)
+        for a in range(s):
+            da = idx[r, a]
+            acc = zero
+            for p in range(P):
+                acc += D[da, p] * X[r, p]
+            c[r, a] = acc
+            for b in range(a + 1):
+                db = idx[r, b]
+                acc = zero
+                for p in range(P):
+                    acc += D[da, p] * D[db, p]
+                G[r, a, b] = acc
+                G[r, b, a] = acc
+
+
+def active_gram_rows(X, D, idx):
+    """Per-row Gram ``D_S D_S^T`` (n, s, s) and ``D_S x`` (n, s) of the atoms
+    ``idx`` (n, s), read in place from ``D`` (no ``(n, s, P)`` gather).
+    Reference: :func:`skdict.solvers.active_lstsq.active_gram` (torch)."""
+    n, s = idx.shape
+    G = np.empty((n, s, s), dtype=D.dtype)
+    c = np.empty((n, s), dtype=D.dtype)
+    if n:
+        _active_gram_rows(X, D, idx, G, c)
+    return G, c

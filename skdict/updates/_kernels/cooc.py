@@ -2,11 +2,11 @@
 :class:`skdict.updates.SparseStats`: ``(A - diag(A)) @ D`` on the touched atoms.
 
 ``A``'s off-diagonal part is stored as its coalesced upper triangle (row-major
-COO). A general sparse product visits every stored entry for every output row
-and (scipy) converts to CSR first; the dictionary update needs only the rows of
-the atoms it refreshes. Each entry ``(r, c, v)`` adds ``v d_c`` to row ``r`` and
-``v d_r`` to row ``c`` when those atoms are refreshed; threads split the
-feature columns, so no two threads write the same element.
+COO); the dictionary update needs only the rows of the atoms it refreshes. One
+serial counting pass groups the symmetric entries of those rows by output row
+(a CSR of the wanted rows only), then the rows are computed in parallel, each
+by one thread reading its neighbours' atoms sequentially (no scattered writes,
+no sort).
 Reference: :meth:`skdict.updates.SparseStats.offdiag_matmul` (torch path).
 """
 
@@ -18,25 +18,43 @@ from numba import njit, prange
 __all__ = ["offdiag_rows_matmul"]
 
 
+@njit(cache=True, nogil=True)
+def _group(rows, cols, vals, slot, m):
+    """The symmetric entries of the wanted rows, grouped by output row (CSR)."""
+    ptr = np.zeros(m + 1, dtype=np.int64)
+    for e in range(vals.shape[0]):
+        if slot[rows[e]] >= 0:
+            ptr[slot[rows[e]] + 1] += 1
+        if slot[cols[e]] >= 0:
+            ptr[slot[cols[e]] + 1] += 1
+    for i in range(m):
+        ptr[i + 1] += ptr[i]
+    fill = ptr[:-1].copy()
+    nbr = np.empty(ptr[m], dtype=np.int64)
+    w = np.empty(ptr[m], dtype=vals.dtype)
+    for e in range(vals.shape[0]):
+        sr = slot[rows[e]]
+        if sr >= 0:
+            nbr[fill[sr]] = cols[e]
+            w[fill[sr]] = vals[e]
+            fill[sr] += 1
+        sc = slot[cols[e]]
+        if sc >= 0:
+            nbr[fill[sc]] = rows[e]
+            w[fill[sc]] = vals[e]
+            fill[sc] += 1
+    return ptr, nbr, w
+
+
 @njit(cache=True, parallel=True, nogil=True, fastmath=True)
-def _kernel(rows, cols, vals, D, slot, out, n_parts):
+def _rows_product(ptr, nbr, w, D, out):
     P = D.shape[1]
-    step = (P + n_parts - 1) // n_parts
-    for part in prange(n_parts):
-        p0 = part * step
-        p1 = min(P, p0 + step)
-        for e in range(vals.shape[0]):
-            r = rows[e]
-            c = cols[e]
-            v = vals[e]
-            sr = slot[r]
-            if sr >= 0:
-                for p in range(p0, p1):
-                    out[sr, p] += v * D[c, p]
-            sc = slot[c]
-            if sc >= 0:
-                for p in range(p0, p1):
-                    out[sc, p] += v * D[r, p]
+    for i in prange(out.shape[0]):
+        for e in range(ptr[i], ptr[i + 1]):
+            j = nbr[e]
+            v = w[e]
+            for p in range(P):
+                out[i, p] += v * D[j, p]
 
 
 def offdiag_rows_matmul(rows, cols, vals, D, atoms, n_threads):
@@ -51,7 +69,7 @@ def offdiag_rows_matmul(rows, cols, vals, D, atoms, n_threads):
     atoms : int64 ndarray (m,)
         Distinct atoms whose rows are wanted.
     n_threads : int
-        Column slices processed in parallel.
+        Unused (numba's thread count applies); kept for the caller's signature.
 
     Returns
     -------
@@ -61,7 +79,7 @@ def offdiag_rows_matmul(rows, cols, vals, D, atoms, n_threads):
     if vals.shape[0] and atoms.shape[0]:
         slot = np.full(D.shape[0], -1, dtype=np.int64)
         slot[atoms] = np.arange(atoms.shape[0])
-        # slices of at least 16 features (a cache line of float32 values or two)
-        n_parts = max(1, min(int(n_threads), D.shape[1] // 16))
-        _kernel(rows, cols, vals.astype(D.dtype, copy=False), D, slot, out, n_parts)
+        ptr, nbr, w = _group(rows, cols, vals.astype(D.dtype, copy=False), slot,
+                             atoms.shape[0])
+        _rows_product(ptr, nbr, w, D, out)
     return out
