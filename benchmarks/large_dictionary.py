@@ -16,6 +16,12 @@ large     one epoch per K over MiniLM activations read from a memmap, each K in 
 routing   the routing step alone, exact vs approximate: rows/s and recall.
 approx    exact vs approximate routing on the same data and dictionary:
           rows/s of the routing+coding step and the reconstruction MSE of both.
+profile   where the milliseconds of one minibatch step go, per K (routing GEMM +
+          top-s, codes, statistics, atom refresh, resampling, the rest), beside
+          the GEMM-bound time of the step's routing.
+faiss     routing alone beside FAISS (faiss-cpu): an inner-product IVF index and
+          an HNSW index over the atoms and their negatives (|<x, d>| routing),
+          build time, rows/s and recall of the exact top-m.
 recovery  planted dictionary, K = 4096: fraction of true atoms with |cos| >= 0.95.
 sklearn   vs sklearn MiniBatchDictionaryLearning at K = 1024 / 4096 (MSE at
           equal s and equal wall time), and sklearn's time / peak RSS at
@@ -188,6 +194,133 @@ def part_routing(args):
               f"{rec:.3f} | {tb:.1f} |")
 
 
+def part_profile(args, peak):
+    """Per-phase time of the training step, by wrapping the functions it calls."""
+    import skdict.large as large_mod
+    import skdict.training.collapsed as coll_mod
+    from skdict.updates import SparseStats
+
+    X, _ = load_rows(args.n_rows)
+    n_steps = 3
+    print(f"\n## profile: ms per minibatch step of {args.batch} rows (s={args.s}, "
+          f"{2 * args.s} routed candidates), mean of {n_steps} steps after a warm-up "
+          "epoch of 4 steps")
+    print("| K | step ms | routing (GEMM + top-s) | GEMM bound of routing | codes | "
+          "statistics | atom refresh | resampling | rest | rows/s | fraction of bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for K in args.ks:
+        acc = {}
+
+        def timed(name, fn):
+            def wrapper(*a, **kw):
+                t = time.perf_counter()
+                out = fn(*a, **kw)
+                acc[name] = acc.get(name, 0.0) + time.perf_counter() - t
+                return out
+            return wrapper
+
+        init = np.asarray(X[-K:], dtype=np.float32)
+        est = CollapsedDictionaryLearner(K, n_nonzero_coefs=args.s, batch_size=args.batch,
+                                         dict_init=init, random_state=0, device="cpu")
+        est.partial_fit(X[:4 * args.batch])
+        saved = (large_mod.route_topk, large_mod.active_gram, large_mod.active_lstsq,
+                 SparseStats.update, coll_mod.refresh_atoms, coll_mod.resample_dead_atoms)
+        large_mod.route_topk = timed("routing", saved[0])
+        large_mod.active_gram = timed("codes", saved[1])
+        large_mod.active_lstsq = timed("codes", saved[2])
+        SparseStats.update = timed("statistics", saved[3])
+        coll_mod.refresh_atoms = timed("refresh", saved[4])
+        coll_mod.resample_dead_atoms = timed("resampling", saved[5])
+        step = coll_mod.CollapsedLearner.step
+        coll_mod.CollapsedLearner.step = timed("step", step)
+        try:
+            est.partial_fit(X[4 * args.batch:(4 + n_steps) * args.batch])
+        finally:
+            (large_mod.route_topk, large_mod.active_gram, large_mod.active_lstsq,
+             SparseStats.update, coll_mod.refresh_atoms, coll_mod.resample_dead_atoms) = saved
+            coll_mod.CollapsedLearner.step = step
+        ms = {k: 1000 * v / n_steps for k, v in acc.items()}
+        bound = 1000 * args.batch * 2 * K * 384 / (peak * 1e9)
+        rest = ms["step"] - sum(ms.get(k, 0) for k in
+                                ("routing", "codes", "statistics", "refresh", "resampling"))
+        rate = args.batch / (ms["step"] / 1000)
+        print(f"| {K} | {ms['step']:.0f} | {ms.get('routing', 0):.0f} | {bound:.0f} | "
+              f"{ms.get('codes', 0):.0f} | {ms.get('statistics', 0):.0f} | "
+              f"{ms.get('refresh', 0):.0f} | {ms.get('resampling', 0):.0f} | {rest:.0f} | "
+              f"{rate:.0f} | {bound / ms['step']:.0%} |", flush=True)
+
+
+def _faiss_index(D, kind, nlist, nprobe):
+    import faiss
+
+    Dn = np.ascontiguousarray(np.concatenate([D, -D]), dtype=np.float32)
+    P = D.shape[1]
+    if kind == "ivf":
+        quant = faiss.IndexFlatIP(P)
+        index = faiss.IndexIVFFlat(quant, P, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(Dn)
+        index.nprobe = nprobe
+    else:
+        index = faiss.IndexHNSWFlat(P, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = nprobe
+    index.add(Dn)
+    return index
+
+
+def part_faiss(args):
+    """Routing alone: exact (skdict), skdict's cluster index, FAISS IVF and HNSW."""
+    from skdict.solvers.routing import ClusterIndex, route_approx, route_topk
+
+    try:
+        import faiss
+    except ImportError:
+        print("\n## faiss: faiss-cpu is not installed (pip install skdict[faiss]); skipped")
+        return
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    X, _ = load_rows(args.n_rows)
+    K = args.approx_k
+    Xb = np.ascontiguousarray(X[:2048])
+    D = np.ascontiguousarray(X[100000:100000 + K])
+    D = D / np.linalg.norm(D, axis=1, keepdims=True)
+    m = 2 * args.s
+    Xt, Dt = torch.from_numpy(Xb), torch.from_numpy(D)
+    route_topk(Xt[:64], Dt, m)
+    t = time.perf_counter()
+    _, i0 = route_topk(Xt, Dt, m)
+    te = time.perf_counter() - t
+    i0 = i0.numpy()
+    print(f"\n## faiss: routing alone, K={K} atoms (normalised MiniLM rows), 2048 rows, "
+          f"top-{m} by |<x, d>|; FAISS indexes hold the atoms and their negatives")
+    print("| routing | setting | build s | rows/s | speed-up vs exact | recall of exact top-m |")
+    print("|---|---|---|---|---|---|")
+    print(f"| skdict exact | - | - | {2048 / te:.0f} | 1.0x | 1.000 |")
+
+    def recall(i):
+        return float(np.mean([len(set(a) & set(b)) / m for a, b in zip(i, i0, strict=True)]))
+
+    for n_clusters, n_probes in args.approx_grid:
+        t = time.perf_counter()
+        index = ClusterIndex(Dt, n_clusters, generator=torch.Generator().manual_seed(0))
+        tb = time.perf_counter() - t
+        t = time.perf_counter()
+        _, i = route_approx(Xt, Dt, m, index, n_probes=n_probes)
+        ta = time.perf_counter() - t
+        print(f"| skdict ClusterIndex | {n_clusters} clusters x {n_probes} probes | {tb:.2f} | "
+              f"{2048 / ta:.0f} | {te / ta:.1f}x | {recall(i.numpy()):.3f} |")
+    for kind, nlist, nprobe in (("ivf", 512, 8), ("ivf", 512, 16), ("ivf", 1024, 16),
+                                ("hnsw", 0, 64), ("hnsw", 0, 128)):
+        t = time.perf_counter()
+        index = _faiss_index(D, kind, nlist, nprobe)
+        tb = time.perf_counter() - t
+        t = time.perf_counter()
+        _, I = index.search(Xb, m)
+        ta = time.perf_counter() - t
+        ids = np.where(I >= 0, I % K, -1)
+        setting = f"nlist {nlist}, nprobe {nprobe}" if kind == "ivf" else f"M 32, efSearch {nprobe}"
+        print(f"| FAISS {kind.upper()} | {setting} | {tb:.2f} | {2048 / ta:.0f} | "
+              f"{te / ta:.1f}x | {recall(ids):.3f} |", flush=True)
+
+
 def part_recovery(args):
     from skdict.datasets import make_sparse_data
 
@@ -287,7 +420,8 @@ def part_sklearn(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="peak,large,routing,approx,recovery,sklearn")
+    p.add_argument("--parts",
+                   default="peak,large,profile,routing,faiss,approx,recovery,sklearn")
     p.add_argument("--n-rows", type=int, default=200000,
                    help="MiniLM rows (memmap); an epoch of 'large' reads them all")
     p.add_argument("--large-rows", type=int, default=16384,
@@ -326,8 +460,12 @@ def main(argv=None):
         big = argparse.Namespace(**vars(args))
         big.n_rows = args.large_rows
         part_large(big, peak)
+    if "profile" in parts:
+        part_profile(args, peak)
     if "routing" in parts:
         part_routing(args)
+    if "faiss" in parts:
+        part_faiss(args)
     if "approx" in parts:
         part_approx(args)
     if "recovery" in parts:

@@ -40,8 +40,8 @@ from ._backend import torch_dtype
 from ._validation import SHUFFLE_CONSTRAINT
 from .base import BaseSparseCoder
 from .data.codes import Codes
-from .solvers.active_lstsq import active_lstsq
-from .solvers.routing import ClusterIndex, route_approx, route_topk
+from .solvers.active_lstsq import active_gram, active_lstsq
+from .solvers.routing import ClusterIndex, faiss_available, route_approx, route_topk
 from .training.collapsed import CollapsedLearner, CollapsedState, Routing
 from .training.estimator import TrainedEstimatorMixin
 
@@ -93,7 +93,9 @@ class CollapsedDictionaryLearner(TrainedEstimatorMixin, BaseSparseCoder):
     routing : {"exact", "approximate"}, default="exact"
         ``"approximate"`` scores only the atoms of each row's ``n_probes``
         nearest clusters of a spherical k-means index over the atoms, rebuilt
-        every ``index_refresh`` minibatches during ``fit`` and at its end.
+        every ``index_refresh`` minibatches during ``fit`` and at its end. On
+        CPU with ``faiss`` installed (``pip install skdict[faiss]``) the index
+        is searched by a FAISS inverted file.
     n_clusters : int, default=None
         Clusters of the approximate index; None means ``round(2 * sqrt(K))``.
     n_probes : int, default=8
@@ -309,12 +311,20 @@ class CollapsedDictionaryLearner(TrainedEstimatorMixin, BaseSparseCoder):
         D = routing.D
         idx = self._route(Xb, routing)
         s = self.n_nonzero_coefs
+        G = c = None
         if idx.shape[1] > s:  # prune the candidates to the s largest LS coefficients
-            v = active_lstsq(Xb, D, idx, positive=self.positive_code).codes
+            G, c = active_gram(Xb, D, idx)
+            v = active_lstsq(Xb, D, idx, positive=self.positive_code, G=G, c=c).codes
             key = v if self.positive_code else v.abs()
-            idx = idx.gather(1, key.topk(s, dim=1).indices)
+            pos = key.topk(s, dim=1).indices
+            idx = idx.gather(1, pos)
+            # the kept atoms' Gram is a sub-block of the candidates'
+            m = G.shape[1]
+            G = G.gather(1, pos[:, :, None].expand(-1, s, m)).gather(
+                2, pos[:, None, :].expand(-1, s, s))
+            c = c.gather(1, pos)
         vals = active_lstsq(
-            Xb, D, idx, positive=self.positive_code, alpha=self.alpha
+            Xb, D, idx, positive=self.positive_code, alpha=self.alpha, G=G, c=c
         ).codes
         return idx, vals
 
@@ -330,10 +340,11 @@ class CollapsedDictionaryLearner(TrainedEstimatorMixin, BaseSparseCoder):
         return Codes(indices=idx, values=vals)
 
     def _build_index(self, D, generator):
-        return ClusterIndex(
+        index = ClusterIndex(
             D, self._n_clusters(D.shape[0]), generator=generator,
             positive=self.positive_code,
         )
+        return _with_faiss(index, D)
 
     # ------------------------------------------------------------------ fitting
     # ------------------------------------------------------------------ training
@@ -436,4 +447,12 @@ def _index_from_fitted(est, D):
     index.centroids = cent
     index.set_labels(torch.as_tensor(est.atom_clusters_).to(D.device, torch.long),
                      cent.shape[0])
+    return _with_faiss(index, D)
+
+
+def _with_faiss(index, D):
+    """Search ``index`` with FAISS on CPU when it is installed (the torch path
+    scans one cluster at a time; FAISS's inverted file does it in compiled code)."""
+    if D.device.type == "cpu" and faiss_available():
+        index.attach_faiss(D)
     return index

@@ -31,6 +31,7 @@ from .data.codes import Codes
 from .data.sources import as_source
 from .nn.attention import budget_size, candidate_weights
 from .solvers import lasso_exact, power_iteration, topk_decode
+from .solvers.exact import lasso_exact_compact
 
 __all__ = ["SparseTokenSelector"]
 
@@ -38,8 +39,22 @@ METHODS = ("lasso", "threshold", "sparsemax", "topk")
 
 # Working set of the lasso: initial candidates per query and KKT violators added
 # per query and round.
-_LASSO_INIT = 16
-_LASSO_ADD = 16
+_LASSO_INIT = 256
+_LASSO_ADD = 256
+
+
+def _lasso_on(q, Tu, alpha):
+    """Exact lasso coefficients of one query ``q`` over the atoms ``Tu`` (m, d):
+    the compiled homotopy on CPU (KKT-certified, with the active-set method for
+    an uncertified row), the batched active-set method elsewhere."""
+    G64 = Tu.double() @ Tu.double().T
+    if q.device.type == "cpu":
+        idx, val, _, _, _ = lasso_exact_compact(q[None], G64.to(q.dtype), alpha, gram64=G64,
+                                                n_features=Tu.shape[1], dictionary=Tu)
+        return torch.zeros(Tu.shape[0], dtype=q.dtype).scatter_add_(0, idx[0], val[0])
+    G = G64.to(q.dtype)
+    return lasso_exact((q @ Tu.T)[None], G, alpha, gram64=G64, method="active_set",
+                       L=power_iteration(G64)).codes[0]
 
 
 def _merge_topk(best_v, best_i, vals, idx, k):
@@ -71,14 +86,12 @@ class SparseTokenSelector(SparseCodingMixin, BaseEstimator):
       coefficients are the selection ("the most relevant tokens are those that
       would have non-zero coefficients in a sparse reconstruction of the
       information need"). Their weights are the softmax of their scores
-      renormalised over the selection, so rows sum to one like attention. Up to
-      ``4096`` tokens the full Gram matrix is used; beyond, candidates are
-      screened (per query the ``max(256, 2 * n_features)`` largest ``|<q, t>|``
-      plus its best score, pooled over a few queries), the lasso is solved
-      exactly on the candidates, and the KKT condition ``|<r, t>| <= alpha`` is
-      checked against every token tile by tile; violators are added and the
-      lasso re-solved until it holds, so the result is the exact lasso over all
-      tokens.
+      renormalised over the selection, so rows sum to one like attention.
+      Per query a working set of candidates (its 256 largest ``|<q, t>|`` and
+      its best score) is coded exactly by the compiled lasso homotopy, the KKT
+      condition ``|<r, t>| <= alpha`` is checked against every token tile by
+      tile, and violators are added and the lasso re-solved until it holds, so
+      the result is the exact lasso over all tokens.
     * ``"threshold"``: an adaptive soft threshold: weights
       ``max(s - lam, 0)`` with ``lam = alpha * mean|s|`` (mean over all tokens),
       renormalised to sum to one.
@@ -381,10 +394,11 @@ class SparseTokenSelector(SparseCodingMixin, BaseEstimator):
         """Exact lasso selection of a batch of queries over all tokens.
 
         Per query, a working set starts from its ``_LASSO_INIT`` largest
-        ``|<q, t>|`` and its best score; the lasso is solved exactly on it
-        (:func:`lasso_exact`, warm-started from the previous round), the KKT
+        ``|<q, t>|`` and its best score; the lasso on it is solved by the
+        compiled homotopy (:func:`~skdict.solvers.exact.lasso_exact_compact`,
+        KKT-certified; the batched active-set method off CPU), the KKT
         condition ``|<r, t>| <= alpha`` is checked for every token outside it,
-        tile by tile and batched over queries, and the ``_LASSO_ADD`` worst
+        tile by tile and batched over queries, and up to ``_LASSO_ADD`` worst
         violators are added, until none is left: the solution is then the exact
         lasso over all tokens, whatever their number.
         """
@@ -407,17 +421,8 @@ class SparseTokenSelector(SparseCodingMixin, BaseEstimator):
             for j, r in enumerate(active):
                 U = sets[r]
                 Tu = self._atoms_at(state, U)
-                G = Tu @ Tu.T
-                a0 = None
-                if coefs[r] is not None:
-                    prevU, prev = coefs[r]
-                    a0 = torch.zeros(1, U.numel(), dtype=Qb.dtype, device=dev)
-                    a0[0, torch.searchsorted(U, prevU)] = prev
-                res = lasso_exact(
-                    (Qb[r] @ Tu.T)[None], G, alpha, L=power_iteration(G.double()), a0=a0
-                )
-                coefs[r] = (U, res.codes[0])
-                R[j] = Qb[r] - res.codes[0] @ Tu
+                coefs[r] = (U, _lasso_on(Qb[r], Tu, alpha))
+                R[j] = Qb[r] - coefs[r][1] @ Tu
             member = torch.zeros(len(active), n, dtype=torch.bool, device=dev)
             for j, r in enumerate(active):
                 member[j, sets[r]] = True

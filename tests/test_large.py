@@ -41,14 +41,36 @@ def test_route_topk_matches_dense(tile_size, positive):
     torch.testing.assert_close(v, v0)
 
 
-def test_route_topk_group_selection_is_exact():
-    # tiles divisible by the group size take the two-stage selection path
+@pytest.mark.parametrize("positive", [False, True])
+def test_route_topk_group_selection_is_exact(positive):
+    # the device-agnostic path (GPU): tiles divisible by the group size take the
+    # two-stage selection
+    from skdict.solvers.routing import _route_topk_torch
+
     D = _dict(1024, 8, seed=1)
     X = torch.randn(200, 8, dtype=torch.float64)
     for s in (1, 4, 16):
-        _, i = route_topk(X, D, s, tile_size=512, group=16)
-        _, i0 = route_dense(X, D, s)
-        assert torch.equal(i, i0)
+        for tile in (512, 100):
+            v, i = _route_topk_torch(X, D, s, tile, positive, 16)
+            v0, i0 = route_dense(X, D, s, positive=positive)
+            assert torch.equal(i, i0)
+            torch.testing.assert_close(v, v0)
+
+
+def test_running_topk_kernel_float32():
+    from skdict.solvers._kernels.select import running_topk
+
+    g = torch.Generator().manual_seed(3)
+    S = torch.randn(64, 500, generator=g)
+    hv = torch.full((64, 7), float("-inf"))
+    hi = torch.zeros((64, 7), dtype=torch.long)
+    for c0 in range(0, 500, 120):  # tiles of a wider score matrix
+        running_topk(S[:, c0:c0 + 120].contiguous().numpy(), c0, hv.numpy(), hi.numpy(),
+                     absval=True)
+    v, order = hv.sort(1, descending=True)
+    v0, i0 = S.abs().topk(7, dim=1)
+    assert torch.equal(hi.gather(1, order), i0)
+    torch.testing.assert_close(v, v0)
 
 
 def test_route_topk_rejects_bad_s():
@@ -67,6 +89,42 @@ def test_route_approx_all_probes_is_exact(positive):
     _, i = route_approx(X, D, 6, index, n_probes=12, positive=positive)
     _, i0 = route_dense(X, D, 6, positive=positive)
     assert torch.equal(i, i0)
+
+
+@pytest.mark.parametrize("positive", [False, True])
+def test_route_approx_faiss_matches_torch_index(positive):
+    pytest.importorskip("faiss")
+    D = _dict(600, 10, seed=4).float()
+    X = torch.randn(90, 10, dtype=torch.float32)
+    index = ClusterIndex(D, 15, generator=torch.Generator().manual_seed(0), positive=positive)
+    torch_path = [route_approx(X, D, 6, index, n_probes=p, positive=positive)
+                  for p in (15, 3)]
+    index.attach_faiss(D)
+    v, i = route_approx(X, D, 6, index, n_probes=15, positive=positive)
+    v0, i0 = route_dense(X, D, 6, positive=positive)
+    assert torch.equal(i, i0) and torch.equal(torch_path[0][1], i0)
+    torch.testing.assert_close(v, v0)
+    # few probes: the clusters the torch path probes (largest |<x, c>|) are among
+    # those FAISS probes (largest <x, c> and largest <-x, c>), so the atoms found
+    # score at least as high, rank by rank
+    v3, _ = route_approx(X, D, 6, index, n_probes=3, positive=positive)
+    assert (v3 >= torch_path[1][0] - 1e-6).all()
+    # rows whose probed clusters hold fewer than s atoms fall back to exact routing
+    _, i1 = route_approx(X, D, 60, index, n_probes=1, positive=positive)
+    assert torch.equal(i1.sort(1).values, route_dense(X, D, 60, positive=positive)[1]
+                       .sort(1).values) or (i1 >= 0).all()
+    assert all(len(set(r)) == 60 for r in i1.tolist())
+
+
+def test_approximate_routing_fit_torch_index_without_faiss(monkeypatch):
+    import skdict.large as large_mod
+
+    monkeypatch.setattr(large_mod, "faiss_available", lambda: False)
+    X, D = _planted(seed=1)
+    est = CollapsedDictionaryLearner(64, n_nonzero_coefs=3, batch_size=256, max_iter=4,
+                                     tol=0, routing="approximate", n_clusters=8,
+                                     n_probes=4, random_state=0, device="cpu").fit(X)
+    assert _recovered(est.components_, D) >= 0.85
 
 
 def test_route_approx_recall_grows_with_probes_and_falls_back():
@@ -90,6 +148,20 @@ def test_route_approx_recall_grows_with_probes_and_falls_back():
 
 
 # -------------------------------------------------------------- active lstsq
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_active_gram_kernel_matches_torch(dtype):
+    from skdict.solvers.active_lstsq import _active_gram_torch, active_gram
+
+    g = torch.Generator().manual_seed(0)
+    D = torch.randn(300, 24, generator=g, dtype=dtype)
+    X = torch.randn(50, 24, generator=g, dtype=dtype)
+    idx = torch.stack([torch.randperm(300, generator=g)[:7] for _ in range(50)])
+    G, c = active_gram(X, D, idx)
+    G0, c0 = _active_gram_torch(X, D, idx, 16)
+    torch.testing.assert_close(G, G0)
+    torch.testing.assert_close(c, c0)
+
+
 def test_active_lstsq_matches_numpy():
     D = _dict(50, 20, seed=4)
     X = torch.randn(30, 20, dtype=torch.float64)

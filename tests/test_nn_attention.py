@@ -254,3 +254,169 @@ def test_hierarchical_general_parents_and_errors():
         hierarchical_select(q, [coarse, leaves], (0.5,))
     with pytest.raises(ValueError, match="keep_ratios"):
         hierarchical_select(q, [coarse, leaves], (0.5, 0.0))
+
+
+# --------------------------------------------------------------------------------------
+# block-sparse attention
+# --------------------------------------------------------------------------------------
+
+
+def _bqkv(B=2, H=3, L=37, S=None, E=8, dtype=D64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    S = L if S is None else S
+    return (torch.randn(B, H, L, E, generator=g, dtype=dtype),
+            torch.randn(B, H, S, E, generator=g, dtype=dtype),
+            torch.randn(B, H, S, E, generator=g, dtype=dtype))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("block_size", [1, 8, 64])
+def test_block_all_blocks_kept_equals_dense(causal, block_size):
+    q, k, v = _bqkv()
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    out, info = sparse_attention(q, k, v, method="block", block_size=block_size,
+                                 is_causal=causal, chunk_size=16)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    assert info["density"] == pytest.approx(1.0) and info["budget"] is None
+
+
+def test_block_masks_equal_dense_sdpa():
+    q, k, v = _bqkv(L=29, S=41)
+    g = torch.Generator().manual_seed(1)
+    kpm = torch.ones(2, 1, 1, 41, dtype=torch.bool)
+    kpm[1, ..., 30:] = False
+    full = torch.rand(2, 3, 29, 41, generator=g) > 0.4
+    full[..., 0] = True
+    add = torch.randn(29, 41, generator=g, dtype=D64)
+    add[:, 35:] = float("-inf")
+    for m in (kpm, full, add, kpm.to(D64).log()):
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        out, _ = sparse_attention(q, k, v, m, method="block", block_size=8, keep_ratio=1.0)
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+
+
+def _dense_block_reference(q, k, v, blocks, ok, bs, causal):
+    """Dense attention restricted to the listed key blocks (the oracle)."""
+    L, S = q.shape[-2], k.shape[-2]
+    allowed = torch.zeros(q.shape[0], L, S, dtype=torch.bool)
+    for b in range(q.shape[0]):
+        for i in range(blocks.shape[1]):
+            for j, o in zip(blocks[b, i].tolist(), ok[b, i].tolist(), strict=True):
+                if o:
+                    allowed[b, i * bs:(i + 1) * bs, j * bs:(j + 1) * bs] = True
+    if causal:
+        allowed &= torch.ones(L, S, dtype=torch.bool).tril()
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed), allowed
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_budget_selection_and_exact_inside(causal):
+    from skdict.nn.attention import block_select
+
+    q, k, v = _bqkv(B=1, H=4, L=64, E=8)
+    q, k, v = q[0], k[0], v[0]  # batch of 4 heads, flattened
+    out, info = sparse_attention(q, k, v, method="block", block_size=8, max_tokens=35,
+                                 is_causal=causal, need_weights=True)
+    budget = 35
+    assert info["budget"] == budget and info["nnz_max"] <= 32  # 4 blocks of 8 <= 35
+    W = info["weights"]
+    assert int((W != 0).sum(-1).max()) <= budget
+    torch.testing.assert_close(W.sum(-1), torch.ones(4, 64, dtype=D64))
+    blocks, ok, scores = block_select(q, k, 4, 8, is_causal=causal)
+    ref, allowed = _dense_block_reference(q, k, v, blocks, ok, 8, causal)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    assert not (W[~allowed] != 0).any()
+    # the kept blocks are the best mean-pooled ones (oracle: explicit means)
+    qbar = q.view(4, 8, 8, 8).mean(2)
+    kbar = k.view(4, 8, 8, 8).mean(2)
+    sc = qbar @ kbar.transpose(1, 2)
+    if causal:
+        sc = sc.masked_fill(~torch.ones(8, 8, dtype=torch.bool).tril(), float("-inf"))
+        sc = sc.masked_fill(torch.eye(8, dtype=torch.bool), float("inf"))
+        assert (blocks == torch.arange(8)[None, :, None]).any(-1).all()  # diagonal kept
+    torch.testing.assert_close(sc.topk(4, -1).values, scores.gather(-1, blocks))
+
+
+def test_block_budget_below_block_size_and_ragged_lengths():
+    q, k, v = _bqkv(B=1, H=2, L=23, S=50)
+    for kw in ({"max_tokens": 5}, {"keep_ratio": 0.5}, {"max_tokens": 1}, {"max_tokens": 40}):
+        out, info = sparse_attention(q, k, v, method="block", block_size=16,
+                                     need_weights=True, **kw)
+        W = info["weights"]
+        assert int((W != 0).sum(-1).max()) <= info["budget"]
+        assert info["nnz_max"] <= info["budget"]
+        torch.testing.assert_close(W.sum(-1), torch.ones(1, 2, 23, dtype=D64))
+        torch.testing.assert_close(out, W @ v)
+
+
+def test_block_key_padding_and_fully_masked_rows_in_module():
+    torch.manual_seed(0)
+    sa = SparseAttention(16, 4, method="block", keep_ratio=0.5, block_size=4, dtype=D64)
+    x = torch.randn(2, 24, 16, dtype=D64, requires_grad=True)
+    kpm = torch.zeros(2, 24, dtype=torch.bool)
+    kpm[1, 10:] = True
+    out, info = sa(x, key_padding_mask=kpm, is_causal=True, need_weights=True)
+    W = info["weights"]
+    assert (W[1, :, 10:] == 0).all() and (torch.triu(W, 1) == 0).all()
+    assert info["nnz_max"] <= 12
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    allpad = torch.ones(1, 24, dtype=torch.bool)
+    out, _ = sa(x[:1].detach(), key_padding_mask=allpad)
+    torch.testing.assert_close(out, sa.out_proj.bias.expand_as(out))
+    # the module's block attention equals the functional one on its projections
+    sa2 = SparseAttention(16, 4, method="block", dtype=D64)  # no budget: dense MHA
+    mha = torch.nn.MultiheadAttention(16, 4, batch_first=True, dtype=D64)
+    mha.load_state_dict(sa2.state_dict())
+    y = torch.randn(2, 24, 16, dtype=D64)
+    torch.testing.assert_close(sa2(y)[0], mha(y, y, y, need_weights=False)[0])
+
+
+def test_block_gradcheck():
+    q, k, v = (t.requires_grad_() for t in _bqkv(B=1, H=1, L=12, E=3))
+
+    def f(q, k, v):
+        return sparse_attention(q, k, v, method="block", block_size=4, keep_ratio=0.5,
+                                is_causal=True)[0]
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_kth_largest_kernel_matches_topk():
+    from skdict.solvers._kernels.select import kth_largest
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 97, generator=g)
+    x[3, 40:] = float("-inf")
+    x[5] = 1.0
+    for k in (1, 10, 57, 97):
+        thr, ties = kth_largest(x.numpy(), k)
+        np.testing.assert_array_equal(thr, x.topk(k, dim=1).values[:, -1].numpy())
+        counts = (x >= torch.from_numpy(thr)[:, None]).sum(1)
+        np.testing.assert_array_equal(ties, (counts > k).numpy() & np.isfinite(thr))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_topk_preselection(causal):
+    q, k, v = _bqkv(B=1, H=2, L=48, E=8, dtype=torch.float32)
+    exact, _ = sparse_attention(q, k, v, method="topk", keep_ratio=0.25, preselect=None,
+                                is_causal=causal)
+    # every block a candidate: the exact per-query top-k
+    full, info = sparse_attention(q, k, v, method="topk", keep_ratio=0.25, preselect=4,
+                                  block_size=4, is_causal=causal, need_weights=True)
+    torch.testing.assert_close(full, exact)
+    # fewer candidates: top-k of the preselected blocks (oracle: masked dense top-k)
+    out, info = sparse_attention(q, k, v, method="topk", keep_ratio=0.25, preselect=2,
+                                 block_size=4, is_causal=causal, need_weights=True)
+    W = info["weights"]
+    assert int((W != 0).sum(-1).max()) <= 12 and info["nnz_max"] <= 12
+    torch.testing.assert_close(out, W @ v)
+    from skdict.nn.attention import block_select
+
+    blocks, ok, _ = block_select(q[0], k[0], 6, 4, is_causal=causal)
+    _, allowed = _dense_block_reference(q[0], k[0], v[0], blocks, ok, 4, causal)
+    s = (q[0] @ k[0].transpose(1, 2)) / math.sqrt(8)
+    ref = sparse_weights(s.masked_fill(~allowed, float("-inf")), "topk", k=12)
+    torch.testing.assert_close(W[0], ref)
+    with pytest.raises(ValueError, match="preselect"):
+        sparse_attention(q, k, v, method="topk", keep_ratio=0.25, preselect=0.5)

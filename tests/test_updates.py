@@ -341,6 +341,9 @@ def test_sparse_stats_match_dense_online_statistics():
     torch.testing.assert_close(st.diag, A_ref.diagonal())
     off = A_ref - torch.diag(A_ref.diagonal())
     torch.testing.assert_close(st.offdiag_matmul(D), off @ D)
+    some = torch.tensor([1, 4, 9, 20])
+    torch.testing.assert_close(st.offdiag_matmul(D, atoms=some), (off @ D)[some])
+    torch.testing.assert_close(st._offdiag_matmul_torch(D, 7), off @ D)  # device path
     # the dense Jacobi / block-coordinate update, then unit norm
     atoms = torch.tensor([0, 3, 5, 24])
     expect = (B_ref[atoms] - (off @ D)[atoms]) / A_ref.diagonal()[atoms, None]

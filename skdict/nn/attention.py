@@ -5,7 +5,10 @@
   ``alpha * mean|s|``, renormalised) or ``"sparsemax"`` (projection onto the
   simplex), with an optional budget of ``k`` keys per query.
 * :func:`sparse_attention` -- the functional form, with the calling convention
-  of :func:`torch.nn.functional.scaled_dot_product_attention`.
+  of :func:`torch.nn.functional.scaled_dot_product_attention`. ``method="block"``
+  is block-sparse attention: each block of queries scores the mean-pooled key
+  blocks, keeps the best ones within the budget and attends exactly inside them
+  (never a dense ``L x S`` block; :func:`block_select`).
 * :class:`SparseAttention` -- a drop-in for :class:`torch.nn.MultiheadAttention`
   (same parameter names, so ``load_state_dict`` of a trained MHA works).
 * :func:`hierarchical_select` -- coarse-to-fine selection (regions -> patches ->
@@ -18,6 +21,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,12 +38,16 @@ __all__ = [
     "sparse_weights",
     "sparse_attention",
     "SparseAttention",
+    "block_select",
     "HierarchicalSelection",
     "hierarchical_select",
     "mean_pool_levels",
 ]
 
 METHODS = ("topk", "threshold", "sparsemax")
+# sparse_attention / SparseAttention also take "block" (a selection of key
+# blocks, not a weight function of the scores)
+ATTENTION_METHODS = METHODS + ("block",)
 
 
 def budget_size(n, keep_ratio=None, max_tokens=None):
@@ -61,9 +69,9 @@ def budget_size(n, keep_ratio=None, max_tokens=None):
     return k
 
 
-def _check_method(method):
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+def _check_method(method, methods=METHODS):
+    if method not in methods:
+        raise ValueError(f"method must be one of {methods}, got {method!r}.")
 
 
 def candidate_weights(vals, method, *, alpha=1.0, lam=None, empty="argmax"):
@@ -117,6 +125,29 @@ def sparse_weights(scores, method="topk", *, alpha=1.0, k=None, empty="argmax"):
     return torch.zeros_like(scores).scatter(-1, idx, w)
 
 
+# key blocks per query at least (block_size shrinks for small budgets)
+MIN_BLOCKS = 4
+# "auto" preselection: candidates per budget key, and the shortest key sequence
+PRESELECT_FACTOR = 4
+PRESELECT_MIN_KEYS = 4096
+
+
+def _preselect_size(method, k, S, preselect):
+    """Candidate keys per query of the block path, or None for dense scoring."""
+    if method == "block":
+        return S if k is None else k
+    if k is None or method == "threshold" or preselect is None:
+        return None
+    if preselect == "auto":
+        if S < PRESELECT_MIN_KEYS or PRESELECT_FACTOR * k > S // 2:
+            return None
+        return PRESELECT_FACTOR * k
+    if isinstance(preselect, str) or not float(preselect) >= 1:
+        raise ValueError(f"preselect must be a number >= 1, 'auto' or None, got {preselect!r}.")
+    m = math.ceil(float(preselect) * k)
+    return None if m >= S else m
+
+
 def sparse_attention(
     query,
     key,
@@ -132,6 +163,8 @@ def sparse_attention(
     empty="argmax",
     chunk_size=None,
     need_weights=False,
+    block_size=64,
+    preselect="auto",
 ):
     """Attention with sparse weights, called like ``F.scaled_dot_product_attention``.
 
@@ -144,7 +177,19 @@ def sparse_attention(
         Broadcastable to ``(..., L, S)``. Boolean: True where a query may attend
         (the convention of ``scaled_dot_product_attention``); float: added to
         the scores.
-    method, alpha, empty
+    method : {"topk", "threshold", "sparsemax", "block"}
+        A weight function of the scores (see :func:`sparse_weights`), or
+        ``"block"``: block-sparse attention. Queries and keys are cut into
+        contiguous blocks of ``block_size``; each query block scores the
+        mean-pooled key blocks (:func:`block_select`), keeps the
+        ``floor(k / block_size)`` best and attends with an exact softmax over
+        every allowed key inside them (a gather and a batched matmul: the
+        scores of one chunk are ``(block_size, kept keys)`` per query block,
+        never ``L x S``). With a budget below ``4 * block_size`` the blocks
+        shrink to ``floor(k / 4)`` keys (at least 4 blocks per query). Under
+        ``is_causal`` the diagonal block is always kept.
+        No budget keeps every block: dense softmax attention.
+    alpha, empty
         See :func:`sparse_weights`.
     keep_ratio, max_tokens
         The budget: at most ``min(ceil(keep_ratio * S), max_tokens)`` keys per
@@ -159,6 +204,18 @@ def sparse_attention(
         block); default keeps the block near 64 MB.
     need_weights : bool
         Also return the dense (sparse-valued) weights in ``info["weights"]``.
+    block_size : int, default=64
+        Block length of ``"block"`` and of the preselection.
+    preselect : float, "auto" or None, default="auto"
+        For ``"topk"`` and ``"sparsemax"`` with a budget ``k``: score only the
+        keys of the best key blocks, ``preselect * k`` keys per query
+        (:func:`block_select`), and take the top ``k`` among them, instead of
+        scoring every key and selecting from all ``S``. The result is the exact
+        per-query selection whenever the ``k`` best keys lie in the preselected
+        blocks (always when ``preselect * k >= S``). ``"auto"`` preselects
+        ``4 k`` keys when that is at most half of ``S`` and ``S >= 4096``, where
+        dense scoring and a length-``S`` top-k cost more than the attention
+        itself; None always scores every key.
 
     Returns
     -------
@@ -168,7 +225,7 @@ def sparse_attention(
         ``nnz_mean`` / ``nnz_max`` (keys per query), ``density`` (kept keys over
         allowed keys), ``sparsity`` (``1 - density``), ``budget`` (k or None).
     """
-    _check_method(method)
+    _check_method(method, ATTENTION_METHODS)
     L, E = query.shape[-2], query.shape[-1]
     S = key.shape[-2]
     if scale is None:
@@ -176,6 +233,15 @@ def sparse_attention(
     k = budget_size(S, keep_ratio, max_tokens)
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         attn_mask = attn_mask.to(query.dtype)
+    if int(block_size) < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}.")
+    candidates = _preselect_size(method, k, S, preselect)
+    if candidates is not None:
+        return _block_attention(
+            query, key, value, attn_mask, k=k, block_size=block_size, is_causal=is_causal,
+            scale=scale, method=method, alpha=alpha, empty=empty, candidates=candidates,
+            chunk_size=chunk_size, need_weights=need_weights,
+        )
     batch_numel = max(1, query[..., 0, 0].numel())
     if chunk_size is None:
         chunk_size = max(1, (16 * 2**20) // max(1, batch_numel * S))
@@ -238,9 +304,11 @@ class SparseAttention(nn.Module):
     embed_dim : int
     num_heads : int
         ``embed_dim`` must be divisible by ``num_heads``.
-    method : {"topk", "threshold", "sparsemax"}, default="topk"
-        See :func:`sparse_weights`. All three are differentiable almost
-        everywhere (top-k through the kept scores).
+    method : {"topk", "threshold", "sparsemax", "block"}, default="topk"
+        See :func:`sparse_weights`; ``"block"``: block-sparse attention (each
+        block of ``block_size`` queries attends exactly to its best key blocks
+        within the budget; see :func:`sparse_attention`). All are
+        differentiable almost everywhere (through the kept scores).
     alpha : float, default=1.0
         Threshold multiplier for ``"threshold"`` (``lambda = alpha * mean|s|``).
     keep_ratio : float in (0, 1], default=None
@@ -257,6 +325,11 @@ class SparseAttention(nn.Module):
         Rows the threshold leaves empty: all weight on the best key, or zero.
     chunk_size : int, default=None
         Queries per score block (memory bound); see :func:`sparse_attention`.
+    block_size : int, default=64
+        Block length of ``"block"`` and of the preselection.
+    preselect : float, "auto" or None, default="auto"
+        Key preselection of ``"topk"`` / ``"sparsemax"`` on long sequences; see
+        :func:`sparse_attention`.
     device, dtype : optional
         Factory arguments for the parameters.
 
@@ -285,11 +358,15 @@ class SparseAttention(nn.Module):
         scale=None,
         empty="argmax",
         chunk_size=None,
+        block_size=64,
+        preselect="auto",
         device=None,
         dtype=None,
     ):
         super().__init__()
-        _check_method(method)
+        _check_method(method, ATTENTION_METHODS)
+        if int(block_size) < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}.")
         if embed_dim % num_heads != 0:
             raise ValueError(
                 f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}."
@@ -309,6 +386,8 @@ class SparseAttention(nn.Module):
         self.scale = scale
         self.empty = empty
         self.chunk_size = chunk_size
+        self.block_size = block_size
+        self.preselect = preselect
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
         if bias:
             self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory))
@@ -408,6 +487,7 @@ class SparseAttention(nn.Module):
             method=self.method, alpha=self.alpha, keep_ratio=self.keep_ratio,
             max_tokens=self.max_tokens, is_causal=is_causal, scale=self.scale,
             empty=self.empty, chunk_size=self.chunk_size, need_weights=need_weights,
+            block_size=self.block_size, preselect=self.preselect,
         )
         out = out.transpose(1, 2).reshape(B, L, E)
         out = self.out_proj(out)
@@ -416,6 +496,312 @@ class SparseAttention(nn.Module):
         if not self.batch_first:
             out = out.transpose(0, 1)
         return out, info
+
+
+# --------------------------------------------------------------------------------------
+# block-sparse attention
+# --------------------------------------------------------------------------------------
+
+
+def _pad_to(t, n, dim, value=0.0):
+    extra = n - t.shape[dim]
+    if extra == 0:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - (dim % t.dim())) + [0, extra]
+    return torch.nn.functional.pad(t, pad, value=value)
+
+
+def block_select(query, key, n_blocks, block_size, *, is_causal=False, key_valid=None,
+                 block_allowed=None, scale=None):
+    """The best key blocks of every query block, from mean-pooled summaries.
+
+    Queries and keys are cut into contiguous blocks of ``block_size``; a query
+    block scores each key block by ``<mean of its queries, mean of the key
+    block's valid keys>`` and keeps the ``n_blocks`` best allowed ones. With
+    ``is_causal`` a key block is allowed when its first key is visible to the
+    block's last query, and the diagonal block (the queries' own positions) is
+    always kept.
+
+    Parameters
+    ----------
+    query : Tensor (B, L, E)
+    key : Tensor (B, S, E)
+    n_blocks : int
+        Key blocks kept per query block.
+    block_size : int
+    is_causal : bool
+    key_valid : BoolTensor (B or 1, S), optional
+        False marks keys no query may attend (padding).
+    block_allowed : BoolTensor (B or 1, n_query_blocks, n_key_blocks), optional
+        False marks block pairs with no allowed (query, key) pair.
+    scale : float, optional
+        Only scales the returned block scores.
+
+    Returns
+    -------
+    blocks : LongTensor (B, n_query_blocks, n_blocks)
+        Key-block indices, best first.
+    ok : BoolTensor (B, n_query_blocks, n_blocks)
+        False on slots with no allowed block (fewer than ``n_blocks`` exist).
+    scores : Tensor (B, n_query_blocks, n_key_blocks)
+        The block scores (``-inf`` where not allowed; ``+inf`` on forced blocks).
+    """
+    B, L, E = query.shape
+    S = key.shape[1]
+    bs = int(block_size)
+    nq, nk = -(-L // bs), -(-S // bs)
+    with torch.no_grad():
+        qsum = _pad_to(query.detach(), nq * bs, 1).view(B, nq, bs, E).sum(2)
+        qcnt = torch.full((nq,), float(bs), dtype=query.dtype, device=query.device)
+        qcnt[-1] = L - (nq - 1) * bs
+        qbar = qsum / qcnt[:, None]
+        kd = key.detach()
+        if key_valid is None:
+            kv = torch.ones((1, S), dtype=torch.bool, device=key.device)
+        else:
+            kv = key_valid
+            kd = kd * kv[..., None].to(kd.dtype)
+        kvp = _pad_to(kv, nk * bs, 1, value=False).view(kv.shape[0], nk, bs)
+        kcnt = kvp.sum(2)  # (B or 1, nk)
+        ksum = _pad_to(kd, nk * bs, 1).view(B, nk, bs, E).sum(2)
+        kbar = ksum / kcnt.clamp(min=1).to(ksum.dtype)[..., None]
+        scores = qbar @ kbar.transpose(1, 2)
+        if scale is not None:
+            scores = scores * scale
+        allowed = (kcnt > 0)[:, None, :]
+        if is_causal:
+            last_q = torch.clamp(torch.arange(1, nq + 1, device=query.device) * bs, max=L) - 1
+            first_k = torch.arange(nk, device=query.device) * bs
+            allowed = allowed & (first_k[None, :] <= last_q[:, None])[None]
+        if block_allowed is not None:
+            allowed = allowed & block_allowed
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        if is_causal:
+            d = torch.arange(min(nq, nk), device=query.device)
+            diag = torch.zeros(allowed.shape[-2:], dtype=torch.bool, device=query.device)
+            diag[d, d] = True
+            scores = scores.masked_fill(diag & allowed, float("inf"))
+        vals, blocks = scores.topk(min(int(n_blocks), nk), dim=-1)
+        ok = vals > float("-inf")
+    return blocks, ok, scores
+
+
+def _gather_blocks(t, bidx, idx):
+    """``t[b, idx[b]]`` for a per-batch ``t`` of leading size B or 1."""
+    return t[bidx, idx] if t.shape[0] > 1 else t[0][idx]
+
+
+def _mask_parts(attn_mask, batch_shape, L, S):
+    """Split a mask broadcastable to ``(*batch, L, S)`` into a key mask
+    ``(B or 1, S)`` (when it has no query dimension) or a full ``(B or 1, L, S)``
+    one, batch flattened."""
+    if attn_mask is None:
+        return None, None
+    m = attn_mask
+    while m.dim() < len(batch_shape) + 2:
+        m = m[None]
+    single = all(d == 1 for d in m.shape[:-2])
+    if m.shape[-2] == 1:
+        m = m[..., 0, :].expand(*m.shape[:-2], S)
+        m = m.reshape(1, S) if single else m.expand(*batch_shape, S).reshape(-1, S)
+        return m, None
+    m = m.expand(*m.shape[:-2], L, S)
+    m = m.reshape(1, L, S) if single else m.expand(*batch_shape, L, S).reshape(-1, L, S)
+    return None, m
+
+
+def _block_attention(query, key, value, attn_mask, *, k, block_size, is_causal, scale,
+                     method, alpha, empty, candidates, chunk_size, need_weights):
+    """Attention restricted to the selected key blocks of each query block.
+
+    ``method="block"``: exact softmax over every allowed key of the kept blocks
+    (``candidates`` keys per query at most). Otherwise the kept blocks are the
+    candidates of ``sparse_weights(..., method, k=k)``.
+    """
+    batch_shape = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    L, E = query.shape[-2:]
+    S, Ev = key.shape[-2], value.shape[-1]
+    q = query.expand(*batch_shape, L, E).reshape(-1, L, E)
+    kk = key.expand(*batch_shape, S, E).reshape(-1, S, E)
+    v = value.expand(*batch_shape, S, Ev).reshape(-1, S, Ev)
+    B = q.shape[0]
+    dev = q.device
+    key_mask, full_mask = _mask_parts(attn_mask, batch_shape, L, S)
+    key_valid = key_add = full_valid = full_add = None
+    if key_mask is not None:
+        if key_mask.dtype == torch.bool:
+            key_valid = key_mask
+        else:
+            key_add = key_mask.to(q.dtype)
+            key_valid = key_add > float("-inf")
+    if full_mask is not None:
+        if full_mask.dtype == torch.bool:
+            full_valid = full_mask
+        else:
+            full_add = full_mask.to(q.dtype)
+            full_valid = full_add > float("-inf")
+    # blocks shrink so that at least MIN_BLOCKS of them fit in the budget
+    bs = max(1, min(int(block_size), int(candidates) // MIN_BLOCKS or 1))
+    nq, nk = -(-L // bs), -(-S // bs)
+    n_blocks = nk if int(candidates) >= S else max(1, int(candidates) // bs)
+    block_allowed = None
+    if full_valid is not None:
+        fv = _pad_to(_pad_to(full_valid, nq * bs, 1, value=False), nk * bs, 2, value=False)
+        block_allowed = fv.view(fv.shape[0], nq, bs, nk, bs).any(4).any(2)
+    blocks, ok, _ = block_select(q, kk, n_blocks, bs, is_causal=is_causal,
+                                 key_valid=key_valid, block_allowed=block_allowed)
+    nb = blocks.shape[-1]
+    M = nb * bs
+    qb = _pad_to(q * scale, nq * bs, 1).view(B, nq, bs, E)
+    kb = _pad_to(kk, nk * bs, 1).reshape(B * nk, bs * E)
+    vb = _pad_to(v, nk * bs, 1).reshape(B * nk, bs * Ev)
+    flat = blocks + torch.arange(B, device=dev)[:, None, None] * nk  # rows of kb / vb
+    kv_pad = None
+    if key_valid is not None or S % bs:
+        base = key_valid if key_valid is not None else torch.ones((1, S), dtype=torch.bool,
+                                                                   device=dev)
+        kv_pad = _pad_to(base, nk * bs, 1, value=False).view(base.shape[0], nk, bs)
+    kadd_pad = None
+    if key_add is not None:
+        kadd_pad = _pad_to(key_add.masked_fill(~key_valid, 0), nk * bs, 1).view(-1, nk, bs)
+    fmask = None
+    if full_mask is not None:
+        src = full_add if full_add is not None else full_valid
+        fill = float("-inf") if full_add is not None else False
+        fm = _pad_to(_pad_to(src, nq * bs, 1, value=fill), nk * bs, 2, value=fill)
+        fmask = fm.view(fm.shape[0], nq, bs, nk, bs).transpose(2, 3)  # (Bm, nq, nk, bs, bs)
+    slots_ok = bool(ok.all())
+    may_be_empty = key_valid is not None or full_valid is not None or not slots_ok
+    if chunk_size is None:
+        # ~8 M score entries per chunk of query blocks
+        chunk_size = max(1, (8 * 2**20) // max(1, B * bs * M))
+    else:
+        chunk_size = max(1, int(chunk_size) // bs)
+    bidx = torch.arange(B, device=dev)[:, None, None]
+    offs = torch.arange(bs, device=dev)
+    outs, wts = [], []
+    nnz_sum = torch.zeros((), dtype=torch.float64)
+    nnz_max = 0
+    for c0 in range(0, nq, chunk_size):
+        c1 = min(nq, c0 + chunk_size)
+        c = c1 - c0
+        idx = blocks[:, c0:c1]  # (B, c, nb)
+        fi = flat[:, c0:c1].reshape(-1)
+        Kg = kb.index_select(0, fi).view(B, c, M, E)
+        Vg = vb.index_select(0, fi).view(B, c, M, Ev)
+        s = qb[:, c0:c1] @ Kg.transpose(-1, -2)  # (B, c, bs, M)
+        valid = None
+        if not slots_ok:
+            valid = ok[:, c0:c1, :, None].expand(B, c, nb, bs).reshape(B, c, 1, M)
+        if kv_pad is not None:
+            kvb = _gather_blocks(kv_pad, bidx, idx).reshape(B, c, 1, M)
+            valid = kvb if valid is None else valid & kvb
+        if is_causal:
+            kpos = (idx[..., None] * bs + offs).reshape(B, c, 1, M)
+            qpos = (torch.arange(c0, c1, device=dev)[:, None] * bs + offs)[None, :, :, None]
+            cv = kpos <= qpos
+            valid = cv if valid is None else valid & cv
+        if kadd_pad is not None:
+            s = s + _gather_blocks(kadd_pad, bidx, idx).reshape(B, c, 1, M)
+        if fmask is not None:
+            qi = torch.arange(c0, c1, device=dev)[None, :, None]
+            fb = fmask[bidx, qi, idx] if fmask.shape[0] > 1 else fmask[0][qi[0], idx]
+            fb = fb.transpose(2, 3).reshape(B, c, bs, M)  # (B, c, bs_q, nb * bs_k)
+            if full_add is not None:
+                s = s + fb
+                fb = fb > float("-inf")
+            valid = fb if valid is None else valid & fb
+        if valid is not None:
+            s = s.masked_fill(~valid, float("-inf"))
+        if method == "block":
+            if may_be_empty:
+                any_valid = (s > float("-inf")).any(-1, keepdim=True)
+                s = s.masked_fill(~any_valid, 0.0)
+                w = torch.softmax(s, dim=-1) * any_valid.to(s.dtype)
+            else:
+                w = torch.softmax(s, dim=-1)
+        elif method == "topk":
+            w = _topk_weights(s, k)
+        else:
+            w = sparse_weights(s, method, alpha=alpha, k=k, empty=empty)
+        outs.append((w @ Vg).view(B, c * bs, Ev))
+        with torch.no_grad():  # keys attended per query (counted on the masks, not on w)
+            if method == "sparsemax":
+                nz = (w != 0).sum(-1).reshape(B, c * bs)
+            elif valid is None:
+                nz = torch.full((B, c * bs), M, dtype=torch.long, device=dev)
+            else:
+                nz = valid.sum(-1, dtype=torch.int32).expand(B, c, bs).reshape(B, c * bs)
+            if method != "block":
+                nz = nz.clamp(max=k)
+            nz = nz[:, : max(0, min(L - c0 * bs, c * bs))]
+            nnz_sum += nz.sum().double().cpu()
+            nnz_max = max(nnz_max, int(nz.max()) if nz.numel() else 0)
+        if need_weights:
+            dense = torch.zeros(B, c, bs, nk * bs, dtype=w.dtype, device=dev)
+            cols = (idx[..., None] * bs + offs).reshape(B, c, 1, M).expand(B, c, bs, M)
+            dense = dense.scatter_add(-1, cols, w)
+            wts.append(dense.view(B, c * bs, nk * bs)[..., :S])
+    out = torch.cat(outs, dim=1)[:, :L].reshape(*batch_shape, L, Ev)
+    allowed_sum = _allowed_count(L, S, is_causal, key_valid, full_valid, B)
+    density = float(nnz_sum / allowed_sum) if allowed_sum > 0 else 0.0
+    info = {
+        "nnz_mean": float(nnz_sum) / max(1, B * L),
+        "nnz_max": nnz_max,
+        "density": density,
+        "sparsity": 1.0 - density,
+        "budget": k,
+    }
+    if need_weights:
+        info["weights"] = torch.cat(wts, dim=1)[:, :L].reshape(*batch_shape, L, S)
+    return out, info
+
+
+def _topk_weights(s, k):
+    """Softmax over the ``k`` best entries of each row of ``s`` (``-inf``: masked).
+
+    On CPU the ``k``-th largest value of each row comes from a compiled
+    selection (:func:`skdict.solvers._kernels.select.kth_largest`, no sort) and
+    the weights are one masked softmax; elsewhere, and for rows with ties at the
+    threshold, ``torch.topk``.
+    """
+    n = s.shape[-1]
+    if k is None or k >= n:
+        return topk_softmax(s)
+    if s.device.type != "cpu" or s.dtype not in (torch.float32, torch.float64):
+        return sparse_weights(s, "topk", k=k)
+    from ..solvers._kernels.select import kth_largest
+
+    flat = s.detach().reshape(-1, n)
+    thr, ties = kth_largest(flat.numpy(), int(k))
+    thr = torch.from_numpy(thr).view(*s.shape[:-1], 1)
+    w = topk_softmax(s.masked_fill(s < thr, float("-inf")))
+    if ties.any():  # more than k entries at or above the threshold: exact top-k rows
+        rows = torch.from_numpy(np.flatnonzero(ties))
+        w2 = sparse_weights(s.reshape(-1, n)[rows], "topk", k=k)
+        w = w.reshape(-1, n).index_copy(0, rows, w2).view(s.shape)
+    return w
+
+
+def _allowed_count(L, S, is_causal, key_valid, full_valid, B):
+    """Number of allowed (query, key) pairs over the flattened batch."""
+    with torch.no_grad():
+        if full_valid is not None:
+            m = full_valid
+            if key_valid is not None:
+                m = m & key_valid[:, None, :]
+            if is_causal:
+                m = m & torch.ones(L, S, dtype=torch.bool, device=m.device).tril()
+            total = float(m.sum(dtype=torch.float64)) * (B // m.shape[0])
+            return total
+        kv = key_valid if key_valid is not None else torch.ones(
+            (1, S), dtype=torch.bool, device="cpu")
+        per = B // kv.shape[0]
+        if not is_causal:
+            return float(kv.sum(dtype=torch.float64)) * L * per
+        cs = kv.to(torch.float64).cumsum(1)  # keys j <= i visible to query i
+        rows = torch.clamp(torch.arange(L, device=cs.device), max=S - 1)
+        return float(cs[:, rows].sum()) * per
 
 
 # --------------------------------------------------------------------------------------

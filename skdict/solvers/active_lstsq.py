@@ -21,7 +21,24 @@ __all__ = ["active_gram", "active_lstsq"]
 
 
 def active_gram(X: torch.Tensor, D: torch.Tensor, indices: torch.Tensor, *, chunk: int = 1024):
-    """Per-row Gram ``G = D_S D_S^T`` (n, s, s) and right-hand side ``c = D_S x`` (n, s)."""
+    """Per-row Gram ``G = D_S D_S^T`` (n, s, s) and right-hand side ``c = D_S x`` (n, s).
+
+    On CPU a compiled loop reads the atoms in place
+    (:func:`skdict.solvers._kernels.select.active_gram_rows`); elsewhere the
+    atoms are gathered ``chunk`` rows at a time and multiplied in batch.
+    """
+    if (X.device.type == "cpu" and X.dtype == D.dtype
+            and X.dtype in (torch.float32, torch.float64)):
+        from ._kernels.select import active_gram_rows
+
+        G, c = active_gram_rows(X.detach().contiguous().numpy(),
+                                D.detach().contiguous().numpy(),
+                                indices.contiguous().numpy())
+        return torch.from_numpy(G), torch.from_numpy(c)
+    return _active_gram_torch(X, D, indices, chunk)
+
+
+def _active_gram_torch(X, D, indices, chunk):
     n, s = indices.shape
     G = torch.empty((n, s, s), dtype=X.dtype, device=X.device)
     c = torch.empty((n, s), dtype=X.dtype, device=X.device)

@@ -11,7 +11,10 @@ maxima). This keeps the selection cost a small fraction of the GEMM.
 
 Approximate routing (:class:`ClusterIndex`, :func:`route_approx`) first scores
 a row against the centroids of a coarse spherical k-means index over the atoms
-and then scores only the atoms of its ``n_probes`` nearest clusters.
+and then scores only the atoms of its ``n_probes`` nearest clusters. On CPU,
+when ``faiss`` is installed (``pip install skdict[faiss]``), the same index is
+searched by a FAISS inverted file (:class:`FaissRouter`): it scans the probed
+lists in compiled code, where the torch path pays one small matmul per cluster.
 
 The score of atom ``k`` for row ``x`` is ``|<x, d_k>|`` (or ``<x, d_k>`` when
 ``positive=True``, for non-negative codes).
@@ -21,9 +24,20 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-__all__ = ["route_topk", "route_dense", "ClusterIndex", "route_approx"]
+__all__ = ["route_topk", "route_dense", "ClusterIndex", "FaissRouter", "route_approx",
+           "faiss_available"]
+
+
+def faiss_available():
+    """Whether the optional ``faiss`` package can be imported."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def route_dense(X: torch.Tensor, D: torch.Tensor, s: int, *, positive: bool = False):
@@ -90,6 +104,15 @@ def route_topk(
     if not 1 <= s <= K:
         raise ValueError(f"s={s} must be between 1 and the number of atoms {K}.")
     tile_size = max(int(tile_size), 1)
+    if X.device.type == "cpu" and X.dtype in (torch.float32, torch.float64):
+        return _route_topk_cpu(X, D, s, tile_size, positive)
+    return _route_topk_torch(X, D, s, tile_size, positive, group)
+
+
+def _route_topk_torch(X, D, s, tile_size, positive, group):
+    """Device-agnostic path of :func:`route_topk`: per tile, the two-stage exact
+    selection, merged into the running top-s."""
+    n, K = X.shape[0], D.shape[0]
     best_v = torch.full((n, 0), -math.inf, dtype=X.dtype, device=X.device)
     best_i = torch.zeros((n, 0), dtype=torch.long, device=X.device)
     buf = None
@@ -112,6 +135,27 @@ def route_topk(
         best_i = i.gather(1, loc)
     best_v, order = best_v.sort(dim=1, descending=True)
     return best_v, best_i.gather(1, order)
+
+
+def _route_topk_cpu(X, D, s, tile_size, positive):
+    """CPU path of :func:`route_topk`: each GEMM tile is merged into per-row heaps
+    by one compiled pass (:func:`~skdict.solvers._kernels.select.running_topk`)."""
+    from ._kernels.select import running_topk
+
+    n, K = X.shape[0], D.shape[0]
+    hv = torch.full((n, s), -math.inf, dtype=X.dtype)
+    hi = torch.zeros((n, s), dtype=torch.long)
+    hvn, hin = hv.numpy(), hi.numpy()
+    X = X.detach().contiguous()
+    buf = None
+    for k0 in range(0, K, tile_size):
+        k1 = min(K, k0 + tile_size)
+        if buf is None or buf.shape[1] != k1 - k0:
+            buf = torch.empty((n, k1 - k0), dtype=X.dtype)
+        torch.matmul(X, D[k0:k1].detach().T, out=buf)
+        running_topk(buf.numpy(), k0, hvn, hin, absval=not positive)
+    best_v, order = hv.sort(dim=1, descending=True)
+    return best_v, hi.gather(1, order)
 
 
 class ClusterIndex:
@@ -143,6 +187,8 @@ class ClusterIndex:
     offsets : LongTensor (n_clusters + 1,)
         Cluster ``c`` holds ``order[offsets[c]:offsets[c + 1]]``.
     """
+
+    faiss = None  # a FaissRouter over this index, when attached (CPU)
 
     def __init__(self, D, n_clusters, *, n_iter=8, generator=None, positive=False,
                  chunk=8192, centroids=None):
@@ -197,12 +243,90 @@ class ClusterIndex:
                 ).to(D.dtype)
         return labels, sign
 
+    def attach_faiss(self, D):
+        """Search this index with FAISS from now on (CPU; ``faiss`` installed)."""
+        self.faiss = FaissRouter(self, D)
+        return self
+
     @property
     def n_clusters(self):
         return self.centroids.shape[0]
 
     def sizes(self):
         return self.offsets[1:] - self.offsets[:-1]
+
+
+class FaissRouter:
+    """A FAISS inner-product inverted file over the atoms of a :class:`ClusterIndex`.
+
+    The lists are the index's clusters (its centroids are the coarse quantizer,
+    no FAISS training); each atom is stored sign-aligned with its centroid, so
+    that ``|<x, d>|`` routing is two inner-product searches, of ``x`` and of
+    ``-x``, each probing the ``n_probes`` clusters of largest ``<+-x, c>``.
+    The stored atoms are those of the build; the caller rebuilds the index as
+    the dictionary moves (the candidates' codes always use the current atoms).
+
+    Parameters
+    ----------
+    index : ClusterIndex
+    D : Tensor (K, P)
+        The atoms the index was built over.
+    """
+
+    def __init__(self, index, D):
+        import faiss
+
+        self._faiss = faiss
+        cent = np.ascontiguousarray(index.centroids.detach().cpu().numpy(), dtype=np.float32)
+        C, P = cent.shape
+        Dn = np.ascontiguousarray(D.detach().cpu().numpy(), dtype=np.float32)
+        lab = index.labels.cpu().numpy()
+        if not index.positive:
+            sign = np.where(np.einsum("kp,kp->k", Dn, cent[lab]) < 0, -1.0, 1.0)
+            Dn = Dn * sign[:, None].astype(np.float32)
+        self.quantizer = faiss.IndexFlatIP(P)
+        self.quantizer.add(cent)
+        self.ivf = faiss.IndexIVFFlat(self.quantizer, P, C, faiss.METRIC_INNER_PRODUCT)
+        self.ivf.is_trained = True
+        # FAISS assigns each sign-aligned atom to its largest <d, c>: the index's
+        # own label (up to ties)
+        self.ivf.add(Dn)
+        self.positive = index.positive
+        self.K = D.shape[0]
+
+    def search(self, X, m, n_probes):
+        """Top-``m`` atom ids of each row and their (build-time) scores, as tensors;
+        ``-1`` where fewer than ``m`` atoms were probed."""
+        faiss = self._faiss
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        self.ivf.nprobe = int(n_probes)
+        Xn = np.ascontiguousarray(X.detach().cpu().numpy(), dtype=np.float32)
+        n = Xn.shape[0]
+        Q = Xn if self.positive else np.concatenate([Xn, -Xn])
+        V, ids = self.ivf.search(Q, int(m))
+        if not self.positive:  # |<x, d>|: the better of the two signs
+            V = np.concatenate([V[:n], V[n:]], axis=1)
+            ids = np.concatenate([ids[:n], ids[n:]], axis=1)
+            V = np.where(ids < 0, -np.inf, V)
+            top = np.argpartition(-V, int(m) - 1, axis=1)[:, :m]
+            V = np.take_along_axis(V, top, 1)
+            ids = np.take_along_axis(ids, top, 1)
+        return torch.from_numpy(np.ascontiguousarray(V)), torch.from_numpy(
+            np.ascontiguousarray(ids))
+
+
+def _route_faiss(X, D, s, index, n_probes, positive, tile_size):
+    V, ids = index.faiss.search(X, s, n_probes)
+    srt = ids.sort(dim=1).values
+    bad = (ids < 0).any(1) | (srt[:, 1:] == srt[:, :-1]).any(1)
+    V = V.to(X.dtype)
+    if bool(bad.any()):  # too few atoms probed (or one atom twice): exact routing
+        rows = bad.nonzero(as_tuple=True)[0]
+        v, i = route_topk(X[rows], D, s, tile_size=tile_size, positive=positive)
+        V[rows] = v.cpu()
+        ids[rows] = i.cpu()
+    V, order = V.sort(dim=1, descending=True)
+    return V.to(X.device), ids.gather(1, order).to(X.device)
 
 
 def route_approx(
@@ -222,7 +346,9 @@ def route_approx(
     best clusters are searched exhaustively and the best ``s`` atoms found are
     returned. Rows whose probed clusters hold fewer than ``s`` atoms fall back
     to exact routing. With ``n_probes >= n_clusters`` the result equals
-    :func:`route_topk`. ``Dsorted`` (``D[index.order]``) may be passed when
+    :func:`route_topk`. With a :class:`FaissRouter` attached
+    (:meth:`ClusterIndex.attach_faiss`) and CPU rows, FAISS does the search
+    (scores from the atoms of the index's build). ``Dsorted`` (``D[index.order]``) may be passed when
     it is reused across calls.
 
     Returns
@@ -232,6 +358,8 @@ def route_approx(
     n = X.shape[0]
     C = index.n_clusters
     n_probes = max(1, min(int(n_probes), C))
+    if index.faiss is not None and X.device.type == "cpu":
+        return _route_faiss(X, D, s, index, n_probes, positive, tile_size)
     Q = X @ index.centroids.T
     if not positive:
         Q = Q.abs()

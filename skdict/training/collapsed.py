@@ -110,11 +110,11 @@ class CollapsedLearner:
                 "(values too large for float32?)."
             )
         state.stats.update(Xb, idx, vals, forgetting_factor(state.n_steps, Xb.shape[0]))
-        touched = torch.unique(idx[vals != 0])
+        used = torch.zeros(D.shape[0], dtype=torch.bool, device=D.device)
+        used[idx[vals != 0]] = True
+        touched = used.nonzero().squeeze(1)  # sorted, no sort of the n * s indices
         refresh_atoms(D, state.stats, touched,
                       preconditioner="gershgorin" if est.positive_code else "jacobi")
-        used = torch.zeros(D.shape[0], dtype=torch.bool, device=D.device)
-        used[touched] = True
         update_since_used(state.since_used, used, Xb.shape[0])
         dead = dead_atoms(state.since_used, est._window())
         state.n_resampled += int(resample_dead_atoms(

@@ -22,7 +22,6 @@ resampling are those of :mod:`skdict.updates.atoms`.
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from .atoms import project_unit_norm
@@ -106,6 +105,22 @@ def _coalesce(rows, cols, vals, K):
     return torch.div(uniq, K, rounding_mode="floor"), uniq % K, out
 
 
+def _largest_mask(a, m):
+    """Boolean mask of ``m`` largest entries of the 1-D ``a`` (ties broken by position)."""
+    n = a.numel()
+    if a.device.type == "cpu":
+        an = a.numpy()
+        thr = np.partition(an, n - m)[n - m]
+        keep = an > thr
+        extra = m - int(keep.sum())
+        if extra > 0:
+            keep[np.flatnonzero(an == thr)[:extra]] = True
+        return torch.from_numpy(keep)
+    keep = torch.zeros(n, dtype=torch.bool, device=a.device)
+    keep[a.topk(m, sorted=False).indices] = True
+    return keep
+
+
 class SparseStats:
     """Accumulated sparse normal equations of a ``K``-atom dictionary.
 
@@ -183,28 +198,33 @@ class SparseStats:
             vals = torch.cat([self.vals, v])
             rows, cols, vals = _coalesce(rows, cols, vals, self.n_components)
             if vals.numel() > self.max_nnz:
-                keep = vals.abs().topk(self.max_nnz, sorted=False).indices
-                keep = keep.sort().values
+                keep = _largest_mask(vals.abs(), self.max_nnz)  # keeps the (row, col) order
                 rows, cols, vals = rows[keep], cols[keep], vals[keep]
             self.rows, self.cols, self.vals = rows, cols, vals
 
-    def offdiag_matmul(self, D, *, chunk=16384):
-        """``(A - diag(A)) @ D`` (K x P) from the upper-triangular entries.
+    def offdiag_matmul(self, D, *, chunk=16384, atoms=None):
+        """``(A - diag(A)) @ D`` (K x P) from the upper-triangular entries, or
+        only its rows ``atoms`` (``(len(atoms), P)``).
 
-        Processed in chunks of ``chunk`` entries, so the largest temporary is
-        ``(chunk, P)``.
+        On CPU a compiled pass over the entries computes just the wanted rows
+        (:func:`skdict.updates._kernels.cooc.offdiag_rows_matmul`); elsewhere
+        the entries are processed in chunks of ``chunk``, so the largest
+        temporary is ``(chunk, P)``.
         """
+        if D.device.type == "cpu" and D.dtype in (torch.float32, torch.float64):
+            from ._kernels.cooc import offdiag_rows_matmul
+
+            want = torch.arange(D.shape[0]) if atoms is None else atoms
+            return torch.from_numpy(offdiag_rows_matmul(
+                self.rows.numpy(), self.cols.numpy(), self.vals.numpy(),
+                D.detach().contiguous().numpy(), want.numpy(), torch.get_num_threads()))
+        out = self._offdiag_matmul_torch(D, chunk)
+        return out if atoms is None else out[atoms]
+
+    def _offdiag_matmul_torch(self, D, chunk):
         out = torch.zeros_like(D)
         if self.vals.numel() == 0:
             return out
-        if D.device.type == "cpu":  # scipy's CSR product: no (nnz, P) temporary
-            r, c = self.rows.numpy(), self.cols.numpy()
-            v = self.vals.numpy()
-            K = self.n_components
-            A = sp.csr_matrix((np.concatenate([v, v]), (np.concatenate([r, c]),
-                                                        np.concatenate([c, r]))), shape=(K, K))
-            return torch.from_numpy(np.asarray(A @ D.numpy()).astype(
-                D.numpy().dtype, copy=False))
         Dv = D.to(self.vals.dtype)
         for e0 in range(0, self.vals.numel(), chunk):
             r = self.rows[e0:e0 + chunk]
@@ -267,7 +287,7 @@ def refresh_atoms(D, stats: SparseStats, atoms=None, *, step=1.0, n_iter=1,
         )
     for _ in range(int(n_iter)):
         old = D[atoms]
-        AD = stats.offdiag_matmul(D)[atoms]
+        AD = stats.offdiag_matmul(D, atoms=atoms)
         if preconditioner == "jacobi":
             new = (stats.B[atoms].to(D.dtype) - AD) / diag
         else:
