@@ -257,3 +257,21 @@ def test_two_gloo_ranks_reproduce_the_single_process_fit(tmp_path, planted):
     for r in range(2):
         assert "rank(s) [1]" in ranks[r]["empty"] and "no rows" in ranks[r]["empty"]
     assert sys.modules.get("torch.distributed") is not None
+
+
+def test_token_selector_over_dask_tokens_merges_tile_topk(client):
+    from skdict import SparseTokenSelector
+
+    rng = np.random.default_rng(1)
+    T = rng.standard_normal((3000, 8)).astype(np.float32)
+    Q = rng.standard_normal((40, 8)).astype(np.float32)
+    Td = da.from_array(T, chunks=(700, -1))
+    for method in ("topk", "threshold", "sparsemax"):
+        params = dict(method=method, keep_ratio=0.01, alpha=0.5, device="cpu")
+        ref = SparseTokenSelector(**params).fit(T).transform(Q)
+        with distributed.get_task_stream(client) as ts:
+            W = SparseTokenSelector(**params).fit(Td).transform(Q)
+        assert len({t["worker"] for t in ts.data}) == 2
+        np.testing.assert_allclose(W.toarray(), ref.toarray(), atol=1e-6)
+    with pytest.raises(ValueError, match="method='lasso'.*needs every token"):
+        SparseTokenSelector(method="lasso", keep_ratio=0.01).fit(Td).transform(Q)

@@ -257,3 +257,80 @@ class DaskLearner:
                        self.worker_device, learner.dtype) for i in wave.blocks]
         total = dask.compute(_tree(parts, add_statistics))[0]
         return learner.apply_statistics(state, _to_device(total, learner.device))
+
+
+# ------------------------------------------------------------------ token selection
+def _tile_candidates(block, Q, i, s0, s1, sel, k, stats):
+    """Top-``k`` scores of every query over one block of tokens (global indices)
+    and, for ``"threshold"``, the row sums of ``|scores|``."""
+    check_block_finite(block, i, s0, s1, type(sel).__name__)
+    T = torch.as_tensor(np.asarray(block)).to(Q.dtype)
+    inv = None
+    if sel.normalize:
+        norms = torch.linalg.vector_norm(T, dim=1)
+        inv = torch.where(norms > 0, 1.0 / norms, torch.ones_like(norms))
+    scale = float(sel.scale) if sel.scale is not None else 1.0 / math.sqrt(T.shape[1])
+    state = {"T": T, "inv": inv, "scale": scale, "n": T.shape[0]}
+    out = sel._pass(Q, state, m=k, stats=stats)
+    return {"vals": out["vals"], "idx": out["idx"] + s0,
+            "abs_sum": out["abs_sum"] if stats else torch.zeros(())}
+
+
+def _merge_candidates(a, b):
+    from ..selection import _merge_topk
+
+    k = a["vals"].shape[1]
+    vals, idx = _merge_topk(a["vals"], a["idx"], b["vals"], b["idx"], max(k, b["vals"].shape[1]))
+    return {"vals": vals, "idx": idx, "abs_sum": a["abs_sum"] + b["abs_sum"]}
+
+
+def select_from_dask_tokens(sel, X, *, sparse_output):
+    """``SparseTokenSelector.transform`` when the fitted tokens are a dask array:
+    each token block is scored against the queries on a worker, keeping its
+    top-``k`` per query, the candidates are merged in a tree (top-``k`` of the
+    union) and the weights computed from the merged candidates."""
+    import dask
+
+    from ..data.codes import Codes
+    from ..nn.attention import budget_size, candidate_weights
+    from .stats import slim_estimator
+
+    name = type(sel).__name__
+    tokens = sel.tokens_
+    n = int(tokens.shape[0])
+    k = budget_size(n, sel.keep_ratio, sel.max_tokens)
+    if sel.method == "lasso" or k is None:
+        raise ValueError(
+            f"{name} over a dask array of tokens selects a budget of top-scoring tokens "
+            f"per query; method={sel.method!r} with keep_ratio={sel.keep_ratio} and "
+            f"max_tokens={sel.max_tokens} needs every token at once. Use method='topk', "
+            "'threshold' or 'sparsemax' with keep_ratio or max_tokens, or fit on the "
+            "computed tokens."
+        )
+    src = as_source(X, estimator=sel, reset=False, allow_stream=False)
+    if src.is_dask:
+        raise ValueError(f"{name} over dask tokens takes the queries in memory, not as a "
+                         "dask array; compute them first (or transform query blocks).")
+    tsrc = as_source(tokens, estimator=sel, reset=False)
+    stats = sel.method == "threshold"
+    worker = slim_estimator(sel)
+    out_builder = CSRBuilder(n, src.dtype)
+    bs = sel._batch_size_for(n, src.dtype)
+    cand = _delayed(_tile_candidates)
+    dense = [] if not sparse_output else None
+    for _, _, Qb in src.ordered(bs, device=torch.device("cpu")):
+        Qs = share(Qb)
+        parts = [cand(blk, Qs, i, *tsrc.block_range(i), worker, k, stats)
+                 for i, blk in enumerate(tokens.to_delayed().ravel())]
+        best = dask.compute(_tree(parts, _merge_candidates))[0]
+        lam = (sel.alpha * best["abs_sum"] / n)[:, None] if stats else None
+        w = candidate_weights(best["vals"], sel.method, alpha=sel.alpha, lam=lam,
+                              empty=sel.empty)
+        codes = Codes(indices=best["idx"], values=w)
+        if sparse_output:
+            codes.add_to(out_builder)
+        else:
+            dense.append(codes.to_dense(n).numpy())
+    if sparse_output:
+        return out_builder.build()
+    return np.concatenate(dense).astype(src.dtype, copy=False)
