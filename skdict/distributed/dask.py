@@ -220,14 +220,12 @@ class WaveSource(RowSource):
 def _block_statistics(fn, payload, block, i, start, stop, est_name, device, dtype):
     check_block_finite(block, i, start, stop, est_name)
     Xb = _to_tensor(block, resolve_device(device), torch_dtype(dtype))
-    return fn(payload, Xb)
+    # back on the host: the client (or the next worker) may have no GPU
+    return _to_device(fn(payload, Xb), "cpu")
 
 
 def _to_device(stats, device):
-    out = {}
-    for k, v in stats.items():
-        out[k] = v.to(device) if hasattr(v, "to") and not isinstance(v, (int, float)) else v
-    return out
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in stats.items()}
 
 
 class DaskLearner:

@@ -191,6 +191,11 @@ class SparseStats:
                 rows, cols, vals = rows[keep], cols[keep], vals[keep]
             self.rows, self.cols, self.vals = rows, cols, vals
 
+    def to(self, device):
+        """A copy on ``device``."""
+        return SparseStats.from_state_dict(self.state_dict(), device=device,
+                                           dtype=self.B.dtype)
+
     def merge_(self, other, decay=1.0):
         """In place ``self <- decay * self + other``: the statistics of two sets of
         rows add up (then pruned to ``max_nnz`` as after :meth:`update`)."""
