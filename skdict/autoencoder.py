@@ -218,6 +218,8 @@ class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator
     True
     """
 
+    _data_parallel = True  # see skdict.distributed.torch
+
     _parameter_constraints: dict = {
         "n_components": [Interval(numbers.Integral, 1, None, closed="left")],
         "k": [Interval(numbers.Integral, 1, None, closed="left")],
@@ -509,6 +511,10 @@ class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator
 
         self._check_ready()
         path = Path(path)
+        from .distributed.torch import is_writer
+
+        if not is_writer():  # under torch.distributed only rank 0 writes
+            return path
         path.mkdir(parents=True, exist_ok=True)
         # callables are not saved; the k schedule is written below
         params = {p: v for p, v in self.get_params().items()

@@ -31,7 +31,7 @@ from ._backend import default_batch_size, numpy_dtype, resolve_device, torch_dty
 from ._validation import DEVICE_CONSTRAINT as _DEVICE_CONSTRAINT
 from ._validation import is_torch as _is_torch
 from .data.codes import CSRBuilder, as_codes
-from .data.sources import as_source
+from .data.sources import as_source, is_dask
 from .solvers.decode import sparse_decode, topk_decode
 
 __all__ = [
@@ -78,12 +78,24 @@ class SparseCodingMixin(ClassNamePrefixFeaturesOutMixin, TransformerMixin):
     def _source(self, X):
         return as_source(X, estimator=self, reset=False, allow_stream=False)
 
-    def _transform_impl(self, X, *, sparse_output=None):
+    def _cached_transform_state(self, device, dtype, cache):
+        if cache is None:
+            return self._transform_state(device, dtype)
+        key = (str(device), np.dtype(dtype).str)
+        if key not in cache:
+            cache[key] = self._transform_state(device, dtype)
+        return cache[key]
+
+    def _transform_impl(self, X, *, sparse_output=None, cache=None):
+        sparse_output = self.sparse_output if sparse_output is None else sparse_output
+        if is_dask(X):
+            from .distributed.dask import transform_blocks
+
+            return transform_blocks(self, X, sparse_output=sparse_output)
         src = self._source(X)
         device = self._device()
-        state = self._transform_state(device, src.dtype)
+        state = self._cached_transform_state(device, src.dtype, cache)
         n_codes = self._n_codes()
-        sparse_output = self.sparse_output if sparse_output is None else sparse_output
         bs = self._batch_size_for(n_codes, src.dtype)
         if sparse_output:
             builder = CSRBuilder(n_codes, src.dtype)
@@ -96,7 +108,7 @@ class SparseCodingMixin(ClassNamePrefixFeaturesOutMixin, TransformerMixin):
             out[start:stop] = dense.detach().cpu().numpy()
         return out
 
-    def _reduce(self, X, sums=None, *, fn=None):
+    def _reduce(self, X, sums=None, *, fn=None, cache=None):
         """The one loop behind ``score`` and batch-wise metrics.
 
         Encodes ``X`` batch by batch and adds up, in float64, what each batch
@@ -108,9 +120,13 @@ class SparseCodingMixin(ClassNamePrefixFeaturesOutMixin, TransformerMixin):
         n_features)`` with floats (vectors as numpy arrays).
         """
         sums = BATCH_SUMS if sums is None else tuple(sums)
+        if is_dask(X):  # per block on the workers, then summed
+            from .distributed.dask import reduce_blocks
+
+            return reduce_blocks(self, X, sums, fn=fn)
         src = self._source(X)
         device = self._device()
-        state = self._transform_state(device, src.dtype)
+        state = self._cached_transform_state(device, src.dtype, cache)
         if fn is None:
             D, offset = self._decoder(device, src.dtype)
 
@@ -187,6 +203,10 @@ class SparseCodingMixin(ClassNamePrefixFeaturesOutMixin, TransformerMixin):
         self._check_ready()
         n_codes = self._n_codes()
         name = type(self).__name__
+        if is_dask(X):
+            from .distributed.dask import inverse_transform_blocks
+
+            return inverse_transform_blocks(self, X)
         if _is_torch(X):
             X = X.detach()
             if X.is_sparse or X.layout != torch.strided:

@@ -11,6 +11,8 @@ picklable callable mapping a block of rows to CSR codes (``transform``, Dask).
 
 from __future__ import annotations
 
+import copy
+
 import numbers
 
 import numpy as np
@@ -31,7 +33,7 @@ from .solvers import SolverResult
 from .solvers.exact import lasso_exact_compact
 from .solvers.registry import get_solver, solver_names
 
-__all__ = ["sparse_encode", "encode_block", "encode_codes", "BlockEncoder"]
+__all__ = ["sparse_encode", "encode_block", "encode_codes", "BlockEncoder", "BlockTransformer"]
 
 
 def encode_block(
@@ -338,4 +340,52 @@ class BlockEncoder:
         state["_ops"] = {}
         if isinstance(self.components, torch.Tensor):
             state["components"] = self.components.detach().cpu()
+        return state
+
+
+# fitted state that per-block work never reads: training statistics, history
+_TRAINING_ONLY = ("_train_state", "_resume", "history_", "loss_curve_", "callbacks")
+
+
+class BlockTransformer:
+    """A picklable per-block twin of a fitted estimator: ``transform``,
+    ``inverse_transform`` and the batch reduce behind ``score`` of one block.
+
+    Holds a copy of the estimator without its training state (statistics,
+    optimizer moments, history), so a pickle carries the fitted arrays and
+    parameters only (e.g. to Dask workers, once per call). What the estimator
+    prepares per call (dictionary on the device, Gram matrix, routing index) is
+    built on first use and kept for the following blocks, never pickled.
+    No validation of the blocks beyond the estimator's own.
+
+    Parameters
+    ----------
+    estimator : fitted skdict estimator
+    """
+
+    def __init__(self, estimator):
+        est = copy.copy(estimator)
+        for attr in _TRAINING_ONLY:
+            est.__dict__.pop(attr, None)
+        self.estimator = est
+        self._cache = {}
+
+    def transform(self, X, sparse_output=None):
+        """Codes of one block (CSR, or dense with ``sparse_output=False``)."""
+        return self.estimator._transform_impl(X, sparse_output=sparse_output,
+                                              cache=self._cache)
+
+    def inverse_transform(self, codes):
+        """Reconstruction of one block of codes (dense)."""
+        return self.estimator.inverse_transform(codes)
+
+    def reduce(self, X, sums=None, fn=None):
+        """``(totals, n_samples, n_features)`` of one block (see
+        ``SparseCodingMixin._reduce``); ``fn`` is the name of an estimator method."""
+        fn = None if fn is None else getattr(self.estimator, fn)
+        return self.estimator._reduce(X, sums, fn=fn, cache=self._cache)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_cache"] = {}
         return state

@@ -28,7 +28,7 @@ from ._backend import default_batch_size, torch_dtype
 from ._validation import restore_input_attrs_on_error
 from .base import BaseSparseCoder, SparseCodingMixin
 from .data.codes import Codes
-from .data.sources import as_source
+from .data.sources import as_source, is_dask
 from .nn.attention import budget_size, candidate_weights
 from .solvers import lasso_exact, power_iteration, topk_decode
 from .solvers.exact import lasso_exact_compact
@@ -272,6 +272,15 @@ class SparseTokenSelector(SparseCodingMixin, BaseEstimator):
 
     def _n_codes(self):
         return self.n_tokens_
+
+    def _transform_impl(self, X, *, sparse_output=None, cache=None):
+        if is_dask(getattr(self, "tokens_", None)):  # tiles on the workers, top-k merged
+            from .distributed.dask import select_from_dask_tokens
+
+            return select_from_dask_tokens(
+                self, X, sparse_output=self.sparse_output if sparse_output is None
+                else sparse_output)
+        return super()._transform_impl(X, sparse_output=sparse_output, cache=cache)
 
     def _check_ready(self):
         check_is_fitted(self)

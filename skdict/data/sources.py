@@ -29,7 +29,14 @@ import torch
 from .._backend import numpy_dtype, torch_dtype
 from .._validation import check_input, check_n_features, shape_error
 
-__all__ = ["RowSource", "ArraySource", "StreamSource", "as_source", "is_stream"]
+__all__ = ["RowSource", "ArraySource", "StreamSource", "DaskSource", "as_source", "is_dask",
+           "is_stream", "check_block_finite"]
+
+
+def is_dask(X) -> bool:
+    """True for a ``dask.array.Array`` (checked without importing dask)."""
+    return type(X).__module__.startswith("dask.") and hasattr(X, "chunks") \
+        and hasattr(X, "__dask_graph__")
 
 
 def is_stream(X) -> bool:
@@ -41,6 +48,8 @@ def is_stream(X) -> bool:
     iterable (generator, iterator, ``DataLoader``) is a stream.
     """
     if isinstance(X, (np.ndarray, torch.Tensor, str, bytes, dict)) or sp.issparse(X):
+        return False
+    if is_dask(X):
         return False
     if hasattr(X, "__array__") or hasattr(X, "shape"):
         return False
@@ -77,6 +86,19 @@ def _nonfinite_error(name):
     )
 
 
+def check_block_finite(block, i, start, stop, name):
+    """Raise when dask block ``i`` (rows ``start:stop``) holds NaN or infinity."""
+    data = block.data if sp.issparse(block) else block
+    finite = bool(torch.isfinite(data).all()) if isinstance(data, torch.Tensor) \
+        else bool(np.isfinite(data).all())
+    if not finite:
+        raise ValueError(
+            f"Input X contains NaN or infinity in block {i} (rows {start} to {stop}) of the "
+            f"dask array. Remove or impute non-finite values before calling {name}."
+        )
+    return block
+
+
 def _to_tensor(block, device, tdtype):
     """A numpy / scipy / torch block as a dense tensor on ``device``."""
     if isinstance(block, torch.Tensor):
@@ -108,6 +130,7 @@ class RowSource:
     n_features: int
     dtype: np.dtype
     is_stream = False
+    is_dask = False
     reiterable = True
 
     def batches(self, batch_size, *, device, shuffle=False, generator=None, dtype=None):
@@ -334,12 +357,129 @@ class StreamSource(RowSource):
         return Xb[idx.to(Xb.device)]
 
 
+class DaskSource(RowSource):
+    """A row-chunked ``dask.array.Array``, read block by block.
+
+    ``batches`` computes one block at a time (a dask scheduler or a
+    ``distributed`` client does the work) and checks it for NaN / infinity,
+    naming the block when it fails. Shuffling visits the blocks in a random
+    order and permutes the rows within each block (the ``"blocks"`` order of a
+    memory map: a dask array is never gathered whole). The distributed
+    learners in :mod:`skdict.distributed` map work over :attr:`blocks` instead
+    of reading batches.
+    """
+
+    is_dask = True
+
+    def __init__(self, X, dtype, *, name):
+        self.X = X
+        self.n_samples = int(X.shape[0])
+        self.n_features = int(X.shape[1])
+        self.dtype = np.dtype(dtype)
+        self._name = name
+        sizes = [int(c) for c in X.chunks[0]]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    @property
+    def n_blocks(self):
+        return len(self.offsets) - 1
+
+    def block_range(self, i):
+        return int(self.offsets[i]), int(self.offsets[i + 1])
+
+    def blocks(self):
+        """The row blocks as dask arrays (``X.blocks[i, 0]``)."""
+        return [self.X.blocks[i, 0] for i in range(self.n_blocks)]
+
+    def _block(self, i, device, tdtype):
+        start, stop = self.block_range(i)
+        block = check_block_finite(self.X.blocks[i, 0].compute(), i, start, stop, self._name)
+        return _to_tensor(block, device, tdtype)
+
+    def batches(self, batch_size, *, device, shuffle=False, generator=None, dtype=None):
+        bs = max(1, int(batch_size))
+        tdtype = self._tdtype(dtype)
+        order = (torch.randperm(self.n_blocks, generator=generator).tolist() if shuffle
+                 else range(self.n_blocks))
+        rest = None  # rows carried over, so that every batch but the last has bs rows
+        for i in order:
+            start, stop = self.block_range(i)
+            if stop == start:
+                continue
+            Xb = self._block(i, device, tdtype)
+            if shuffle:
+                Xb = Xb[torch.randperm(stop - start, generator=generator).to(Xb.device)]
+            if rest is not None:
+                Xb = torch.cat([rest, Xb])
+            full = Xb.shape[0] - Xb.shape[0] % bs
+            for s in range(0, full, bs):
+                yield Xb[s : s + bs]
+            rest = Xb[full:] if full < Xb.shape[0] else None
+        if rest is not None:
+            yield rest
+
+    def ordered(self, batch_size, *, device, dtype=None):
+        bs, tdtype = max(1, int(batch_size)), self._tdtype(dtype)
+        for i in range(self.n_blocks):
+            start, stop = self.block_range(i)
+            if stop == start:
+                continue
+            Xb = self._block(i, device, tdtype)
+            for s in range(0, Xb.shape[0], bs):
+                yield start + s, start + min(s + bs, Xb.shape[0]), Xb[s : s + bs]
+
+    def sample(self, n, *, generator, device, dtype=None):
+        m = min(int(n), self.n_samples)
+        idx = np.sort(torch.randperm(self.n_samples, generator=generator)[:m].numpy())
+        rows = self.X[idx].compute()
+        if not np.isfinite(rows.data if sp.issparse(rows) else rows).all():
+            bad = np.flatnonzero(~np.isfinite(np.asarray(
+                rows.toarray() if sp.issparse(rows) else rows)).all(1))[0]
+            i = int(np.searchsorted(self.offsets, idx[bad], side="right") - 1)
+            check_block_finite(np.array([np.nan]), i, *self.block_range(i), self._name)
+        return _to_tensor(rows, device, self._tdtype(dtype))
+
+
+def _dask_source(X, *, estimator, reset, dtype):
+    """Validate a dask array's metadata (nothing is computed) and wrap it."""
+    name = type(estimator).__name__
+    if X.ndim != 2:
+        raise shape_error(X.ndim, X.shape, name)
+    if any(np.isnan(c) for c in X.chunks[0]) or any(np.isnan(c) for c in X.shape):
+        raise ValueError(
+            f"{name} was given a dask array with unknown chunk sizes (shape {X.shape}); "
+            "call X.compute_chunk_sizes() first (or build it with known lengths, e.g. "
+            "dask_dataframe.to_dask_array(lengths=True))."
+        )
+    if len(X.chunks[1]) > 1:
+        raise ValueError(
+            f"{name} reads whole rows block by block, but this dask array is chunked "
+            f"along its columns too (column chunks {X.chunks[1]}); rechunk it into row "
+            "blocks first: X = X.rechunk({1: -1})."
+        )
+    if X.shape[0] < 1 or X.shape[1] < 1:
+        raise ValueError(
+            f"Found array with shape {X.shape}; {name} needs at least 1 sample and 1 feature."
+        )
+    if X.dtype.kind not in "fiub":
+        raise ValueError(f"{name} needs a numeric dask array, got dtype {X.dtype}.")
+    if reset:
+        estimator.n_features_in_ = int(X.shape[1])
+        if hasattr(estimator, "feature_names_in_"):
+            del estimator.feature_names_in_
+    else:
+        check_n_features(estimator, int(X.shape[1]))
+    data_dtype = X.dtype if X.dtype in (np.float32, np.float64) else np.float64
+    return DaskSource(X, _resolve_dtype(dtype, data_dtype), name=name)
+
+
 def as_source(X, *, estimator, reset, dtype=None, allow_stream=True) -> RowSource:
     """Validate ``X`` at the estimator boundary and wrap it as a :class:`RowSource`.
 
     Parameters
     ----------
-    X : array-like, np.memmap, sparse matrix, torch.Tensor or iterable of batches
+    X : array-like, np.memmap, sparse matrix, torch.Tensor, dask array or iterable \
+of batches
     estimator : estimator
         Records ``n_features_in_`` (and ``feature_names_in_``) when ``reset``,
         checks the feature count otherwise; its class name appears in errors.
@@ -356,6 +496,8 @@ def as_source(X, *, estimator, reset, dtype=None, allow_stream=True) -> RowSourc
             f"{name} was given an empty {type(X).__name__}; pass a 2-D array of shape "
             "(n_samples, n_features) or a non-empty list of such batches."
         )
+    if is_dask(X):
+        return _dask_source(X, estimator=estimator, reset=reset, dtype=dtype)
     if is_stream(X):
         if not allow_stream:
             raise ValueError(

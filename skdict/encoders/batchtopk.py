@@ -38,7 +38,11 @@ class BatchTopK(SelectingEncoder):
         buffers["threshold_set"].fill_(1)
         return {}, buffers
 
+    comm = None  # a skdict.distributed.torch.Comm: select over the global batch
+
     def select(self, pre, k, buffers):
+        if self.comm is not None:
+            return self.comm.batch_topk(pre, k, self.n_rows)
         return select_batch_topk(pre, k)
 
     @torch.no_grad()
@@ -47,6 +51,8 @@ class BatchTopK(SelectingEncoder):
         v = vals.detach()
         tmin = torch.where(v > 0, v, torch.full_like(v, float("inf"))).min() if v.numel() \
             else v.new_full((), float("inf"))
+        if self.comm is not None:
+            tmin = self.comm.min(tmin)
         t, seen = buffers["threshold"], buffers["threshold_set"]
         new = torch.where(seen > 0, (1 - THRESHOLD_MOMENTUM) * t + THRESHOLD_MOMENTUM * tmin,
                           tmin)

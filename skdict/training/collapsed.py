@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -26,7 +27,7 @@ from ..updates import (
 )
 from .state import TrainState
 
-__all__ = ["CollapsedLearner", "CollapsedState", "Routing"]
+__all__ = ["CollapsedLearner", "CollapsedState", "Routing", "collapsed_block_statistics"]
 
 
 @dataclass
@@ -64,6 +65,26 @@ class Routing(NamedTuple):
     D: torch.Tensor
     index: ClusterIndex | None
     Dsorted: torch.Tensor | None
+
+
+def collapsed_block_statistics(payload, Xb, *, est, max_nnz, n_worst):
+    """Sparse statistics of one block of rows routed and coded with the broadcast
+    dictionary (and index), its residual sum of squares, its row count and its
+    ``n_worst`` worst-reconstructed residual rows."""
+    from ..distributed.stats import TopRows
+
+    dev = Xb.device
+    D = payload.D.to(dev)
+    routing = Routing(D, payload.index, None if payload.Dsorted is None
+                      else payload.Dsorted.to(dev))
+    idx, vals = est._code(Xb, routing)
+    R = Xb - topk_decode(idx, vals, D)
+    stats = SparseStats(D.shape[0], D.shape[1], max_nnz=max_nnz, device=dev)
+    stats.update(Xb, idx, vals, 1.0)
+    out = {"stats": stats, "rss": (R.double() ** 2).sum(), "n": Xb.shape[0]}
+    if n_worst:
+        out["worst"] = TopRows.of_residuals(R, n_worst)
+    return out
 
 
 class CollapsedLearner:
@@ -120,4 +141,45 @@ class CollapsedLearner:
         state.n_resampled += int(resample_dead_atoms(
             D, dead, R, generator=state.generator, stats=state.stats,
             since_used=state.since_used).numel())
+        return {"loss": mse}
+
+    # ------------------------------------------------ distributed (statistics)
+    def broadcast(self, state):
+        est, D = self.est, state.D
+        if est.routing == "approximate" and (
+            self.index is None or state.n_steps % est.index_refresh == 0
+        ):
+            self.index = est._build_index(D, state.generator)
+        Dsorted = D[self.index.order] if self.index is not None else None
+        return Routing(D.detach().cpu(), self.index,
+                       None if Dsorted is None else Dsorted.detach().cpu())
+
+    def statistics_fn(self):
+        from ..distributed.stats import slim_estimator
+
+        return partial(collapsed_block_statistics, est=slim_estimator(self.est),
+                       max_nnz=self.est._max_nnz(), n_worst=self.est.n_components)
+
+    def apply_statistics(self, state, stats):
+        """The step of :meth:`step` from the statistics of all its rows."""
+        est, D = self.est, state.D
+        b = int(stats["n"])
+        batch = stats["stats"]
+        state.stats.merge_(batch, decay=forgetting_factor(state.n_steps, b))
+        touched = (batch.diag.to(D.device) > 0).nonzero().squeeze(1)
+        refresh_atoms(D, state.stats, touched,
+                      preconditioner="gershgorin" if est.positive_code else "jacobi")
+        used = torch.zeros(D.shape[0], dtype=torch.bool, device=D.device)
+        used[touched] = True
+        update_since_used(state.since_used, used, b)
+        dead = dead_atoms(state.since_used, est._window())
+        state.n_resampled += int(resample_dead_atoms(
+            D, dead, stats["worst"].rows.to(D), generator=state.generator, stats=state.stats,
+            since_used=state.since_used).numel())
+        mse = float(stats["rss"]) / (b * D.shape[1])
+        if not math.isfinite(mse):
+            raise ValueError(
+                "The reconstruction error became non-finite; check the scale of X "
+                "(values too large for float32?)."
+            )
         return {"loss": mse}

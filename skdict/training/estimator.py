@@ -61,6 +61,30 @@ class TrainedEstimatorMixin:
                 "to train a new one."
             )
 
+    # fit data-parallel when a torch.distributed process group is initialised
+    _data_parallel = False
+
+    def _shard_source(self, X, comm, first):
+        """This rank's source and every rank's row count; a failure on one rank
+        (no rows, invalid rows) is raised on all of them."""
+        name = type(self).__name__
+        src, err = None, None
+        n_rows = getattr(X, "shape", (None,))[0]
+        if n_rows != 0:
+            try:
+                src = as_source(X, estimator=self, reset=first, dtype=self._train_dtype(first))
+                if src.is_stream:
+                    raise ValueError(
+                        f"{name} trains data-parallel on arrays; under torch.distributed "
+                        "give each rank its rows as one array (or dask array)."
+                    )
+            except ValueError as e:
+                err = e
+        counts = comm.check_shards(0 if src is None else src.n_samples,
+                                   0 if src is None else src.n_features, name,
+                                   None if err is None else str(err))
+        return src, counts
+
     def _train(self, X, *, first, single_pass):
         with restore_input_attrs_on_error(self):
             return self._run(X, first=first, single_pass=single_pass)
@@ -70,8 +94,27 @@ class TrainedEstimatorMixin:
         if not first:
             self._check_resumable()
         device = self._device()
-        src = as_source(X, estimator=self, reset=first, dtype=self._train_dtype(first))
+        comm = None
+        if self._data_parallel:
+            from ..distributed.torch import world_comm
+
+            comm = world_comm()
+        if comm is None:
+            src = as_source(X, estimator=self, reset=first, dtype=self._train_dtype(first))
+        else:
+            src, counts = self._shard_source(X, comm, first)
         learner = self._make_learner(src, device, first)
+        if comm is not None:  # every rank's rows are its shard of each global batch
+            from ..distributed.torch import ShardSource
+
+            learner.use_comm(comm)
+            src = ShardSource(src, comm, counts)
+        if src.is_dask and hasattr(learner, "apply_statistics"):
+            # blocks coded on the workers, statistics tree-reduced there
+            from ..distributed.dask import DaskLearner, WaveSource
+
+            learner = DaskLearner(learner, worker_device=getattr(self, "device", "auto"))
+            src = WaveSource(src)
         if first:
             state, generator = None, make_generator(self.random_state, "cpu")
         else:

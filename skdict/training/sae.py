@@ -51,13 +51,30 @@ def effective_params(P):
     Q["W_dec"] = P["W_dec"] / n[:, None]
     return Q
 
-def _geometric_median(X, n_iter=50, eps=1e-8):
-    """Weiszfeld iterations for the geometric median of the rows of ``X``."""
-    y = X.mean(0)
+def _allsum(t, comm):
+    return t if comm is None else comm.sum(t)
+
+
+def _mean_rows(X, comm=None):
+    """Mean of the rows of ``X`` (of every rank's ``X`` under a process group)."""
+    if comm is None:
+        return X.mean(0)
+    s = comm.sum(torch.cat([X.sum(0), X.new_tensor([X.shape[0]])]))
+    return s[:-1] / s[-1]
+
+
+def _geometric_median(X, n_iter=50, eps=1e-8, comm=None):
+    """Weiszfeld iterations for the geometric median of the rows of ``X`` (of
+    every rank's rows under a process group)."""
+    y = _mean_rows(X, comm)
     for _ in range(n_iter):
         d = torch.linalg.vector_norm(X - y, dim=1).clamp_min(eps)
         w = 1.0 / d
-        y_new = (w[:, None] * X).sum(0) / w.sum()
+        if comm is not None:
+            s = comm.sum(torch.cat([(w[:, None] * X).sum(0), w.sum().reshape(1)]))
+            y_new = s[:-1] / s[-1]
+        else:
+            y_new = (w[:, None] * X).sum(0) / w.sum()
         done = float(torch.linalg.vector_norm(y_new - y)) < eps * (1 + float(y.norm()))
         y = y_new
         if done:
@@ -96,24 +113,38 @@ class SAELearner:
         self.opt = None
         self.k_schedule = copy.deepcopy(est.k_schedule)
         self._pre_buf = {}
+        self.comm = None  # a skdict.distributed.torch.Comm under a process group
+
+    def use_comm(self, comm):
+        """Train data-parallel: this process's rows are its shard of the batch."""
+        from ..distributed.torch import DATA_PARALLEL_VARIANTS
+
+        if self.variant.name not in DATA_PARALLEL_VARIANTS:
+            raise ValueError(
+                f"sparsity={self.variant.name!r} cannot train under torch.distributed yet "
+                f"(its loss does not add up over the ranks' rows); use one of "
+                f"{DATA_PARALLEL_VARIANTS}, or train in one process."
+            )
+        self.comm = self.variant.comm = comm
 
     # ---------------------------------------------------------------- state
     def init_state(self, source, generator):
         est, K = self.est, self.est.n_components
         td = self.dtype
+        comm = self.comm
         X0 = source.sample(_INIT_ROWS, generator=generator, device=self.device, dtype=td)
         d = X0.shape[1]
         scale = 1.0
         if est.normalize_input:
-            ms = float((X0.double() ** 2).sum(1).mean())
+            ms = float(_mean_rows((X0.double() ** 2).sum(1, keepdim=True), comm)[0])
             scale = math.sqrt(ms / d) if ms > 0 else 1.0
         X0 = X0 / scale
         W = init_atoms(K, d, method="gaussian", generator=generator, device=self.device,
                        dtype=td)
         if est.b_dec_init == "mean":
-            b_dec = X0.mean(0)
+            b_dec = _mean_rows(X0, comm)
         elif est.b_dec_init == "geometric_median":
-            b_dec = _geometric_median(X0)
+            b_dec = _geometric_median(X0, comm=comm)
         else:
             b_dec = X0.new_zeros(d)
         g = DECODER_INIT_NORM
@@ -188,18 +219,25 @@ class SAELearner:
         opt = self._optimizer(state)
         self._set_lr(opt, state)
         P = effective_params(Praw)
+        comm = self.comm
         x = Xb / state.scale if state.scale != 1.0 else Xb
         B = x.shape[0]
+        if comm is None:
+            denom = batch_variance(x)
+        else:  # the global batch: every rank's rows of this step
+            B_local = B
+            denom, B = comm.batch_variance(x)
+            variant.n_rows = B
         k = self._k(state)
         pre = self._pre(x, P) if variant.sparse else None
         out = variant.forward(x, P, k, state.buffers, pre)
-        denom = batch_variance(x)
         fvus = [fvu_loss(x, r, denom) for r in out.reconstructions]
         x_hat = out.reconstructions[-1]
         tsf = state.tokens_since_fired
         aux = x.new_zeros(())
         with torch.no_grad():
-            update_since_used(tsf, out.fired, B)
+            fired = out.fired if comm is None else comm.max(out.fired.to(torch.uint8)) > 0
+            update_since_used(tsf, fired, B)
             if est.dead_window:
                 dead = dead_atoms(tsf, est.dead_window)
                 dead_fraction = dead.to(x.dtype).mean()
@@ -207,9 +245,23 @@ class SAELearner:
                 dead, dead_fraction = None, x.new_zeros(())
         if dead is not None and variant.auxk and est.aux_coef > 0:
             aux = auxk_loss(x, x_hat, pre, P, dead, self._k_aux(x))
+            if comm is not None and int(dead.sum()):  # normalised by the global residual
+                with torch.no_grad():
+                    e = (x - x_hat).detach()
+                    local = ((e - e.mean(0)) ** 2).sum().clamp_min(1e-30) if B_local \
+                        else e.new_ones(())
+                    glob = comm.batch_variance(e)[0].clamp_min(1e-30)
+                aux = aux * (local / glob)
         loss = sum(fvus) + out.penalty + est.aux_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if comm is not None:
+            comm.all_reduce_grads([p for g in opt.param_groups for p in g["params"]])
+            with torch.no_grad():  # the step's metrics over the global batch
+                tot = comm.sum(torch.stack([loss.detach(), fvus[-1].detach(), aux.detach(),
+                                            torch.nan_to_num(out.l0.detach()) * B_local]))
+            loss, fvus[-1], aux = tot[0], tot[1], tot[2]
+            out.l0 = tot[3] / B
         opt.step()
         if self.k_schedule is not None:
             thr = self.k_schedule.accuracy_threshold

@@ -192,6 +192,9 @@ class SparseStats:
         accumulate_B(self.B, X, indices, values)
         d, r, c, v = batch_cooccurrence(indices, values, self.n_components)
         self.diag.add_(d)
+        self._add_offdiag(r, c, v)
+
+    def _add_offdiag(self, r, c, v):
         if v.numel():
             rows = torch.cat([self.rows, r])
             cols = torch.cat([self.cols, c])
@@ -201,6 +204,25 @@ class SparseStats:
                 keep = _largest_mask(vals.abs(), self.max_nnz)  # keeps the (row, col) order
                 rows, cols, vals = rows[keep], cols[keep], vals[keep]
             self.rows, self.cols, self.vals = rows, cols, vals
+
+    def to(self, device):
+        """A copy on ``device``."""
+        return SparseStats.from_state_dict(self.state_dict(), device=device,
+                                           dtype=self.B.dtype)
+
+    def merge_(self, other, decay=1.0):
+        """In place ``self <- decay * self + other``: the statistics of two sets of
+        rows add up (then pruned to ``max_nnz`` as after :meth:`update`)."""
+        dev = self.B.device
+        self.B.mul_(decay).add_(other.B.to(dev, self.B.dtype))
+        self.diag.mul_(decay).add_(other.diag.to(dev, self.diag.dtype))
+        self.vals.mul_(decay)
+        self._add_offdiag(other.rows.to(dev), other.cols.to(dev),
+                          other.vals.to(dev, self.vals.dtype))
+        return self
+
+    def __add__(self, other):
+        return self.clone().merge_(other)
 
     def offdiag_matmul(self, D, *, chunk=16384, atoms=None):
         """``(A - diag(A)) @ D`` (K x P) from the upper-triangular entries, or

@@ -1,0 +1,209 @@
+"""torch.distributed glue: data-parallel training of the gradient-trained
+estimators, used through the same ``fit``.
+
+When a process group is initialised (``torchrun`` with ``gloo`` on CPUs or
+``nccl`` on GPUs) and has more than one rank, ``KSparseAutoencoder.fit`` treats
+the rows given on each rank as that rank's shard of one data set:
+
+* every step takes ``batch_size // world`` rows on each rank (one more on the
+  first ``batch_size % world`` ranks), so the global batch is ``batch_size``;
+  all ranks run the same number of steps (a rank whose shard ran out takes an
+  empty batch);
+* the batch statistics the loss is normalised by (the FVU denominators, the
+  batch's row count), the latents that fired (dead-latent counters), the
+  BatchTopK selection threshold and running inference threshold, and the
+  gradients are summed across ranks, so every rank takes the same optimiser
+  step and keeps identical weights;
+* the initialisation (input scale, decoder bias) uses the statistics of all
+  shards.
+
+With ``shuffle=False``, ranks where rank ``r`` holds ``X[r::world]`` reproduce
+the single-process fit on ``X`` to float tolerance (initialisation sample
+included, for up to 65536 rows).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..data.sources import RowSource, _to_tensor
+from ..solvers.topk import SparsePairs
+
+__all__ = ["Comm", "ShardSource", "world_comm", "is_writer"]
+
+#: variants whose loss decomposes over the rows of the global batch
+DATA_PARALLEL_VARIANTS = ("topk", "batchtopk", "matryoshka")
+
+
+def world_comm():
+    """A :class:`Comm` over the default process group when one is initialised with
+    more than one rank, else None (single-process training)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    return Comm()
+
+
+def is_writer():
+    """True on rank 0 or without a process group: the process that writes files."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class Comm:
+    """The sums and extrema across ranks that training needs (in place on copies)."""
+
+    def __init__(self, group=None):
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    def _reduce(self, t, op):
+        t = t.clone()
+        dist.all_reduce(t, op=op, group=self.group)
+        return t
+
+    def sum(self, t):
+        return self._reduce(t, dist.ReduceOp.SUM)
+
+    def max(self, t):
+        return self._reduce(t, dist.ReduceOp.MAX)
+
+    def min(self, t):
+        return self._reduce(t, dist.ReduceOp.MIN)
+
+    def gather(self, values):
+        """All ranks' ``(n,)`` tensors as one list (padded exchange: sizes differ)."""
+        n = torch.tensor([values.numel()], device=values.device)
+        sizes = [torch.zeros_like(n) for _ in range(self.world)]
+        dist.all_gather(sizes, n, group=self.group)
+        m = int(max(int(s) for s in sizes))
+        buf = values.new_zeros(m)
+        buf[: values.numel()] = values
+        out = [torch.zeros_like(buf) for _ in range(self.world)]
+        dist.all_gather(out, buf, group=self.group)
+        return [o[: int(s)] for o, s in zip(out, sizes, strict=True)]
+
+    # ---------------------------------------------------------------- training
+    def check_shards(self, n_rows, n_features, name, error=None):
+        """Every rank learns every rank's row and feature counts; all raise the
+        same ValueError when a rank has no rows, failed its own validation or
+        disagrees on the feature count (a lone failing rank would leave the
+        others waiting in their first collective)."""
+        mine = torch.tensor([int(n_rows), int(n_features), int(error is not None)],
+                            dtype=torch.long)
+        if dist.get_backend(self.group) == "nccl":
+            mine = mine.cuda()
+        table = [torch.zeros_like(mine) for _ in range(self.world)]
+        dist.all_gather(table, mine, group=self.group)
+        table = [[int(v) for v in t.cpu()] for t in table]
+        if error is not None and table[self.rank][0] != 0:
+            raise ValueError(error)  # this rank's own message, here
+        failed = [r for r, t in enumerate(table) if t[2]]
+        if failed:
+            raise ValueError(
+                f"{name}.fit failed on rank(s) {failed}"
+                + (f": {error}" if error is not None else "; see that rank's error.")
+            )
+        empty = [r for r, t in enumerate(table) if t[0] == 0]
+        if empty:
+            raise ValueError(
+                f"rank(s) {empty} of the {self.world} in the process group have no rows; "
+                f"{name} trains on every rank's shard: give each rank at least one row "
+                "(e.g. X[rank::world_size]) or start fewer ranks."
+            )
+        feats = sorted({t[1] for t in table})
+        if len(feats) > 1:
+            raise ValueError(
+                f"the ranks' shards have different feature counts {feats}; every rank "
+                f"must give {name} rows of the same width."
+            )
+        return [t[0] for t in table]
+
+    def batch_variance(self, x):
+        """``(batch_variance, n_rows)`` of the global batch
+        (:func:`skdict.losses.batch_variance`), from one float64 sum of the
+        ranks' row sums, squared norms and row counts."""
+        with torch.no_grad():
+            xd = x.double()
+            s = self.sum(torch.cat([xd.sum(0), (xd * xd).sum().reshape(1),
+                                    xd.new_tensor([x.shape[0]])]))
+            total, sq, n = s[:-2], s[-2], s[-1]
+            denom = sq - (total @ total) / n.clamp_min(1)
+            denom = torch.maximum(denom, 1e-12 * sq + 1e-30).to(x.dtype)
+            return denom, int(n)
+
+    def batch_topk(self, pre, k, n_rows):
+        """BatchTopK over the global batch: the ``k * n_rows`` largest entries of
+        all ranks' pre-activations, as this rank's pairs."""
+        b, K = pre.shape
+        m = min(int(k) * int(n_rows), int(n_rows) * K)
+        flat = pre.reshape(-1)
+        local = torch.topk(flat, min(m, flat.numel()), sorted=False).values
+        allv = torch.cat(self.gather(local))
+        thr = torch.topk(allv, m, sorted=False).values.min()
+        row, col = torch.nonzero(pre >= thr, as_tuple=True)
+        return SparsePairs(row, col, b, K)
+
+    def all_reduce_grads(self, params):
+        """Sum the gradients of ``params`` across ranks (one flat buffer); a
+        parameter without a gradient on every rank keeps none."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        has = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype,
+                           device=grads[0].device)
+        flat = self.sum(torch.cat([g.reshape(-1) for g in grads] + [has]))
+        off = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[off : off + n].view_as(p).clone()
+            off += n
+        for p, h in zip(params, flat[off:].tolist(), strict=True):
+            if h == 0:
+                p.grad = None
+
+
+class ShardSource(RowSource):
+    """This rank's rows, read as its part of every global batch."""
+
+    def __init__(self, source, comm, counts):
+        self.source = source
+        self.comm = comm
+        self.counts = list(counts)
+        self.n_samples = source.n_samples
+        self.n_global = int(sum(self.counts))
+        self.n_features = source.n_features
+        self.dtype = source.dtype
+
+    def local_batch_size(self, batch_size, rank=None):
+        rank = self.comm.rank if rank is None else rank
+        w = self.comm.world
+        return max(1, int(batch_size) // w + (1 if rank < int(batch_size) % w else 0))
+
+    def batches(self, batch_size, *, device, shuffle=False, generator=None, dtype=None):
+        steps = max(-(-n // self.local_batch_size(batch_size, r))
+                    for r, n in enumerate(self.counts))
+        bs = self.local_batch_size(batch_size)
+        done = 0
+        for Xb in self.source.batches(bs, device=device, shuffle=shuffle, generator=generator,
+                                      dtype=dtype):
+            done += 1
+            yield Xb
+        tdtype = self._tdtype(dtype)
+        for _ in range(steps - done):  # this shard ran out: take part with no rows
+            yield torch.zeros((0, self.n_features), dtype=tdtype, device=device)
+
+    def sample(self, n, *, generator, device, dtype=None):
+        """This rank's part of the single-process sample: the global permutation
+        is drawn as one process would, and global row ``g`` is taken as local row
+        ``g // world`` of rank ``g % world`` (the ``X[r::world]`` layout)."""
+        m = min(int(n), self.n_global)
+        w, r = self.comm.world, self.comm.rank
+        sel = torch.randperm(self.n_global, generator=generator)[:m]
+        mine = sel[sel % w == r] // w
+        mine = mine[mine < self.n_samples].sort().values
+        src = self.source
+        tdtype = self._tdtype(dtype)
+        if mine.numel() == 0:
+            return torch.zeros((0, self.n_features), dtype=tdtype, device=device)
+        if src.is_dask:
+            return _to_tensor(src.X[mine.numpy()].compute(), device, tdtype)
+        return src._rows(mine if src.is_torch else mine.numpy(), device, tdtype)

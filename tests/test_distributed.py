@@ -1,0 +1,279 @@
+"""Scale-out: dask arrays in and out on a 2-process LocalCluster, and a 2-rank
+gloo process group reproducing single-process training."""
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+da = pytest.importorskip("dask.array")
+distributed = pytest.importorskip("distributed")
+
+from skdict import (  # noqa: E402
+    CollapsedDictionaryLearner,
+    KSparseAutoencoder,
+    LCASparseCoder,
+    SparseCoder,
+)
+
+ROOT = str(Path(__file__).resolve().parents[1])
+
+
+@pytest.fixture(scope="module")
+def client():
+    # worker processes import the skdict under test (CI: the installed one)
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = ROOT + (os.pathsep + old if old else "")
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                       dashboard_address=None)
+    c = distributed.Client(cluster)
+    c.run(lambda: __import__("skdict.lca"))  # warm the workers once
+    try:
+        yield c
+    finally:
+        c.close()
+        cluster.close()
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
+@pytest.fixture(scope="module")
+def planted():
+    rng = np.random.default_rng(0)
+    K, P, n = 24, 16, 3072
+    D = rng.standard_normal((K, P))
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    A = rng.standard_normal((n, K)) * (rng.random((n, K)) < 0.15)
+    X = (A @ D + 0.05 * rng.standard_normal((n, P))).astype(np.float32)
+    return X[:2048], X[2048:]
+
+
+def _objective(est, X, alpha):
+    C = SparseCoder(est.components_, alpha=alpha, device="cpu").transform(X).toarray()
+    R = X - C @ est.components_
+    return float(0.5 * (R * R).sum(1).mean() + alpha * np.abs(C).sum(1).mean())
+
+
+# ------------------------------------------------------------------ dask: transform
+def test_transform_is_lazy_blockwise_and_equals_in_memory(client, planted):
+    X = planted[0][:1024]
+    Xd = da.from_array(X, chunks=(256, -1))
+    est = LCASparseCoder(n_components=24, alpha=0.2, max_iter=1, fit_algorithm="exact",
+                         transform_algorithm="exact", random_state=0, device="cpu").fit(X)
+    with distributed.get_task_stream(client) as ts:
+        codes = est.transform(Xd)
+    assert ts.data == []  # nothing ran: lazy until computed
+    assert isinstance(codes, da.Array)
+    assert sp.issparse(codes._meta) and codes._meta.format == "csr"
+    assert codes.chunks == (Xd.chunks[0], (24,))
+    with distributed.get_task_stream(client) as ts:
+        C = codes.compute()
+    assert {t["worker"] for t in ts.data} == set(client.scheduler_info()["workers"])
+    ref = est.transform(X)
+    assert sp.issparse(C) and C.dtype == np.float32
+    np.testing.assert_array_equal(C.toarray(), ref.toarray())
+
+    est.set_params(sparse_output=False)
+    dense = est.transform(Xd)
+    assert type(dense._meta) is np.ndarray
+    np.testing.assert_array_equal(dense.compute(), ref.toarray())
+    est.set_params(sparse_output=True)
+
+    Xh = est.inverse_transform(codes)
+    assert isinstance(Xh, da.Array)
+    np.testing.assert_allclose(Xh.compute(), est.inverse_transform(ref), rtol=1e-6, atol=1e-6)
+    assert est.score(Xd) == pytest.approx(est.score(X), rel=1e-9)
+
+
+def test_every_kind_of_estimator_transforms_dask_blocks(client, planted):
+    X, _ = planted
+    Xd = da.from_array(X[:600], chunks=(200, -1))
+    for est in (
+        KSparseAutoencoder(n_components=32, k=4, n_steps=5, batch_size=128, random_state=0,
+                           device="cpu"),
+        CollapsedDictionaryLearner(n_components=48, n_nonzero_coefs=3, max_iter=1,
+                                   batch_size=128, random_state=0, device="cpu"),
+    ):
+        est.fit(X)
+        np.testing.assert_allclose(est.transform(Xd).compute().toarray(),
+                                   est.transform(X[:600]).toarray(), rtol=1e-5, atol=1e-6)
+        assert est.score(Xd) == pytest.approx(est.score(X[:600]), rel=1e-6)
+
+
+# ------------------------------------------------------------------ dask: fit
+def test_lca_fit_on_dask_reduces_statistics_and_matches_in_memory(client, planted):
+    X, X_test = planted
+    params = dict(n_components=24, alpha=0.2, max_iter=3, batch_size=256,
+                  fit_algorithm="exact", random_state=0, device="cpu")
+    # two workers, 128-row blocks: each step sums the statistics of 2 blocks = one
+    # 256-row minibatch, so with shuffle=False the steps are the in-memory ones
+    Xd = da.from_array(X, chunks=(128, -1))
+    mem = LCASparseCoder(shuffle=False, **params).fit(X)
+    dsk = LCASparseCoder(shuffle=False, **params).fit(Xd)
+    assert dsk.n_steps_ == mem.n_steps_ == 3 * 2048 // 256
+    np.testing.assert_allclose(dsk.loss_curve_, mem.loss_curve_, rtol=1e-3)
+    assert _objective(dsk, X_test, 0.2) == pytest.approx(_objective(mem, X_test, 0.2),
+                                                         rel=0.01)
+    part = LCASparseCoder(shuffle=False, **params).partial_fit(Xd)
+    assert part.n_steps_ == 2048 // 256 and part.n_iter_ == 1
+    # shuffled: blocks visited in random order (rows within a step differ)
+    dsk = LCASparseCoder(**params).fit(Xd)
+    mem = LCASparseCoder(**params).fit(X)
+    assert _objective(dsk, X_test, 0.2) == pytest.approx(_objective(mem, X_test, 0.2),
+                                                         rel=0.03)
+
+
+def test_collapsed_fit_on_dask_sums_sparse_statistics(client, planted):
+    X, X_test = planted
+    params = dict(n_components=48, n_nonzero_coefs=3, max_iter=2, batch_size=256,
+                  random_state=0, device="cpu", shuffle=False)
+    mem = CollapsedDictionaryLearner(**params).fit(X)
+    dsk = CollapsedDictionaryLearner(**params).fit(da.from_array(X, chunks=(128, -1)))
+    assert dsk.n_steps_ == mem.n_steps_
+    assert dsk.score(X_test) == pytest.approx(mem.score(X_test), rel=0.02)
+
+
+def test_gradient_trained_estimators_stream_dask_blocks(client, planted):
+    X, _ = planted
+    params = dict(n_components=32, k=4, max_iter=2, batch_size=128, random_state=0,
+                  device="cpu", shuffle=False)
+    mem = KSparseAutoencoder(**params).fit(X)
+    # 200-row blocks: batches of 128 rows span block boundaries, as in memory
+    dsk = KSparseAutoencoder(**params).fit(da.from_array(X, chunks=(200, -1)))
+    np.testing.assert_array_equal(dsk.components_, mem.components_)
+
+
+def test_sparse_statistics_add_up():
+    from skdict.updates import SparseStats
+
+    rng = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 6, generator=rng)
+    idx = torch.randint(0, 10, (40, 3), generator=rng)
+    vals = torch.randn(40, 3, generator=rng)
+    whole = SparseStats(10, 6, max_nnz=1000)
+    whole.update(X, idx, vals, 1.0)
+    parts = [SparseStats(10, 6, max_nnz=1000) for _ in range(2)]
+    parts[0].update(X[:25], idx[:25], vals[:25], 1.0)
+    parts[1].update(X[25:], idx[25:], vals[25:], 1.0)
+    total = parts[0] + parts[1]
+    D = torch.randn(10, 6, generator=rng)
+    torch.testing.assert_close(total.B, whole.B)
+    torch.testing.assert_close(total.diag, whole.diag)
+    torch.testing.assert_close(total.offdiag_matmul(D), whole.offdiag_matmul(D))
+
+
+# ------------------------------------------------------------------ dask: bad input
+def test_bad_dask_input_is_refused_clearly(client, planted):
+    X, _ = planted
+    est = LCASparseCoder(n_components=8, alpha=0.2, max_iter=1, random_state=0,
+                         device="cpu").fit(X[:256])
+    with pytest.raises(ValueError, match=r"chunked along its columns.*rechunk"):
+        est.transform(da.from_array(X, chunks=(256, 8)))
+    unknown = da.from_array(X, chunks=(256, -1))
+    unknown = unknown[unknown[:, 0] > -10]  # boolean mask: row counts unknown
+    with pytest.raises(ValueError, match="unknown chunk sizes.*compute_chunk_sizes"):
+        est.transform(unknown)
+    with pytest.raises(ValueError, match="unknown chunk sizes"):
+        LCASparseCoder(n_components=8).fit(unknown)
+    bad = X.copy()
+    bad[700, 3] = np.nan
+    Xd = da.from_array(bad, chunks=(256, -1))
+    codes = est.transform(Xd)  # lazy: the block is checked when computed
+    with pytest.raises(ValueError, match=r"NaN or infinity in block 2 \(rows 512 to 768\)"):
+        codes.compute()
+    with pytest.raises(ValueError, match=r"block 2 \(rows 512 to 768\)"):
+        LCASparseCoder(n_components=8, max_iter=1, device="cpu").fit(Xd)
+    with pytest.raises(ValueError, match=r"block 2 \(rows 512 to 768\)"):
+        KSparseAutoencoder(n_components=8, k=2, max_iter=1, device="cpu").fit(Xd)
+
+
+# ------------------------------------------------------------------ torch.distributed
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, X, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        from skdict import KSparseAutoencoder
+
+        res = {}
+        for sparsity in ("topk", "batchtopk"):
+            est = KSparseAutoencoder(**_sae_params(sparsity)).fit(X[rank::world])
+            res[sparsity] = (est.components_, est.decoder_bias_, est.threshold_, est.loss_curve_,
+                             est.tokens_since_fired_)
+            est.save(os.path.join(out, f"{sparsity}-rank{rank}"))
+        try:  # a rank with no rows: a clear error on every rank, no hang
+            KSparseAutoencoder(**_sae_params("topk")).fit(X[:0] if rank == 1 else X)
+        except ValueError as e:
+            res["empty"] = str(e)
+        torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _sae_params(sparsity):
+    return dict(n_components=32, k=4, max_iter=2, batch_size=128, random_state=0,
+                device="cpu", shuffle=False, sparsity=sparsity, dead_window=200)
+
+
+def test_two_gloo_ranks_reproduce_the_single_process_fit(tmp_path, planted):
+    import torch.multiprocessing as mp
+
+    X = planted[0][:1000]  # 1000 rows: the last batch is split 52 / 52 ... unevenly
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = ROOT + (os.pathsep + old if old else "")
+    try:
+        mp.spawn(_rank_main, args=(2, _free_port(), X, str(tmp_path)), nprocs=2)
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for sparsity in ("topk", "batchtopk"):
+        ref = KSparseAutoencoder(**_sae_params(sparsity)).fit(X)
+        for r in range(2):
+            W, b, thr, curve, tsf = ranks[r][sparsity]
+            np.testing.assert_array_equal(W, ranks[0][sparsity][0])  # identical ranks
+            np.testing.assert_allclose(W, ref.components_, atol=2e-5)
+            np.testing.assert_allclose(b, ref.decoder_bias_, atol=2e-5)
+            np.testing.assert_allclose(thr, ref.threshold_, atol=2e-5)
+            np.testing.assert_allclose(curve, ref.loss_curve_, rtol=1e-5)
+            np.testing.assert_array_equal(tsf, ref.tokens_since_fired_)
+        assert (tmp_path / f"{sparsity}-rank0").is_dir()
+        assert not (tmp_path / f"{sparsity}-rank1").exists()  # only rank 0 writes
+    for r in range(2):
+        assert "rank(s) [1]" in ranks[r]["empty"] and "no rows" in ranks[r]["empty"]
+    assert sys.modules.get("torch.distributed") is not None
+
+
+def test_token_selector_over_dask_tokens_merges_tile_topk(client):
+    from skdict import SparseTokenSelector
+
+    rng = np.random.default_rng(1)
+    T = rng.standard_normal((3000, 8)).astype(np.float32)
+    Q = rng.standard_normal((40, 8)).astype(np.float32)
+    Td = da.from_array(T, chunks=(700, -1))
+    for method in ("topk", "threshold", "sparsemax"):
+        params = dict(method=method, keep_ratio=0.01, alpha=0.5, device="cpu")
+        ref = SparseTokenSelector(**params).fit(T).transform(Q)
+        with distributed.get_task_stream(client) as ts:
+            W = SparseTokenSelector(**params).fit(Td).transform(Q)
+        assert len({t["worker"] for t in ts.data}) == 2
+        np.testing.assert_allclose(W.toarray(), ref.toarray(), atol=1e-6)
+    with pytest.raises(ValueError, match="method='lasso'.*needs every token"):
+        SparseTokenSelector(method="lasso", keep_ratio=0.01).fit(Td).transform(Q)
