@@ -7,12 +7,14 @@ from .coding import SparseCoder  # noqa: E402
 from .functional import sparse_encode  # noqa: E402
 from .large import CollapsedDictionaryLearner  # noqa: E402
 from .lca import LCASparseCoder  # noqa: E402
+from .lista import LISTAEncoder  # noqa: E402
 from .selection import SparseTokenSelector  # noqa: E402
 
 __all__ = [
     "CollapsedDictionaryLearner",
     "KSparseAutoencoder",
     "LCASparseCoder",
+    "LISTAEncoder",
     "SparseCoder",
     "SparseTokenSelector",
     "__version__",

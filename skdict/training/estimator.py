@@ -26,6 +26,10 @@ class TrainedEstimatorMixin:
     * ``_commit_state(state, learner)``: its own fitted attributes from a finished
       run.
 
+    A learner with a ``prepare(source, y, generator, single_pass)`` method gets
+    the validated source and the ``y`` given to ``fit`` before the run and
+    returns the source the trainer reads (e.g. rows joined with their targets).
+
     optionally ``_resume_params``, the parameters its training state is built for
     (``partial_fit`` refuses to continue when one has changed, as it does for
     ``n_components``); and the parameters ``max_iter``, ``n_steps``,
@@ -85,11 +89,11 @@ class TrainedEstimatorMixin:
                                    None if err is None else str(err))
         return src, counts
 
-    def _train(self, X, *, first, single_pass):
+    def _train(self, X, *, first, single_pass, y=None):
         with restore_input_attrs_on_error(self):
-            return self._run(X, first=first, single_pass=single_pass)
+            return self._run(X, first=first, single_pass=single_pass, y=y)
 
-    def _run(self, X, *, first, single_pass):
+    def _run(self, X, *, first, single_pass, y=None):
         self._check_params()
         if not first:
             self._check_resumable()
@@ -120,6 +124,9 @@ class TrainedEstimatorMixin:
         else:
             state = self._resume_state(learner, device)
             generator = state.generator
+        prepare = getattr(learner, "prepare", None)
+        if prepare is not None:
+            src = prepare(src, y, generator, single_pass)
         tol = getattr(self, self._epoch_tol_param) if self._epoch_tol_param else 0.0
         trainer = Trainer(
             max_iter=1 if single_pass else self.max_iter,

@@ -1,0 +1,291 @@
+"""LISTA benchmark: learned encoders against ISTA / FISTA at the same depth, and
+their encode throughput against the exact solver.
+
+Run::
+
+    python -m benchmarks.lista                 # full CPU run
+    python -m benchmarks.lista --quick         # small sizes, a few minutes
+    python -m benchmarks.lista --device cuda   # the same on a GPU
+
+Sections (every contender runs in this process on the same held-out rows):
+
+1. Compressed sensing (the setting of Chen et al. 2018 and Liu et al. 2019): 500
+   unit-norm Gaussian atoms in 250 dimensions, codes Bernoulli(0.1) x N(0, 1),
+   noiseless and at 40 dB SNR. Every variant of :class:`skdict.LISTAEncoder` is
+   trained on the planted codes (``fit(X, A)``); the table gives the NMSE in dB of
+   each layer's codes to the planted codes, and of ISTA / FISTA (skdict's solvers,
+   from zero, best ``alpha`` of a grid at each count) after the same number of
+   iterations.
+2. Natural 8x8 patches (unit norm, mean removed) with a 256-atom dictionary
+   learned by :class:`skdict.LCASparseCoder` (exact codes): the encoders are
+   trained on the exact lasso codes (``fit(X)``); the table gives the relative
+   lasso-objective gap to the exact optimum per layer, and ISTA / FISTA's.
+3. For both: the FISTA iterations needed to match 16 LISTA layers (first power of
+   two at which FISTA is as good; target >= 64), and the encode throughput of the
+   trained encoder's ``transform`` against ``SparseCoder(algorithm="exact")``
+   (rows per second; the exact solver on a subset when the run is large).
+
+The training time of every encoder is printed with its CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import numpy as np
+import torch
+
+from ._common import machine_info, natural_patches, print_table
+
+COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+VARIANTS = ("lista", "lista_cp", "alista")
+
+
+def _cpu_seconds():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _db(x):
+    return 10 * np.log10(max(float(x), 1e-30))
+
+
+def compressed_sensing(n, snr_db, seed=0, dtype=np.float32, D=None):
+    rng = np.random.default_rng(seed)
+    if D is None:
+        D = rng.standard_normal((500, 250))
+        D /= np.linalg.norm(D, axis=1, keepdims=True)
+    A = (rng.random((n, 500)) < 0.1) * rng.standard_normal((n, 500))
+    X = A @ D
+    if snr_db is not None:
+        sigma = np.sqrt(np.mean(X**2) / 10 ** (snr_db / 10))
+        X = X + sigma * rng.standard_normal(X.shape)
+    return D.astype(dtype), X.astype(dtype), A.astype(dtype)
+
+
+def solver_curve(X, D, alpha, solver, device, counts=COUNTS):
+    """Codes of ``solver`` ("ista" / "fista") after each iteration count."""
+    from skdict.operators import DenseOperator
+    from skdict.solvers import fista, ista
+
+    fn = {"ista": ista, "fista": fista}[solver]
+    Xt = torch.as_tensor(X, dtype=torch.float64, device=device)
+    op = DenseOperator(torch.as_tensor(D, dtype=torch.float64, device=device))
+    L = float(torch.linalg.eigvalsh(op.gram())[-1])
+    C = op.adjoint(Xt)
+    if solver == "fista":  # momentum: every count is its own run from zero
+        return {k: fn(C, op, alpha, xnorm2=None, L=L, max_iter=k).codes for k in counts}
+    out, a, done = {}, None, 0  # ISTA is memoryless: continue from the previous count
+    for k in sorted(counts):
+        a = fn(C, op, alpha, xnorm2=None, L=L, a0=a, max_iter=k - done).codes
+        out[k], done = a, k
+    return out
+
+
+def nmse(codes, target):
+    t = torch.as_tensor(target, dtype=torch.float64, device=codes.device)
+    return float(((codes.double() - t) ** 2).sum() / (t**2).sum())
+
+
+def gap(codes, X, D, fstar, alpha):
+    Xt = torch.as_tensor(X, dtype=torch.float64, device=codes.device)
+    Dt = torch.as_tensor(D, dtype=torch.float64, device=codes.device)
+    a = codes.double()
+    r = Xt - a @ Dt
+    f = float((0.5 * (r * r).sum(1) + alpha * a.abs().sum(1)).sum())
+    return (f - fstar) / fstar
+
+
+def train(D, X, y, alpha, variant, device, args):
+    from skdict import LISTAEncoder
+
+    enc = LISTAEncoder(D, n_layers=16, alpha=alpha, variant=variant, device=device,
+                       random_state=0, max_iter=args.epochs)
+    t, c = time.perf_counter(), _cpu_seconds()
+    enc.fit(X, y)
+    return enc, time.perf_counter() - t, _cpu_seconds() - c
+
+
+def layer_codes(enc, X, device):
+    net = enc.to_module(device=device)
+    with torch.no_grad():
+        return net(torch.as_tensor(X, device=device, dtype=net.D.dtype), all_layers=True)
+
+
+def match(curve, value):
+    """First iteration count at which the solver's error is at most ``value``."""
+    for k in sorted(curve):
+        if curve[k] <= value:
+            return str(k)
+    return f">{max(curve)}"
+
+
+def throughput(enc, D, alpha, X, device, exact_rows):
+    from skdict import SparseCoder
+
+    enc.transform(X[:1000])  # warm-up
+    t = time.perf_counter()
+    enc.transform(X)
+    t_lista = time.perf_counter() - t
+    coder = SparseCoder(D, algorithm="exact", alpha=alpha, device=device)
+    sub = X[:exact_rows]
+    coder.transform(sub[:200])
+    t = time.perf_counter()
+    coder.transform(sub)
+    t_exact = time.perf_counter() - t
+    return len(X) / t_lista, len(sub) / t_exact
+
+
+def section_cs(args, device):
+    rows, summary = [], []
+    Dref = None
+    for snr in (None, 40.0):
+        D, X, A = compressed_sensing(args.n_train + args.n_test, snr, seed=1, D=Dref)
+        Dref = D.astype(np.float64)
+        Xtr, Atr, Xte, Ate = X[:args.n_train], A[:args.n_train], X[args.n_train:], A[args.n_train:]
+        label = "noiseless" if snr is None else f"{snr:g} dB"
+        curves = {}
+        for solver in ("ista", "fista"):
+            best = {}
+            for alpha in args.cs_alphas:
+                for k, c in solver_curve(Xte, D, alpha, solver, device).items():
+                    best[k] = min(best.get(k, np.inf), nmse(c, Ate))
+            curves[solver] = best
+        encs = {}
+        for v in VARIANTS:
+            enc, wall, cpu = train(D, Xtr, Atr, args.cs_alpha, v, device, args)
+            encs[v] = enc
+            layers = layer_codes(enc, Xte, device)
+            nm = [nmse(a, Ate) for a in layers]
+            summary.append({"setting": f"CS {label}", "variant": v,
+                            "NMSE@16 dB": _db(nm[-1]), "FISTA iters to match":
+                            match(curves["fista"], nm[-1]), "ISTA iters to match":
+                            match(curves["ista"], nm[-1]), "train s": wall, "train cpu s": cpu})
+            for k in (1, 2, 4, 8, 16):
+                rows.append({"setting": label, "layer": k, "variant": v, "dB": _db(nm[k - 1])})
+        table = []
+        for k in (1, 2, 4, 8, 16):
+            r = {"layer / iter": k}
+            for v in VARIANTS:
+                r[v] = next(x["dB"] for x in rows if x["setting"] == label and x["layer"] == k
+                            and x["variant"] == v)
+            r["ISTA"] = _db(curves["ista"][k])
+            r["FISTA"] = _db(curves["fista"][k])
+            table.append(r)
+        for k in (32, 64, 128, 256, 512, 1024):
+            table.append({"layer / iter": k, "ISTA": _db(curves["ista"][k]),
+                          "FISTA": _db(curves["fista"][k])})
+        print_table(table, ["layer / iter", *VARIANTS, "ISTA", "FISTA"],
+                    f"Compressed sensing, {label}: NMSE (dB) to the planted codes, "
+                    f"{len(Xte)} held-out rows")
+        if snr is None:
+            best_v = min(VARIANTS, key=lambda v: layer_codes_nmse(encs[v], Xte, Ate, device))
+            rps, rps_exact = throughput(encs[best_v], D, args.cs_alpha,
+                                        np.tile(Xte, (args.throughput_rows // len(Xte) + 1, 1))
+                                        [:args.throughput_rows], device, args.exact_rows)
+            summary.append({"setting": f"CS throughput ({best_v})", "variant": "rows/s",
+                            "NMSE@16 dB": rps, "FISTA iters to match":
+                            f"exact: {rps_exact:.4g} rows/s", "ISTA iters to match":
+                            f"x{rps / rps_exact:.1f}"})
+    return summary
+
+
+def layer_codes_nmse(enc, X, A, device):
+    return nmse(layer_codes(enc, X, device)[-1], A)
+
+
+def section_patches(args, device):
+    from skdict import LCASparseCoder, SparseCoder
+
+    alpha = args.patch_alpha
+    X = natural_patches(args.n_dict + args.n_train + args.n_test, seed=0, dtype=np.float32)
+    Xd, Xtr, Xte = (X[:args.n_dict], X[args.n_dict:args.n_dict + args.n_train],
+                    X[args.n_dict + args.n_train:])
+    t = time.perf_counter()
+    lca = LCASparseCoder(n_components=256, alpha=alpha, fit_algorithm="exact",
+                         transform_algorithm="exact", max_iter=args.dict_epochs,
+                         random_state=0, device=device).fit(Xd)
+    print(f"\ndictionary: 256 atoms learned by LCASparseCoder(fit_algorithm='exact') on "
+          f"{len(Xd)} patches in {time.perf_counter() - t:.1f} s")
+    D = lca.components_.astype(np.float64)
+    exact = SparseCoder(D, alpha=alpha, device=device).transform(Xte.astype(np.float64))
+    Dt = torch.as_tensor(D)
+    Xt = torch.as_tensor(Xte, dtype=torch.float64)
+    E = torch.as_tensor(exact.toarray())
+    r = Xt - E @ Dt
+    fstar = float((0.5 * (r * r).sum(1) + alpha * E.abs().sum(1)).sum())
+    curves = {s: {k: gap(c, Xte, D, fstar, alpha)
+                  for k, c in solver_curve(Xte, D, alpha, s, device).items()}
+              for s in ("ista", "fista")}
+    summary, gaps, encs = [], {}, {}
+    for v in VARIANTS:
+        enc, wall, cpu = train(lca.components_, Xtr, None, alpha, v, device, args)
+        encs[v] = enc
+        gaps[v] = [gap(a, Xte, D, fstar, alpha) for a in layer_codes(enc, Xte, device)]
+        summary.append({"setting": "patches", "variant": v, "NMSE@16 dB": None,
+                        "gap@16": gaps[v][-1],
+                        "FISTA iters to match": match(curves["fista"], gaps[v][-1]),
+                        "ISTA iters to match": match(curves["ista"], gaps[v][-1]),
+                        "train s": wall, "train cpu s": cpu})
+    table = []
+    for k in (1, 2, 4, 8, 16):
+        row = {"layer / iter": k, **{v: gaps[v][k - 1] for v in VARIANTS}}
+        row.update({"ISTA": curves["ista"][k], "FISTA": curves["fista"][k]})
+        table.append(row)
+    for k in (32, 64, 128, 256, 512, 1024):
+        table.append({"layer / iter": k, "ISTA": curves["ista"][k],
+                      "FISTA": curves["fista"][k]})
+    print_table(table, ["layer / iter", *VARIANTS, "ISTA", "FISTA"],
+                f"Natural 8x8 patches, alpha={alpha}: relative objective gap to the exact "
+                f"optimum, {len(Xte)} held-out rows")
+    best_v = min(VARIANTS, key=lambda v: gaps[v][-1])
+    big = natural_patches(args.throughput_rows, seed=7, dtype=np.float32)
+    rps, rps_exact = throughput(encs[best_v], lca.components_, alpha, big, device,
+                                args.exact_rows)
+    summary.append({"setting": f"patches throughput ({best_v})", "variant": "rows/s",
+                    "NMSE@16 dB": rps, "FISTA iters to match": f"exact: {rps_exact:.4g} rows/s",
+                    "ISTA iters to match": f"x{rps / rps_exact:.1f}"})
+    return summary
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true", help="small sizes (a few minutes on CPU)")
+    p.add_argument("--n-train", type=int, default=20000)
+    p.add_argument("--n-test", type=int, default=1000)
+    p.add_argument("--n-dict", type=int, default=20000)
+    p.add_argument("--dict-epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=30, help="max_iter of every encoder")
+    p.add_argument("--cs-alpha", type=float, default=0.05)
+    p.add_argument("--cs-alphas", type=float, nargs="+", default=[0.01, 0.05, 0.2],
+                   help="ISTA / FISTA: the best of these at each count")
+    p.add_argument("--patch-alpha", type=float, default=0.1)
+    p.add_argument("--throughput-rows", type=int, default=1_000_000)
+    p.add_argument("--exact-rows", type=int, default=50_000,
+                   help="rows the exact solver encodes for its rows/s")
+    p.add_argument("--sections", nargs="+", default=["cs", "patches"])
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n_train, args.n_test, args.n_dict = 4000, 300, 5000
+        args.epochs, args.dict_epochs = 10, 2
+        args.throughput_rows, args.exact_rows = 50_000, 5_000
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA device: skipping the GPU run")
+        return
+    print(f"# LISTA benchmark ({machine_info()}, device {args.device})")
+    summary = []
+    if "cs" in args.sections:
+        summary += section_cs(args, args.device)
+    if "patches" in args.sections:
+        summary += section_patches(args, args.device)
+    print_table(summary, ["setting", "variant", "NMSE@16 dB", "gap@16", "FISTA iters to match",
+                          "ISTA iters to match", "train s", "train cpu s"],
+                "Summary: 16 layers vs FISTA / ISTA (target: FISTA needs >= 64 iterations); "
+                "throughput rows: rows/s of transform, exact rows/s, ratio")
+
+
+if __name__ == "__main__":
+    main()

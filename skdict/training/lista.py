@@ -1,0 +1,263 @@
+"""Training step of :class:`~skdict.LISTAEncoder`: the unrolled network of
+:class:`skdict.nn.LISTA` fitted by Adam to target codes (exact lasso codes from
+:class:`skdict.functional.BlockEncoder`, or the codes given as ``y``) or to the
+lasso objective of its output."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from .._backend import torch_dtype
+from ..data.sources import ArraySource
+from ..functional import BlockEncoder
+from ..nn.lista import LISTA
+from .optim import make_optimizer
+from .state import TrainState
+
+__all__ = ["LISTALearner", "LISTAState", "exact_codes"]
+
+# rows per exact-solver call when computing targets
+_TARGET_BATCH = 4096
+# rows the validation metrics use when no rows are held out
+_FALLBACK_VAL_ROWS = 1024
+
+
+@dataclass
+class LISTAState(TrainState):
+    """What :class:`LISTAEncoder` trains: the learned tensors of
+    :class:`skdict.nn.LISTA` (``params``), the ``torch.optim`` state dict
+    (None before the first step), each parameter's learning-rate scale and the
+    generator of the batch order."""
+
+    params: dict = None
+    optimizer: dict = None
+    lr_scale: dict = None
+    generator: torch.Generator = None
+
+
+def exact_codes(X, D, alpha, *, device, batch_size=_TARGET_BATCH):
+    """Dense exact lasso codes of the rows of the tensor ``X`` against ``D`` (a
+    tensor), on ``device``, by the exact solver of :mod:`skdict.functional`."""
+    enc = BlockEncoder(D, "exact", device=device, alpha=float(alpha))
+    K = D.shape[0]
+    out = X.new_empty((X.shape[0], K))
+    for s in range(0, X.shape[0], batch_size):
+        codes = enc.codes(X[s : s + batch_size])
+        out[s : s + batch_size] = codes.to_dense(K).to(device=X.device, dtype=X.dtype)
+    return out
+
+
+def _check_targets(y, n_samples, n_components, name):
+    """Target codes as a dense numpy array or CSR matrix of shape
+    ``(n_samples, n_components)``; ValueError otherwise."""
+    if isinstance(y, torch.Tensor):
+        y = y.detach().cpu()
+        y = y.to_dense().numpy() if y.layout != torch.strided else y.numpy()
+    if sp.issparse(y):
+        y = sp.csr_matrix(y)
+        data = y.data
+    else:
+        y = np.asarray(y)
+        data = y
+    if y.ndim != 2 or y.shape != (n_samples, n_components):
+        raise ValueError(
+            f"y must hold target codes of shape (n_samples, n_components) = "
+            f"{(n_samples, n_components)}, got shape {tuple(y.shape)}; pass y=None to "
+            f"train {name} on the exact lasso codes of X."
+        )
+    if data.dtype.kind not in "fiub":
+        raise ValueError(f"y must be numeric codes, got dtype {data.dtype}.")
+    if not np.all(np.isfinite(data)):
+        raise ValueError("y contains NaN or infinity.")
+    return y
+
+
+def _rows_tensor(source, device, tdtype):
+    """All rows of an array source as one dense tensor on ``device``."""
+    X = torch.empty(source.n_samples, source.n_features, dtype=tdtype, device=device)
+    for start, stop, Xb in source.ordered(_TARGET_BATCH, device=device, dtype=tdtype):
+        X[start:stop] = Xb
+    return X
+
+
+def _rms(t):
+    return float(t.detach().double().pow(2).mean().sqrt()) if t.numel() else 0.0
+
+
+class LISTALearner:
+    """One Adam step of :class:`skdict.nn.LISTA` for :class:`Trainer`.
+
+    ``prepare`` reads the rows once, computes the targets, holds out the
+    validation rows and returns the training rows (joined with their targets)
+    as the source the trainer reads.
+    """
+
+    def __init__(self, est, D, alpha, support, device, dtype):
+        self.est = est
+        self.D = D  # (K, P) tensor on device, in dtype
+        self.alpha = float(alpha)
+        self.support = support  # float, or "auto" until prepare resolves it
+        self.device = device
+        self.dtype = dtype
+        self.module = None
+        self.opt = None
+        self.total_steps = None
+        self.run_steps = 0
+        self.scale = 1.0
+        self.val = None
+
+    # ---------------------------------------------------------------- data
+    def prepare(self, source, y, generator, single_pass):
+        est, D = self.est, self.D
+        name = type(est).__name__
+        if source.is_stream:
+            raise ValueError(
+                f"{name} needs X as one array (rows are paired with their target codes); "
+                "concatenate the batches, or train skdict.nn.LISTA in your own loop."
+            )
+        n, K, tdtype = source.n_samples, D.shape[0], torch_dtype(self.dtype)
+        if y is not None and not sp.issparse(y) and not isinstance(y, torch.Tensor):
+            y = np.asarray(y)
+        if y is not None and y.ndim == 1:
+            y = None  # labels passed through a Pipeline: not codes
+        if y is not None:
+            if est.loss != "codes":
+                raise ValueError(
+                    f"y gives target codes, which only loss='codes' uses; got "
+                    f"loss={est.loss!r}. Pass y=None, or set loss='codes'."
+                )
+            y = _check_targets(y, n, K, name)
+        X = _rows_tensor(source, self.device, tdtype)
+        n_val = int(math.floor(est.validation_fraction * n)) if n > 1 else 0
+        n_val = min(n_val, n - 1)
+        perm = torch.randperm(n, generator=generator)
+        val_idx = perm[:n_val].sort().values.to(self.device)
+        train_idx = perm[n_val:].sort().values.to(self.device)
+        targets = None
+        if est.loss == "codes":
+            if y is None:
+                targets = exact_codes(X, D, self.alpha, device=self.device)
+            else:
+                targets = torch.as_tensor(
+                    y.toarray() if sp.issparse(y) else np.asarray(y, dtype=self.dtype),
+                    dtype=tdtype).to(self.device)
+        if n_val > 0:
+            vx = X[val_idx]
+            vt = targets[val_idx] if targets is not None else None
+        else:
+            vx = X[train_idx[:_FALLBACK_VAL_ROWS]]
+            vt = targets[train_idx[:_FALLBACK_VAL_ROWS]] if targets is not None else None
+        exact_given = targets is not None and y is None
+        vexact = vt if exact_given else exact_codes(vx, D, self.alpha, device=self.device)
+        self.val = (vx, vexact, vt)
+        if self.support == "auto":
+            ref = targets if targets is not None else vexact
+            self.support = float((ref != 0).to(torch.float64).mean()) if ref.numel() else 0.0
+        Xt = X[train_idx]
+        if targets is not None:
+            Tt = targets[train_idx]
+            self.scale = float(Tt.double().pow(2).sum(1).mean())
+            Xt = torch.cat([Xt, Tt], dim=1)
+        else:
+            self.scale = float(0.5 * Xt.double().pow(2).sum(1).mean())
+        if not self.scale > 0:
+            self.scale = 1.0
+        n_train = int(train_idx.numel())
+        if single_pass:
+            self.total_steps = None
+        elif est.n_steps is not None:
+            self.total_steps = int(est.n_steps)
+        else:
+            self.total_steps = int(est.max_iter) * -(-n_train // int(est.batch_size))
+        return ArraySource(Xt, self.dtype, name=name)
+
+    # ---------------------------------------------------------------- state
+    def new_module(self):
+        est = self.est
+        return LISTA(self.D, est.n_layers, alpha=self.alpha, variant=est.variant,
+                     support_selection=self.support, dtype=torch_dtype(self.dtype),
+                     device=self.device)
+
+    def init_state(self, source, generator):
+        module = self.new_module()
+        params = {k: p.detach().clone() for k, p in module.named_parameters()}
+        # fallback scale of a parameter that starts at zero: thresholds and steps
+        # are on the scale of 1 / L
+        unit = 1.0 / module.lipschitz
+        lr_scale = {k: (_rms(p) or unit) for k, p in params.items()}
+        return LISTAState(params=params, lr_scale=lr_scale, generator=generator)
+
+    def _module(self, state):
+        if self.module is None:
+            module = self.new_module()
+            with torch.no_grad():
+                for k, p in module.named_parameters():
+                    p.copy_(state.params[k])
+            self.module = module
+            state.params = dict(module.named_parameters())
+        return self.module
+
+    def _optimizer(self, state):
+        if self.opt is None:
+            lr = self.est._lr()
+            groups = [{"params": [p], "lr": lr * state.lr_scale[k], "base_lr":
+                       lr * state.lr_scale[k]} for k, p in sorted(state.params.items())]
+            self.opt = make_optimizer("adam", groups, lr)
+            if state.optimizer is not None:
+                self.opt.load_state_dict(state.optimizer)
+                for g in self.opt.param_groups:
+                    g["lr"] = g["base_lr"]
+        return self.opt
+
+    def finish(self, state):
+        """Detach the parameters and keep the optimizer's state after a run."""
+        if self.opt is not None:
+            state.optimizer = self.opt.state_dict()
+        state.params = {k: p.detach() for k, p in state.params.items()}
+
+    # ---------------------------------------------------------------- step
+    def step(self, state, Xb):
+        module = self._module(state)
+        opt = self._optimizer(state)
+        if self.total_steps:
+            # cosine decay to zero over the steps of this fit
+            f = 0.5 * (1.0 + math.cos(math.pi * min(self.run_steps, self.total_steps)
+                                      / self.total_steps))
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * f
+        self.run_steps += 1
+        P = self.D.shape[1]
+        x = Xb[:, :P]
+        out = module(x)
+        if self.est.loss == "codes":
+            loss = (out - Xb[:, P:]).pow(2).sum(1).mean() / self.scale
+        else:
+            loss = module.objective(x, out).mean() / self.scale
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            l0 = (out != 0).sum(1).to(out.dtype).mean()
+        return {"loss": loss.detach(), "l0": l0}
+
+    # ---------------------------------------------------------------- validation
+    def layer_metrics(self, module):
+        """``(layer_gap, layer_nmse)`` on the validation rows: each layer's
+        relative lasso-objective gap to the exact codes, and its squared error
+        to the targets relative to their energy (None without targets)."""
+        vx, vexact, vt = self.val
+        with torch.no_grad():
+            layers = module(vx, all_layers=True)
+            fstar = float(module.objective(vx, vexact).double().sum())
+            gap = [(float(module.objective(vx, a).double().sum()) - fstar) / max(fstar, 1e-300)
+                   for a in layers]
+            nmse = None
+            if vt is not None:
+                e = float(vt.double().pow(2).sum())
+                nmse = [float((a - vt).double().pow(2).sum()) / max(e, 1e-300) for a in layers]
+        return np.asarray(gap), None if nmse is None else np.asarray(nmse)
