@@ -135,7 +135,10 @@ class HierarchicalSparseCoder(TrainedEstimatorMixin, BaseSparseCoder):
         Learn the precisions during ``fit``: each becomes the inverse of the
         mean squared prediction error per unit of its level (its maximum
         likelihood value), averaged over minibatches with the forgetting of the
-        dictionary statistics.
+        dictionary statistics, and floored at 1% of the mean square of the
+        level's target (with learned variances the joint MAP estimate is
+        degenerate: a level predicted exactly would get an infinite precision
+        and collapse onto its prediction).
     inference : {"joint", "bottom_up"}, default="joint"
         Inference rule in ``fit``, ``transform`` and every other method.
     positive_code : bool, default=False

@@ -8,9 +8,11 @@ from .attention import (
     sparse_attention,
     sparse_weights,
 )
+from .hierarchical import HierarchicalSparseCoding
 
 __all__ = [
     "HierarchicalSelection",
+    "HierarchicalSparseCoding",
     "SparseAttention",
     "hierarchical_select",
     "mean_pool_levels",

@@ -40,6 +40,7 @@ __all__ = [
     "hierarchical_lipschitz",
     "joint_inference",
     "prediction_errors",
+    "unrolled_inference",
 ]
 
 
@@ -49,18 +50,27 @@ def prediction_errors(X, codes, dicts):
     return [b - a @ D for b, a, D in zip(below, codes, dicts, strict=True)]
 
 
-def free_energy_terms(X, codes, dicts, alpha, precisions, *, errors=None):
+def free_energy_terms(X, codes, dicts, alpha, precisions, *, errors=None, normalizer=False):
     """The free energy of each row and level, shape ``(n, L)``.
 
     Column ``l`` is ``0.5 * p_l * ||e_l||^2 + alpha_l * ||a_l||_1``; the row sums
     are :func:`free_energy`. ``errors`` (from :func:`prediction_errors`) saves
     recomputing them. ``alpha`` and ``precisions`` are sequences of floats or
     1-D tensors (learnable precisions stay in the autograd graph).
+    ``normalizer=True`` adds each level's Gaussian log-normaliser
+    ``-0.5 * K_{l-1} * log(p_l)``: the negative log-likelihood, whose minimum
+    over ``p_l`` is the inverse mean squared error per unit (the objective of
+    learned precisions; without it ``F`` would drive them to zero).
     """
     if errors is None:
         errors = prediction_errors(X, codes, dicts)
-    cols = [0.5 * p * (e * e).sum(-1) + al * a.abs().sum(-1)
-            for e, a, al, p in zip(errors, codes, alpha, precisions, strict=True)]
+    cols = []
+    for e, a, al, p in zip(errors, codes, alpha, precisions, strict=True):
+        col = 0.5 * p * (e * e).sum(-1) + al * a.abs().sum(-1)
+        if normalizer:
+            col = col - 0.5 * e.shape[-1] * torch.log(torch.as_tensor(p, dtype=e.dtype,
+                                                                        device=e.device))
+        cols.append(col)
     return torch.stack(cols, dim=-1)
 
 
@@ -178,15 +188,65 @@ def _relative_gap(X, codes, errors, dicts, alpha, precisions, positive, F):
     return (primal - dual).clamp_min(0) / primal.clamp_min(1e-300)
 
 
+def _mfista_step(X, x, ex, Fx, y, ey, t, dicts, alpha, precisions, pens, L_):
+    """One monotone FISTA step on the stacked codes (autograd-friendly: no in-place
+    operation). ``x`` is the last accepted point with errors ``ex`` and free
+    energy ``Fx``; ``y`` the extrapolated point with errors ``ey``; ``t`` the
+    momentum, one per row. Returns the new ``(x, ex, Fx, y, ey, t)``."""
+    grads = free_energy_grad(ey, dicts, precisions)
+    z = [pen.prox(c - g / L_, 1.0) for pen, c, g in zip(pens, y, grads, strict=True)]
+    ez = prediction_errors(X, z, dicts)
+    Fz = free_energy(X, z, dicts, alpha, precisions, errors=ez)
+    # a step from y = x (after a restart: t = 1) is a plain proximal-gradient step,
+    # a descent step in exact arithmetic: always taken, so rounding in the
+    # comparison cannot freeze a row at a non-optimal point
+    ok = (Fz <= Fx)[:, None] | (t == 1)
+    t_new = torch.where(ok, 0.5 * (1 + torch.sqrt(1 + 4 * t * t)), torch.ones_like(t))
+    beta = torch.where(ok, (t - 1) / t_new, torch.zeros_like(t))
+    # accepted rows: y = z + beta (z - x); rejected rows restart from x
+    x_new = [torch.where(ok, c_z, c_x) for c_z, c_x in zip(z, x, strict=True)]
+    ex_new = [torch.where(ok, e_z, e_x) for e_z, e_x in zip(ez, ex, strict=True)]
+    y = [c_n + beta * (c_n - c_x) for c_n, c_x in zip(x_new, x, strict=True)]
+    # errors are affine in the codes: those of y follow without a product
+    ey = [e_n + beta * (e_n - e_x) for e_n, e_x in zip(ex_new, ex, strict=True)]
+    return x_new, ex_new, torch.where(ok[:, 0], Fz, Fx), y, ey, t_new
+
+
+def unrolled_inference(X, dicts, alpha, precisions, *, n_iter=50, positive=False,
+                       lipschitz=None):
+    """``n_iter`` monotone FISTA steps on ``F`` from zero codes, every operation
+    tracked by autograd (no stopping rule, no row freezing): codes
+    differentiable with respect to ``X``, the dictionaries and the precisions.
+    The step size ``1 / lipschitz`` is a constant (computed from detached
+    dictionaries when None). Returns the list of codes."""
+    if lipschitz is None:
+        with torch.no_grad():
+            lipschitz = hierarchical_lipschitz([D.detach() for D in dicts],
+                                               [float(p) for p in precisions])
+    L_ = float(lipschitz)
+    pens = [L1(float(a) / L_, positive) for a in alpha]
+    x = [X.new_zeros(X.shape[0], D.shape[0]) for D in dicts]
+    ex = prediction_errors(X, x, dicts)
+    Fx = free_energy(X, x, dicts, alpha, precisions, errors=ex)
+    y, ey = x, ex
+    t = X.new_ones(X.shape[0], 1)
+    for _ in range(int(n_iter)):
+        x, ex, Fx, y, ey, t = _mfista_step(X, x, ex, Fx, y, ey, t, dicts, alpha, precisions,
+                                           pens, L_)
+    return x
+
+
 def joint_inference(X, dicts, alpha, precisions, *, positive=False, max_iter=1000, tol=1e-5,
                     init="bottom_up", lipschitz=None, check_every=10, ops=None):
     """Minimise ``F`` over the codes of all levels at once.
 
     Proximal gradient on the stacked codes (the L1 prox is separable by level)
-    with Nesterov momentum, made monotone row by row: a step that would raise a
-    row's ``F`` is rejected and that row's momentum restarts from its last point
-    (Beck & Teboulle's monotone FISTA with function-value restart, O'Donoghue &
-    Candes 2015), so every row's free energy never increases. A row stops once
+    with Nesterov momentum, made monotone row by row: a momentum step that would
+    raise a row's ``F`` is rejected and that row's momentum restarts from its
+    last point (Beck & Teboulle's monotone FISTA with function-value restart,
+    O'Donoghue & Candes 2015); the step after a restart is a plain
+    proximal-gradient step with step ``1 / L``, which cannot raise ``F`` (up to
+    rounding). So every row's free energy never increases. A row stops once
     its relative duality gap (:func:`_relative_gap`, checked every
     ``check_every`` iterations) is below ``tol`` (floored at what the dtype can
     certify); the other rows do not change its result.
@@ -226,7 +286,7 @@ def joint_inference(X, dicts, alpha, precisions, *, positive=False, max_iter=100
             raise ValueError(f"init must be 'bottom_up', 'zeros' or a list of codes, got {init!r}.")
     else:
         codes = [c.to(dtype=X.dtype) for c in init]
-    pens = [L1(a * 1.0 / L_, positive) for a in alpha]
+    pens = [L1(a / L_, positive) for a in alpha]
     tol = effective_tol(tol, X.dtype)
     n = X.shape[0]
     out = [c.clone() for c in codes]
@@ -249,21 +309,8 @@ def joint_inference(X, dicts, alpha, precisions, *, positive=False, max_iter=100
         if ia.numel() == 0:
             it -= 1
             break
-        grads = free_energy_grad(ey, dicts, precisions)
-        z = [pen.prox(c - g / L_, 1.0) for pen, c, g in zip(pens, y, grads, strict=True)]
-        ez = prediction_errors(Xa, z, dicts)
-        Fz = free_energy(Xa, z, dicts, alpha, precisions, errors=ez)
-        ok = (Fz <= Fx)[:, None]
-        t_new = torch.where(ok, 0.5 * (1 + torch.sqrt(1 + 4 * t * t)), torch.ones_like(t))
-        beta = torch.where(ok, (t - 1) / t_new, torch.zeros_like(t))
-        # accepted rows: y = z + beta (z - x); rejected rows restart from x
-        x_new = [torch.where(ok, c_z, c_x) for c_z, c_x in zip(z, x, strict=True)]
-        ex_new = [torch.where(ok, e_z, e_x) for e_z, e_x in zip(ez, ex, strict=True)]
-        y = [c_n + beta * (c_n - c_x) for c_n, c_x in zip(x_new, x, strict=True)]
-        # errors are affine in the codes: those of y follow without a product
-        ey = [e_n + beta * (e_n - e_x) for e_n, e_x in zip(ex_new, ex, strict=True)]
-        x, ex, t = x_new, ex_new, t_new
-        Fx = torch.minimum(Fz, Fx)
+        x, ex, Fx, y, ey, t = _mfista_step(Xa, x, ex, Fx, y, ey, t, dicts, alpha, precisions,
+                                           pens, L_)
         F_all[ia] = Fx.double()
         history.append(F_all.sum())
         if it % check_every == 0 or it == max_iter:

@@ -34,6 +34,8 @@ from .state import TrainState, _floats
 
 __all__ = ["HierarchicalLearner", "HierarchicalState", "level_key"]
 
+SIGMA_FLOOR = 1e-2
+
 
 def level_key(level):
     """History key of the free energy term of ``level`` (counted from 1)."""
@@ -146,11 +148,13 @@ class HierarchicalLearner:
                     state.n_resampled[i] += int(idx.numel())
         if est.learn_sigma:
             # maximum likelihood of the Gaussian prediction errors, with the
-            # forgetting of the online statistics; floored so that a level
-            # predicted exactly keeps a finite precision
+            # forgetting of the online statistics. With learned variances the
+            # joint MAP is degenerate (p_l -> inf as a level is predicted
+            # exactly, collapsing it onto its prediction), so each variance is
+            # floored at SIGMA_FLOOR times the mean square of the level's target.
             for i, (e, target) in enumerate(zip(errors, targets, strict=True)):
                 mse = float((e.double() ** 2).mean())
-                floor = 1e-6 * float((target.double() ** 2).mean()) + 1e-12
+                floor = SIGMA_FLOOR * float((target.double() ** 2).mean()) + 1e-12
                 state.mse[i] = beta * state.mse[i] + (1 - beta) * max(mse, floor)
         metrics = {"loss": terms.sum(), "n_iter": float(res.n_iter)}
         for i in range(len(codes)):
