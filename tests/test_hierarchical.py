@@ -387,3 +387,12 @@ def test_module_bad_arguments():
         HierarchicalSparseCoding(4, [])
     with pytest.raises(ValueError, match="one value per level"):
         HierarchicalSparseCoding(4, (3, 2), alpha=(0.1, 0.2, 0.3))
+
+
+def test_exact_solver_keeps_the_callers_torch_threads():
+    # the bottom-up levels call the numba homotopy, whose OpenMP runtime torch shares
+    X, (D,) = _model(sizes=(12, 20), n=200)
+    torch.set_num_threads(1)  # as the one_thread fixture has
+    bottom_up_inference(X, [D], [0.1], [1.0])
+    assert torch.get_num_threads() == 1
+

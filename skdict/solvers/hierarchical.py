@@ -116,7 +116,7 @@ def hierarchical_lipschitz(dicts, precisions):
         grads = free_energy_grad(prediction_errors(zero, codes, dicts), dicts, precisions)
         return torch.cat(grads, dim=1).squeeze(0)
 
-    return power_iteration(hvp, n_iter=300, tol=1e-7, size=sum(sizes), dtype=D0.dtype,
+    return power_iteration(hvp, n_iter=100, tol=1e-5, size=sum(sizes), dtype=D0.dtype,
                            device=D0.device)
 
 
