@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from .autoencoder import KSparseAutoencoder  # noqa: E402
 from .coding import SparseCoder  # noqa: E402
 from .functional import sparse_encode  # noqa: E402
+from .hierarchical import HierarchicalSparseCoder  # noqa: E402
 from .large import CollapsedDictionaryLearner  # noqa: E402
 from .lca import LCASparseCoder  # noqa: E402
 from .lista import LISTAEncoder  # noqa: E402
@@ -12,6 +13,7 @@ from .selection import SparseTokenSelector  # noqa: E402
 
 __all__ = [
     "CollapsedDictionaryLearner",
+    "HierarchicalSparseCoder",
     "KSparseAutoencoder",
     "LCASparseCoder",
     "LISTAEncoder",

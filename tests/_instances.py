@@ -84,3 +84,15 @@ INSTANCES += [
     LISTAEncoder(n_components=1, n_layers=2, alpha=0.1, variant="alista", loss="objective",
                  max_iter=2, batch_size=16, random_state=0, device="cpu"),
 ]
+
+# ------------------------------------------------------ HierarchicalSparseCoder
+from skdict import HierarchicalSparseCoder  # noqa: E402
+
+INSTANCES += [
+    HierarchicalSparseCoder(n_components=(5, 3), alpha=0.1, max_iter=2, fit_max_iter=30,
+                            transform_max_iter=60,
+                            batch_size=16, random_state=0, device="cpu"),
+    HierarchicalSparseCoder(n_components=(4, 2), alpha=0.1, inference="bottom_up",
+                            learn_sigma=True, positive_code=True, dict_update="sgd",
+                            n_steps=3, batch_size=16, random_state=0, device="cpu"),
+]

@@ -8,11 +8,13 @@ from .attention import (
     sparse_attention,
     sparse_weights,
 )
+from .hierarchical import HierarchicalSparseCoding
 from .lca import LCALayer, LCAOutput
 from .lista import LISTA, alista_weight
 
 __all__ = [
     "HierarchicalSelection",
+    "HierarchicalSparseCoding",
     "LCALayer",
     "LCAOutput",
     "LISTA",

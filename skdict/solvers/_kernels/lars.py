@@ -54,6 +54,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import torch
 
 try:  # numba is a hard dependency; keep import errors explicit
     import numba
@@ -744,9 +745,14 @@ def _run(C, Dx, G, Gw, alpha, positive, max_steps, kkt_tol, max_active, nt, fres
             _lars_batch_serial(*args, 1, cap, counter)
         else:
             prev = numba.get_num_threads()
+            # numba's "omp" layer shares torch's OpenMP runtime: setting its thread
+            # count also sets torch's, so a caller's torch.set_num_threads is put back
+            torch_threads = torch.get_num_threads()
             try:
                 numba.set_num_threads(nt)
                 _lars_batch(*args, nt, max(min(16, cap), min(cap, n // (16 * nt))), counter)
             finally:
                 numba.set_num_threads(prev)
+                if torch.get_num_threads() != torch_threads:
+                    torch.set_num_threads(torch_threads)
     return idx, val, nnz, steps, ok, fpart
