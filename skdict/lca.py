@@ -233,6 +233,10 @@ class LCASparseCoder(TrainedEstimatorMixin, BaseSparseCoder):
 
     def _check_params(self):
         """Cross-parameter checks (ValueError saying what to change)."""
+        K = self.components_.shape[0] if hasattr(self, "components_") else self.n_components
+        if K is not None and get_solver(self.transform_algorithm).problem == "l0":
+            check_n_nonzero_coefs(self.transform_n_nonzero_coefs, K,
+                                  "transform_n_nonzero_coefs")
         if self.threshold == "hard" and self.transform_algorithm not in ("lca", "omp"):
             raise ValueError(
                 "threshold='hard' codes are L0-type and only transform_algorithm='lca' "
@@ -313,6 +317,7 @@ or an iterable of such minibatches
             alpha=self.alpha, n_nonzero_coefs=self.transform_n_nonzero_coefs,
             positive=self.positive_code, max_iter=self.transform_max_iter,
             tol=self.inference_tol, tau=self.tau, threshold=self.threshold,
+            param_names={"max_iter": "transform_max_iter", "tol": "inference_tol"},
         )
 
     def _encode(self, Xb, encoder):

@@ -107,4 +107,6 @@ class LCALearner:
                                           stats=OnlineStats(state.A, state.B),
                                           since_used=state.since_used)
                 state.n_resampled += int(idx.numel())
-        return {"loss": loss, "n_iter": float(res.n_iter)}
+        # fit_max_iter caps inference by design (inexact codes still improve the
+        # dictionary); whether each minibatch's inference met inference_tol is recorded
+        return {"loss": loss, "n_iter": float(res.n_iter), "converged": float(res.converged)}
