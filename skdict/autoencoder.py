@@ -23,12 +23,22 @@ from sklearn.base import BaseEstimator, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
+from . import __version__
 from ._backend import make_generator, numpy_dtype, torch_dtype
+from ._io import (
+    LoadError,
+    check_count,
+    check_model_arrays,
+    check_positive_finite,
+    check_resume,
+    read_json,
+    read_safetensors,
+)
 from ._validation import DEVICE_CONSTRAINT, SHUFFLE_CONSTRAINT
 from .base import SparseCodingMixin
 from .encoders import encoder_options, get_encoder
 from .encoders.base import preactivations
-from .encoders.saelens import read_saelens, write_saelens
+from .encoders.saelens import CFG_FILE, read_saelens, write_saelens
 from .losses import AdaptiveSparsityScheduler
 from .training.estimator import TrainedEstimatorMixin
 from .training.optim import OPTIMIZERS
@@ -49,6 +59,9 @@ _FITTED_ARRAYS = {
     "threshold_": "threshold",
     "tokens_since_fired_": "tokens_since_fired",
 }
+# config.json's "format" and "version": load refuses other formats and versions
+_FORMAT = "skdict.KSparseAutoencoder"
+_FORMAT_VERSION = 2
 # fitted scalars, written to config.json
 _FITTED_SCALARS = {
     "n_features_in_": int,
@@ -314,6 +327,15 @@ class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator
 
     def _check_params(self):
         self._variant().check_params()
+        sched = self.k_schedule
+        if sched is not None:  # the schedule's k values obey the rule for k
+            for name in ("initial", "final"):
+                v = getattr(sched, name)
+                if not 1 <= v <= self.n_components:
+                    raise ValueError(
+                        f"k_schedule.{name}={v!r} is outside [1, n_components="
+                        f"{self.n_components}]; every scheduled k must be a valid k."
+                    )
 
     def _lr(self):
         if self.lr is not None:
@@ -459,6 +481,7 @@ class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator
 
     def _check_ready(self):
         check_is_fitted(self, "components_")
+        self._check_current_params()
 
     def score(self, X, y=None):
         """Explained variance ``1 - FVU`` of the reconstruction (higher is better).
@@ -527,8 +550,9 @@ class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator
         params["device"] = dev if isinstance(dev, str) or dev is None else str(dev)
         sched = self.k_schedule
         cfg = {
-            "format": "skdict.KSparseAutoencoder",
-            "version": 2,
+            "format": _FORMAT,
+            "version": _FORMAT_VERSION,
+            "skdict_version": __version__,
             "params": params,
             "k_schedule": None if sched is None else {**vars(sched)},
             "fitted": {a: getattr(self, a) for a in _FITTED_SCALARS},
@@ -555,6 +579,13 @@ class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator
     def load(cls, path, **overrides):
         """Load a model written by :meth:`save`.
 
+        Everything read is validated as strictly as a fitted model: the format
+        version, the parameters (as by ``set_params``), the fitted scalars, the
+        shapes, dtypes and finiteness of every array and of the saved training
+        state (optimizer moments, buffers, batch-order generator). A truncated,
+        corrupted or inconsistent file raises a ``ValueError`` naming the file
+        and the field.
+
         Parameters
         ----------
         path : str or os.PathLike
@@ -565,45 +596,103 @@ class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator
         -------
         KSparseAutoencoder
         """
-        from safetensors.numpy import load_file
-
         path = Path(path)
-        cfg_file = path / "config.json"
+        cfg_file, weights_file = path / "config.json", path / "model.safetensors"
         if not cfg_file.exists():
             raise ValueError(f"{cfg_file} not found; pass the directory written by save().")
-        with open(cfg_file) as f:
-            cfg = json.load(f)
-        if cfg.get("format") != "skdict.KSparseAutoencoder" or cfg.get("version") != 2:
-            raise ValueError(f"{cfg_file} is not a KSparseAutoencoder config (version 2).")
+        cfg = read_json(cfg_file)
+        if cfg.get("format") != _FORMAT:
+            raise LoadError(f"{cfg_file} is not a KSparseAutoencoder config (its 'format' is "
+                            f"{cfg.get('format')!r}, expected {_FORMAT!r}).")
+        version = cfg.get("version")
+        if version != _FORMAT_VERSION:
+            newer = isinstance(version, int) and version > _FORMAT_VERSION
+            raise LoadError(
+                f"{cfg_file} has format version {version!r}; this skdict reads version "
+                f"{_FORMAT_VERSION}" + (": upgrade skdict to load it." if newer else ".")
+            )
+        for name, kind in (("params", dict), ("fitted", dict)):
+            if not isinstance(cfg.get(name), kind):
+                raise LoadError(f"{cfg_file} lacks the {name!r} mapping.")
         params = dict(cfg["params"])
+        valid = cls().get_params()
+        unknown = sorted(set(params) - set(valid))
+        if unknown:
+            raise LoadError(f"{cfg_file}: 'params' has unknown parameters {unknown}.")
         if params.get("prefix_sizes") is not None:
             params["prefix_sizes"] = tuple(params["prefix_sizes"])
         if cfg.get("k_schedule") is not None:
-            s = cfg["k_schedule"]
-            sched = AdaptiveSparsityScheduler(
-                s["initial"], s["final"], s["warmup_steps"], schedule=s["schedule"],
-                accuracy_threshold=s["accuracy_threshold"], n_steps=s["n_steps"],
-                integer=s["integer"],
-            )
-            sched.progress_ = s["progress_"]
-            params["k_schedule"] = sched
+            params["k_schedule"] = _read_schedule(cfg["k_schedule"], cfg_file)
         est = cls(**params)
+        try:
+            est._validate_params()
+        except ValueError as exc:
+            raise LoadError(f"{cfg_file}: 'params': {exc}") from None
         est.set_params(**overrides)  # unknown names: ValueError listing the valid ones
         est._validate_params()
-        t = load_file(str(path / "model.safetensors"))
+        t = check_model_arrays(read_safetensors(weights_file), weights_file,
+                               required=tuple(_FITTED_ARRAYS.values()))
+        K, d = t["W_dec"].shape
+        fitted = {}
+        for attr, kind in _FITTED_SCALARS.items():
+            if attr not in cfg["fitted"]:
+                raise LoadError(f"{cfg_file}: 'fitted' lacks {attr!r}.")
+            where = f"{cfg_file}: 'fitted.{attr}'"
+            v = cfg["fitted"][attr]
+            fitted[attr] = (check_count(v, where) if kind is int else
+                            check_positive_finite(v, where) if attr == "input_scale_" else
+                            check_fraction(v, where))
+        for attr, expected in (("n_features_in_", d), ("n_components_", K)):
+            if fitted[attr] != expected:
+                raise LoadError(f"{cfg_file}: 'fitted.{attr}' is {fitted[attr]}, but the tensors "
+                                f"of {weights_file.name} have {expected}.")
+        if params.get("n_components", K) != K:
+            raise LoadError(f"{cfg_file}: 'params.n_components' is {params['n_components']}, "
+                            f"but W_dec in {weights_file.name} has {K} rows.")
+        try:
+            est._check_params()
+        except ValueError as exc:
+            raise LoadError(f"{cfg_file}: {exc}") from None
         for attr, key in _FITTED_ARRAYS.items():
             setattr(est, attr, t[key])
-        for attr, kind in _FITTED_SCALARS.items():
-            setattr(est, attr, kind(cfg["fitted"][attr]))
-        est.history_ = {n.split(".", 1)[1]: v for n, v in t.items() if n.startswith("history.")}
-        est.loss_curve_ = t["loss_curve"]
+        for attr, value in fitted.items():
+            setattr(est, attr, value)
+        est.history_ = {}
+        for n, v in t.items():
+            if n.startswith("history.") or n == "loss_curve":
+                if v.ndim != 1:
+                    raise LoadError(f"{weights_file}: tensor {n!r} must be 1-D, got shape "
+                                    f"{v.shape}.")
+                v = v.astype(np.float64, copy=False)
+                if n == "loss_curve":
+                    est.loss_curve_ = v
+                else:
+                    est.history_[n.split(".", 1)[1]] = v
+        if not hasattr(est, "loss_curve_"):
+            raise LoadError(f"{weights_file} lacks tensors ['loss_curve'].")
         if "feature_names_in" in cfg:
-            est.feature_names_in_ = np.asarray(cfg["feature_names_in"], dtype=object)
+            names = cfg["feature_names_in"]
+            if not isinstance(names, list) or len(names) != d or not all(
+                isinstance(n, str) for n in names
+            ):
+                raise LoadError(f"{cfg_file}: 'feature_names_in' must be {d} strings.")
+            est.feature_names_in_ = np.asarray(names, dtype=object)
         if "resume" in cfg:
-            est._resume = _unflatten(cfg["resume"], t, "resume")
+            try:
+                resume = _unflatten(cfg["resume"], t, "resume")
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise LoadError(f"{cfg_file}: 'resume' does not match the tensors of "
+                                f"{weights_file.name} ({exc!r}).") from None
+            extra = sorted(k for k in (resume.get("params") or {}) if k not in PARAMS)
+            shapes = [t[k].shape for k in PARAMS] + [
+                np.shape(resume["params"][k]) for k in extra]
+            check_resume(resume, cfg_file, param_shapes=shapes, K=K)
+            est._resume = resume
             # what the saved training state was built for (a load override may differ)
-            est._trained_with = cfg.get("trained_with", {p: params[p]
-                                                       for p in cls._resume_params})
+            trained = cfg.get("trained_with", {p: params.get(p) for p in cls._resume_params})
+            if not isinstance(trained, dict):
+                raise LoadError(f"{cfg_file}: 'trained_with' must be a mapping.")
+            est._trained_with = trained
         return est
 
     # ------------------------------------------------------------------ SAELens
@@ -639,8 +728,15 @@ class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator
         d_sae, d_in = arrays["W_dec"].shape
         init.setdefault("k", min(32, d_sae))
         est = cls(**init)
+        cfg_file = Path(path) / CFG_FILE
+        try:  # what the config says, checked before the caller's overrides
+            est._validate_params()
+            est._check_params()
+        except ValueError as exc:
+            raise LoadError(f"{cfg_file}: {exc}") from None
         est.set_params(**params)  # unknown names: ValueError listing the valid ones
         est._validate_params()
+        est._check_params()
         arrays["tokens_since_fired"] = np.zeros(d_sae, dtype=np.int64)
         for attr, key in _FITTED_ARRAYS.items():
             setattr(est, attr, arrays[key])
@@ -676,6 +772,30 @@ class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator
         self._check_ready()
         arrays = {key: getattr(self, attr) for attr, key in _FITTED_ARRAYS.items()}
         return write_saelens(path, self._variant(), arrays, self.input_scale_)
+
+
+def check_fraction(value, where):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+        raise LoadError(f"{where} must be a number in [0, 1], got {value!r}.")
+    return float(value)
+
+
+def _read_schedule(s, cfg_file):
+    """The saved ``k`` schedule (with its progress), validated like a new one."""
+    names = ("initial", "final", "warmup_steps", "schedule", "accuracy_threshold", "n_steps",
+             "integer", "progress_")
+    if not isinstance(s, dict) or any(n not in s for n in names):
+        raise LoadError(f"{cfg_file}: 'k_schedule' must be a mapping with {list(names)}.")
+    try:
+        sched = AdaptiveSparsityScheduler(
+            s["initial"], s["final"], s["warmup_steps"], schedule=s["schedule"],
+            accuracy_threshold=s["accuracy_threshold"], n_steps=s["n_steps"],
+            integer=s["integer"],
+        )
+    except (TypeError, ValueError) as exc:
+        raise LoadError(f"{cfg_file}: 'k_schedule': {exc}") from None
+    sched.progress_ = check_count(s["progress_"], f"{cfg_file}: 'k_schedule.progress_'")
+    return sched
 
 
 def _export(value):

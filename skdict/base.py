@@ -101,11 +101,13 @@ class SparseCodingMixin(ClassNamePrefixFeaturesOutMixin, TransformerMixin):
             builder = CSRBuilder(n_codes, src.dtype)
             for _, _, Xb in src.ordered(bs, device=device):
                 as_codes(self._encode(Xb, state)).add_to(builder)
+            _report(state, self)
             return builder.build()
         out = np.zeros((src.n_samples, n_codes), dtype=src.dtype)
         for start, stop, Xb in src.ordered(bs, device=device):
             dense = as_codes(self._encode(Xb, state)).to_dense(n_codes)
             out[start:stop] = dense.detach().cpu().numpy()
+        _report(state, self)
         return out
 
     def _reduce(self, X, sums=None, *, fn=None, cache=None):
@@ -138,6 +140,7 @@ class SparseCodingMixin(ClassNamePrefixFeaturesOutMixin, TransformerMixin):
         for _, _, Xb in src.ordered(bs, device=device):
             for name, value in fn(Xb, as_codes(self._encode(Xb, state)), state).items():
                 totals[name] = totals[name] + value if name in totals else value
+        _report(state, self)
         out = {}
         for k, v in totals.items():
             if isinstance(v, torch.Tensor):
@@ -186,6 +189,15 @@ class SparseCodingMixin(ClassNamePrefixFeaturesOutMixin, TransformerMixin):
 
     def _check_ready(self):
         check_is_fitted(self)
+        self._check_current_params()
+
+    def _check_current_params(self):
+        """Parameters may have changed (``set_params``) since ``fit``: every call
+        that uses them validates them, as ``fit`` did."""
+        self._validate_params()
+        check = getattr(self, "_check_params", None)
+        if check is not None:
+            check()
 
     # ---------------------------------------------------------------- decode
     def inverse_transform(self, X):
@@ -294,6 +306,14 @@ class SparseCodingMixin(ClassNamePrefixFeaturesOutMixin, TransformerMixin):
             if isinstance(val, torch.Tensor):
                 state[key] = val.detach().cpu()
         return state
+
+
+def _report(state, estimator):
+    """A transform state that tracks solver convergence (a ``BlockEncoder``) warns
+    once per call when a solver stopped at its iteration cap."""
+    report = getattr(state, "report", None)
+    if report is not None:
+        report(type(estimator).__name__)
 
 
 def lasso_information_criterion(shape, nnz, rss, n_components, criterion="ebic"):

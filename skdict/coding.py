@@ -183,6 +183,7 @@ class SparseCoder(BaseSparseCoder):
             positive=self.positive_code,
             max_iter=self.transform_max_iter,
             tol=self.tol,
+            param_names={"max_iter": "transform_max_iter"},
         )
 
     def _encode(self, Xb, encoder):

@@ -14,9 +14,11 @@ from __future__ import annotations
 import copy
 
 import numbers
+import warnings
 
 import numpy as np
 import torch
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 
 from ._backend import default_batch_size, numpy_dtype, resolve_device, torch_dtype
@@ -33,7 +35,8 @@ from .solvers import SolverResult
 from .solvers.exact import lasso_exact_compact
 from .solvers.registry import get_solver, solver_names
 
-__all__ = ["sparse_encode", "encode_block", "encode_codes", "BlockEncoder", "BlockTransformer"]
+__all__ = ["sparse_encode", "encode_block", "encode_codes", "BlockEncoder", "BlockTransformer",
+           "ConvergenceRecord"]
 
 
 def encode_block(
@@ -96,16 +99,20 @@ def encode_codes(
     tau=None,
     threshold="soft",
     init=None,
+    record=None,
 ) -> Codes:
     """Codes of one block in the form transforms consume: CSR pieces for the exact
     lasso of a dense dictionary on CPU (the compiled homotopy writes supports
     directly: no dense ``(b, K)`` codes; it starts from zero, so ``init`` is not
-    used there), else the dense codes of :func:`encode_block` (same arguments)."""
+    used there), else the dense codes of :func:`encode_block` (same arguments).
+    ``record``: a :class:`ConvergenceRecord` that notes the solver's convergence."""
     if algorithm == "exact" and Xb.device.type == "cpu" and isinstance(op, DenseOperator):
         return _exact_cpu_codes(Xb, op, float(alpha), positive)
     res = encode_block(Xb, op, algorithm=algorithm, alpha=alpha, positive=positive,
                        n_nonzero_coefs=n_nonzero_coefs, max_iter=max_iter, tol=tol, tau=tau,
                        threshold=threshold, init=init)
+    if record is not None:
+        record.add(res)
     return Codes(dense=res.codes)
 
 
@@ -139,6 +146,39 @@ def _exact_cpu_codes(Xb, op, alpha, positive):
     if not parts:
         return Codes(csr=(Xb.new_zeros(0).numpy(), np.zeros(0, np.int32), np.zeros(0, np.int64)))
     return Codes(csr=tuple(np.concatenate(p) for p in zip(*parts, strict=True)))
+
+
+class ConvergenceRecord:
+    """Whether every solver call of one public call met its tolerance.
+
+    A public call (``sparse_encode``, ``transform``, ``score``) notes each
+    block's :class:`~skdict.solvers.SolverResult` and, at its end, :meth:`warn`
+    emits one scikit-learn ``ConvergenceWarning`` when some block stopped at
+    the iteration cap, as ``Lasso`` does.
+    """
+
+    def __init__(self):
+        self.converged = True
+        self.worst = 0.0
+
+    def add(self, res):
+        if not res.converged:
+            self.converged = False
+            if res.history:
+                self.worst = max(self.worst, float(res.history[-1]))
+
+    def warn(self, owner, algorithm, *, max_iter, tol, max_iter_name="max_iter",
+             tol_name="tol", stacklevel=3):
+        if self.converged:
+            return
+        warnings.warn(
+            f"{owner}: algorithm={algorithm!r} stopped at {max_iter_name}={max_iter} before "
+            f"reaching {tol_name}={tol} on some rows (largest remaining criterion "
+            f"{self.worst:.3g}); the codes are not optimal. Increase {max_iter_name} (or "
+            "use algorithm 'exact' for the lasso).",
+            ConvergenceWarning,
+            stacklevel=stacklevel,
+        )
 
 
 @validate_params(
@@ -253,13 +293,18 @@ def sparse_encode(
     out = np.zeros((n, K), dtype=dtype)
     params = dict(algorithm=algorithm, alpha=alpha, positive=positive,
                   n_nonzero_coefs=n_nonzero_coefs, max_iter=max_iter, tol=tol)
+    record = ConvergenceRecord()
     for s, _, Xb in src.ordered(bs, device=dev):
         if init is None:
-            codes = encode_codes(Xb, op, **params).to_dense(K)
+            codes = encode_codes(Xb, op, record=record, **params).to_dense(K)
         else:
             a0 = torch.from_numpy(np.ascontiguousarray(init[s : s + bs], dtype=dtype)).to(dev)
-            codes = encode_block(Xb, op, init=a0, **params).codes
+            res = encode_block(Xb, op, init=a0, **params)
+            record.add(res)
+            codes = res.codes
         out[s : s + Xb.shape[0]] = codes.detach().cpu().numpy()
+    # stacklevel: past the parameter-validation wrapper, to the caller
+    record.warn("sparse_encode", algorithm, max_iter=max_iter, tol=tol, stacklevel=4)
     return out
 
 
@@ -286,21 +331,37 @@ class BlockEncoder:
         Compute dtype of ``__call__``; None: the block's (float32 or float64).
     batch_size : int, default=None
         Rows per solver call in ``__call__``.
+    param_names : dict, default=None
+        The caller's names for ``max_iter`` and ``tol`` in the convergence
+        warning (e.g. ``{"max_iter": "transform_max_iter"}``).
     **params
         ``alpha``, ``positive``, ``n_nonzero_coefs``, ``max_iter``, ``tol``,
         ``tau``, ``threshold`` as in :func:`encode_block`.
     """
 
     def __init__(self, components, algorithm="exact", *, device="auto", dtype=None,
-                 batch_size=None, **params):
+                 batch_size=None, param_names=None, **params):
         get_solver(algorithm)  # an unknown name fails here, not on the first block
         self.components = components
         self.algorithm = algorithm
         self.device = device
         self.dtype = dtype
         self.batch_size = batch_size
+        self.param_names = dict(param_names or {})
         self.params = params
         self._ops = {}
+        self.record = ConvergenceRecord()
+
+    def report(self, owner):
+        """Warn (once) when a block's solver stopped before its tolerance since the
+        last report, and start a new record."""
+        names = self.param_names
+        # encode_codes' defaults when the caller did not set them
+        self.record.warn(owner, self.algorithm, max_iter=self.params.get("max_iter", 1000),
+                         tol=self.params.get("tol", 1e-5),
+                         max_iter_name=names.get("max_iter", "max_iter"),
+                         tol_name=names.get("tol", "tol"))
+        self.record = ConvergenceRecord()
 
     @property
     def n_components(self):
@@ -317,7 +378,7 @@ class BlockEncoder:
     def codes(self, Xb) -> Codes:
         """Codes of one torch block (on any device; float32 or float64)."""
         op = self.operator(Xb.device, Xb.dtype)
-        return encode_codes(Xb, op, algorithm=self.algorithm, **self.params)
+        return encode_codes(Xb, op, algorithm=self.algorithm, record=self.record, **self.params)
 
     def __call__(self, X):
         """CSR codes (scikit-learn's sparse interface) of a block ``X`` (ndarray,
@@ -333,6 +394,7 @@ class BlockEncoder:
         builder = CSRBuilder(K, dtype)
         for Xb in src.batches(self.batch_size or default_batch_size(K, dtype), device=dev):
             self.codes(Xb).add_to(builder)
+        self.report(type(self).__name__)
         return builder.build()
 
     def __getstate__(self):

@@ -266,7 +266,7 @@ class CollapsedDictionaryLearner(TrainedEstimatorMixin, BaseSparseCoder):
             )
 
     def _n_codes(self):
-        return self.components_.shape[0] if hasattr(self, "components_") else self.n_components
+        return self.components_.shape[0]  # AttributeError before fit: no output features yet
 
     def _batch_size_for(self, n_codes, dtype):
         return int(self.batch_size)

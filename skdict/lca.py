@@ -252,6 +252,10 @@ class LCASparseCoder(TrainedEstimatorMixin, BaseSparseCoder):
 
     def _check_params(self):
         """Cross-parameter checks (ValueError saying what to change)."""
+        K = self.components_.shape[0] if hasattr(self, "components_") else self.n_components
+        if K is not None and get_solver(self._transform_algorithm).problem == "l0":
+            check_n_nonzero_coefs(self.transform_n_nonzero_coefs, K,
+                                  "transform_n_nonzero_coefs")
         if self.threshold == "hard" and self._transform_algorithm not in ("lca", "omp"):
             raise ValueError(
                 "threshold='hard' codes are L0-type and only transform_algorithm='lca' "
@@ -263,7 +267,6 @@ class LCASparseCoder(TrainedEstimatorMixin, BaseSparseCoder):
                 f"{self.fit_algorithm!r}."
             )
 
-    # ------------------------------------------------------------------ training
     # ------------------------------------------------------------------ training
     _epoch_tol_param = "tol"
 
@@ -332,6 +335,7 @@ or an iterable of such minibatches
             alpha=self.alpha, n_nonzero_coefs=self.transform_n_nonzero_coefs,
             positive=self.positive_code, max_iter=self.transform_max_iter,
             tol=self.inference_tol, tau=self.tau, threshold=self.threshold,
+            param_names={"max_iter": "transform_max_iter", "tol": "inference_tol"},
         )
 
     def _encode(self, Xb, encoder):

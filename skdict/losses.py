@@ -93,8 +93,12 @@ def sparsity_loss(current, target, kind="l2", *, delta=1.0, eps=1e-8, reduction=
     else:
         if bool(((t <= 0) | (t >= 1)).any()):
             raise ValueError("kind='kl' needs a target strictly between 0 and 1.")
-        cc = c.clamp(eps, 1 - eps)
-        tt = t.clamp(eps, 1 - eps)
+        # eps is floored at the dtype's resolution (1 - 1e-8 is 1.0 in float32, where
+        # log(1 - c) would be -inf); the clamp passes the gradient through, evaluated at
+        # the clamped point, so a latent at exactly 0 or 1 is still pulled toward t
+        e = max(float(eps), float(torch.finfo(c.dtype).eps) if c.is_floating_point() else eps)
+        cc = c + (c.clamp(e, 1 - e) - c).detach()
+        tt = t.clamp(e, 1 - e)
         loss = tt * torch.log(tt / cc) + (1 - tt) * torch.log((1 - tt) / (1 - cc))
     if reduction == "mean":
         return loss.mean()
@@ -154,6 +158,10 @@ def balanced_loss(losses, weights=None, *, shares=None, eps=1e-12):
             w[n] = s * raw_total / max(abs(float(losses[n].detach())), eps)
     else:
         weights = weights or {}
+        unknown = set(weights) - set(names)
+        if unknown:
+            raise ValueError(f"weights name unknown losses: {sorted(unknown)}; the losses are "
+                             f"{sorted(names)}.")
         w = {n: float(weights.get(n, 1.0)) for n in names}
     total = sum(w[n] * losses[n] for n in names)
     parts = {n: float(w[n] * losses[n].detach()) for n in names}

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import numbers
+import warnings
 
 import numpy as np
 import torch
-from sklearn.base import clone
-from sklearn.exceptions import NotFittedError
+from sklearn.exceptions import ConvergenceWarning, NotFittedError
 from sklearn.utils import check_random_state
 
 from ._validation import check_dictionary, feature_probe
@@ -26,6 +27,32 @@ def _dictionary_of(estimator):
             "SparseCoder(dictionary)) before calling alpha_for_sparsity."
         ) from exc
     return np.asarray(D)
+
+
+def _check_alpha_sets_sparsity(estimator):
+    """alpha_for_sparsity bisects on alpha: the codes' sparsity must depend on it."""
+    name = type(estimator).__name__
+    params = estimator.get_params()
+    if "n_nonzero_coefs" in params and "algorithm" not in params:
+        raise ValueError(
+            f"{name} codes every row with exactly n_nonzero_coefs atoms; alpha does not "
+            "change how many: set n_nonzero_coefs to the target instead of calling "
+            "alpha_for_sparsity."
+        )
+    algo = params.get("algorithm", params.get("transform_algorithm"))
+    if algo is None:
+        raise ValueError(
+            f"alpha_for_sparsity tunes the lasso penalty of SparseCoder or LCASparseCoder; "
+            f"the sparsity of {name} is not set by alpha (use its own count parameter, "
+            "e.g. k)."
+        )
+    if get_solver(algo).problem == "l0":
+        key = "algorithm" if "algorithm" in params else "transform_algorithm"
+        count = "n_nonzero_coefs" if key == "algorithm" else "transform_n_nonzero_coefs"
+        raise ValueError(
+            f"{key}={algo!r} ignores alpha and keeps {count} atoms per row: set {count} "
+            "to the target instead of calling alpha_for_sparsity."
+        )
 
 
 def alpha_max(dictionary, X, *, positive=False, device="cpu"):
@@ -69,7 +96,9 @@ def alpha_for_sparsity(
     ----------
     estimator : SparseCoder or fitted LCASparseCoder (anything with ``alpha``,
         ``components_`` and ``transform``)
-        Its dictionary is kept fixed; only ``alpha`` varies (on a clone).
+        Its dictionary is kept fixed; only ``alpha`` varies (on a copy).
+        Estimators whose sparsity alpha does not set (``"omp"``, :class:`CollapsedDictionaryLearner`, :class:`KSparseAutoencoder`)
+        raise ``ValueError``.
     X : array-like of shape (n_samples, n_features)
         Data whose codes should reach the target.
     target_l0 : float, optional
@@ -125,20 +154,11 @@ def alpha_for_sparsity(
     if max_samples is not None and n > max_samples:
         rows = np.sort(check_random_state(random_state).choice(n, max_samples, replace=False))
         Xc = Xc[rows] if not isinstance(Xc, torch.Tensor) else Xc[torch.as_tensor(rows)]
-    est = clone(estimator)
+    _check_alpha_sets_sparsity(estimator)
+    # the estimator's own transform (its algorithm, threshold, tau ...) on a copy
+    # that keeps the fitted dictionary; only alpha varies
+    est = copy.deepcopy(estimator)
     est.set_params(sparse_output=True)
-    if hasattr(estimator, "components_") and not hasattr(est, "dictionary"):
-        # a fitted learner: encode with its dictionary through a SparseCoder twin
-        from .coding import SparseCoder
-
-        params = est.get_params()
-        algo = params.get("transform_algorithm", "exact")
-        est = SparseCoder(
-            D,
-            algorithm=algo if get_solver(algo).problem == "lasso" else "exact",
-            positive_code=params.get("positive_code", False),
-            device=params.get("device", "auto"),
-        )
     positive = bool(est.get_params().get("positive_code", False))
     Xnp = Xc.detach().cpu().numpy() if isinstance(Xc, torch.Tensor) else Xc
     hi = alpha_max(D, Xnp, positive=positive)
@@ -147,9 +167,14 @@ def alpha_for_sparsity(
     lo = hi * 1e-6
     history = []
 
+    unconverged = []
+
     def l0(alpha):
         est.set_params(alpha=alpha)
-        codes = est.transform(Xc)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            codes = est.transform(Xc)
+        unconverged.extend(w for w in caught if issubclass(w.category, ConvergenceWarning))
         val = codes.nnz / codes.shape[0]
         history.append((float(alpha), float(val)))
         return val
@@ -169,4 +194,7 @@ def alpha_for_sparsity(
         else:
             log_hi = np.log(mid)
     alpha = best[1]
+    if unconverged:  # one warning for the search, not one per alpha tried
+        warnings.warn(f"alpha_for_sparsity: {unconverged[-1].message}", ConvergenceWarning,
+                      stacklevel=2)
     return (alpha, history) if return_history else alpha

@@ -246,11 +246,7 @@ class SparseTokenSelector(SparseCodingMixin, BaseEstimator):
         elif sp.issparse(X):
             X = X.toarray()
         n = X.shape[0]
-        if self.max_tokens is not None and self.max_tokens > n:
-            raise ValueError(
-                f"max_tokens={self.max_tokens} exceeds the {n} fitted tokens; "
-                "use a smaller max_tokens or keep_ratio."
-            )
+        self._check_budget(n)
         if values is not None:
             if isinstance(values, torch.Tensor):
                 values = values.detach().cpu().numpy()
@@ -282,8 +278,17 @@ class SparseTokenSelector(SparseCodingMixin, BaseEstimator):
                 else sparse_output)
         return super()._transform_impl(X, sparse_output=sparse_output, cache=cache)
 
+    def _check_budget(self, n):
+        if self.max_tokens is not None and self.max_tokens > n:
+            raise ValueError(
+                f"max_tokens={self.max_tokens} exceeds the {n} fitted tokens; "
+                "use a smaller max_tokens or keep_ratio."
+            )
+
     def _check_ready(self):
         check_is_fitted(self)
+        self._check_current_params()
+        self._check_budget(self.n_tokens_)
 
     def _decoder(self, device, dtype):
         V = torch.as_tensor(np.asarray(self.values_)).to(device, torch_dtype(dtype))

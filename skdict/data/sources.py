@@ -59,6 +59,8 @@ def is_stream(X) -> bool:
 
 
 def _is_block(b):
+    if isinstance(b, dict):  # a batch of a dict dataset: the stream explains what to yield
+        return True
     if isinstance(b, (list, tuple)) and len(b) > 0 and isinstance(b[0], torch.Tensor):
         b = b[0]  # (x, y) / [x] batches of a DataLoader
     return sp.issparse(b) or getattr(b, "ndim", None) == 2

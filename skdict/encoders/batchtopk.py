@@ -76,4 +76,5 @@ class BatchTopK(SelectingEncoder):
                 "'topk_threshold') tensor."
             )
         thr = np.broadcast_to(np.asarray(thr, dtype=np.float64).reshape(-1), (d_sae,))
-        return {"k": max(1, int(round(float(k))))}, np.array(thr)
+        # rounded (SAELens allows a fractional average k), never raised: k=0 is an error
+        return {"k": int(round(float(k)))}, np.array(thr)

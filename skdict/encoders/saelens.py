@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._io import LoadError, check_model_arrays, read_json, read_safetensors
 from .base import encoder_for_saelens
 
 __all__ = ["read_saelens", "write_saelens"]
@@ -43,38 +44,47 @@ def read_saelens(path):
         encoder (as SAELens does when it saves an inference model), so the codes
         and reconstructions are SAELens'.
     """
-    from safetensors.numpy import load_file
-
     path = Path(path)
     cfg_path, w_path = path / CFG_FILE, path / WEIGHTS_FILE
     for p in (cfg_path, w_path):
         if not p.exists():
-            raise ValueError(
+            raise LoadError(
                 f"{p} not found: an SAELens directory holds {CFG_FILE} and {WEIGHTS_FILE}."
             )
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    t = load_file(str(w_path))
+    cfg = read_json(cfg_path)
+    t = read_safetensors(w_path)
     missing = {"W_enc", "W_dec", "b_enc", "b_dec"} - set(t)
     if missing:
-        raise ValueError(f"{w_path} lacks tensors {sorted(missing)}.")
+        raise LoadError(f"{w_path} lacks tensors {sorted(missing)}.")
     W_enc, W_dec = np.asarray(t["W_enc"]), np.asarray(t["W_dec"])
+    if W_enc.ndim != 2 or min(W_enc.shape) < 1:
+        raise LoadError(f"{w_path}: tensor 'W_enc' must be a non-empty 2-D array (d_in, d_sae), "
+                        f"got shape {W_enc.shape}.")
     d_in, d_sae = W_enc.shape
     if W_dec.shape != (d_sae, d_in):
-        raise ValueError(
-            f"W_dec has shape {W_dec.shape}, expected (d_sae, d_in) = {(d_sae, d_in)}."
+        raise LoadError(
+            f"{w_path}: tensor 'W_dec' has shape {W_dec.shape}, expected (d_sae, d_in) = "
+            f"{(d_sae, d_in)} (from W_enc)."
         )
+    for name, value in (("d_in", d_in), ("d_sae", d_sae)):
+        if name in cfg and cfg[name] != value:
+            raise LoadError(f"{cfg_path}: {name!r} is {cfg[name]!r}, but the tensors of "
+                            f"{WEIGHTS_FILE} have {name} = {value}.")
     if cfg.get("normalize_activations", "none") not in ("none", None):
-        raise ValueError(
-            f"{CFG_FILE} normalizes activations ({cfg['normalize_activations']!r}); fold "
+        raise LoadError(
+            f"{cfg_path} normalizes activations ({cfg['normalize_activations']!r}); fold "
             "the normalisation into the weights in SAELens first."
         )
-    variant = encoder_for_saelens(str(cfg.get("architecture", "standard")).lower())
-    params, threshold = variant.from_saelens(cfg, t, d_sae)
-    dt = W_enc.dtype if W_enc.dtype in (np.float32, np.float64) else np.dtype(np.float32)
-    W_enc, W_dec = W_enc.astype(dt), W_dec.astype(dt)
-    b_enc = np.asarray(t["b_enc"], dtype=dt)
-    b_dec = np.asarray(t["b_dec"], dtype=dt)
+    try:
+        variant = encoder_for_saelens(str(cfg.get("architecture", "standard")).lower())
+        params, threshold = variant.from_saelens(cfg, t, d_sae)
+    except (TypeError, ValueError) as exc:
+        raise LoadError(f"{cfg_path}: {exc}") from None
+    raw = check_model_arrays({"W_enc": W_enc.T, "W_dec": W_dec, "b_enc": t["b_enc"],
+                              "b_dec": t["b_dec"]}, w_path,
+                             required=("W_enc", "W_dec", "b_enc", "b_dec"))
+    W_enc, W_dec, b_enc, b_dec = raw["W_enc"].T, raw["W_dec"], raw["b_enc"], raw["b_dec"]
+    dt = W_dec.dtype
     if not cfg.get("apply_b_dec_to_input", True):
         b_enc = b_enc + b_dec @ W_enc
     if cfg.get("rescale_acts_by_decoder_norm", False):
@@ -90,6 +100,8 @@ def read_saelens(path):
         "threshold": (np.zeros(d_sae, dt) if threshold is None
                       else np.asarray(threshold, dtype=dt)),
     }
+    # shapes (b_enc, b_dec, threshold), dtypes and finiteness, naming the file
+    arrays = check_model_arrays(arrays, w_path)
     params = {"n_components": d_sae, "sparsity": variant.name, **params}
     return variant, params, arrays
 

@@ -28,4 +28,6 @@ class TopK(SelectingEncoder):
         k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
         if k is None:
             raise ValueError("cfg.json of a topk SAE has no 'k'.")
+        if isinstance(k, bool) or not float(k).is_integer():
+            raise ValueError(f"'k' must be an integer, got {k!r}.")
         return {"k": int(k)}, None

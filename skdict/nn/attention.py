@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import numpy as np
@@ -74,6 +75,30 @@ def _check_method(method, methods=METHODS):
         raise ValueError(f"method must be one of {methods}, got {method!r}.")
 
 
+def _check_count(value, name, upper=None, what=""):
+    """A count parameter: None, or an integer in ``[1, upper]`` (never clipped)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if value < 1 or (upper is not None and value > upper):
+        bound = f"in [1, {upper}] ({upper} {what})" if upper is not None else ">= 1"
+        raise ValueError(f"{name} must be {bound}, got {value}.")
+
+
+def _check_qkv(query, key, value):
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor) or t.dim() < 2:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a tensor of shape (..., length, dim), got {shape}.")
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(f"query and key must have the same last dimension, got "
+                         f"{query.shape[-1]} and {key.shape[-1]}.")
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(f"key and value must have the same length (dimension -2), got "
+                         f"{key.shape[-2]} and {value.shape[-2]}.")
+
+
 def candidate_weights(vals, method, *, alpha=1.0, lam=None, empty="argmax"):
     """Weights over candidate scores ``vals`` (``-inf`` = padding / masked).
 
@@ -106,7 +131,8 @@ def sparse_weights(scores, method="topk", *, alpha=1.0, k=None, empty="argmax"):
     alpha : float
         Threshold multiplier for ``"threshold"``.
     k : int or None
-        Budget: at most ``k`` non-zeros per row.
+        Budget: at most ``k`` non-zeros per row, ``1 <= k <= S`` (out-of-range
+        values raise ``ValueError``; nothing is clipped).
     empty : {"argmax", "zero"}
         What ``"threshold"`` does with a row where nothing passes the threshold.
 
@@ -117,6 +143,7 @@ def sparse_weights(scores, method="topk", *, alpha=1.0, k=None, empty="argmax"):
     """
     _check_method(method)
     n = scores.shape[-1]
+    _check_count(k, "k", n, "keys (the last dimension of scores)")
     lam = adaptive_lambda(scores, alpha) if method == "threshold" else None
     if k is None or k >= n:
         return candidate_weights(scores, method, alpha=alpha, lam=lam, empty=empty)
@@ -226,6 +253,8 @@ def sparse_attention(
         allowed keys), ``sparsity`` (``1 - density``), ``budget`` (k or None).
     """
     _check_method(method, ATTENTION_METHODS)
+    _check_qkv(query, key, value)
+    _check_count(chunk_size, "chunk_size")
     L, E = query.shape[-2], query.shape[-1]
     S = key.shape[-2]
     if scale is None:
@@ -233,6 +262,8 @@ def sparse_attention(
     k = budget_size(S, keep_ratio, max_tokens)
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         attn_mask = attn_mask.to(query.dtype)
+    if attn_mask is not None and attn_mask.dim() == 1:
+        attn_mask = attn_mask[None, :]  # one mask over the keys, for every query (as SDPA)
     if int(block_size) < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}.")
     candidates = _preselect_size(method, k, S, preselect)
@@ -242,7 +273,7 @@ def sparse_attention(
             scale=scale, method=method, alpha=alpha, empty=empty, candidates=candidates,
             chunk_size=chunk_size, need_weights=need_weights,
         )
-    batch_numel = max(1, query[..., 0, 0].numel())
+    batch_numel = max(1, math.prod(query.shape[:-2]))
     if chunk_size is None:
         chunk_size = max(1, (16 * 2**20) // max(1, batch_numel * S))
     kT = key.transpose(-2, -1)
@@ -275,7 +306,12 @@ def sparse_attention(
             allowed_sum += torch.isfinite(s).sum().double().cpu()
         if need_weights:
             weights.append(w)
-    out = torch.cat(outs, dim=-2)
+    if not outs:  # no queries: an empty output of the right shape
+        out = query.new_zeros((*torch.broadcast_shapes(query.shape[:-2], value.shape[:-2]), 0,
+                               value.shape[-1]))
+        weights = [out.new_zeros((*out.shape[:-1], S))]
+    else:
+        out = torch.cat(outs, dim=-2)
     n_rows = max(1, out[..., 0].numel())
     density = float(nnz_sum / allowed_sum) if float(allowed_sum) > 0 else 0.0
     info = {
@@ -367,6 +403,8 @@ class SparseAttention(nn.Module):
         _check_method(method, ATTENTION_METHODS)
         if int(block_size) < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}.")
+        _check_count(embed_dim, "embed_dim")
+        _check_count(num_heads, "num_heads")
         if embed_dim % num_heads != 0:
             raise ValueError(
                 f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}."
@@ -447,6 +485,26 @@ class SparseAttention(nn.Module):
             key = query
         if value is None:
             value = key
+        if query.dim() == 2:  # unbatched (L, E), as nn.MultiheadAttention accepts
+            if key.dim() != 2 or value.dim() != 2:
+                raise ValueError("an unbatched (2-D) query needs 2-D key and value.")
+            kpm = None if key_padding_mask is None else key_padding_mask[None]
+            out, info = self.forward(
+                query[:, None] if not self.batch_first else query[None],
+                key[:, None] if not self.batch_first else key[None],
+                value[:, None] if not self.batch_first else value[None],
+                key_padding_mask=kpm, need_weights=need_weights, attn_mask=attn_mask,
+                is_causal=is_causal,
+            )
+            if need_weights:
+                info["weights"] = info["weights"][0]
+            return (out[:, 0] if not self.batch_first else out[0]), info
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if t.dim() != 3 or t.shape[-1] != self.embed_dim:
+                raise ValueError(
+                    f"{name} must have shape (batch, length, {self.embed_dim}) "
+                    f"(or (length, {self.embed_dim}) unbatched), got {tuple(t.shape)}."
+                )
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         B, L, E = query.shape

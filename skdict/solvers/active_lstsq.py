@@ -64,6 +64,11 @@ def _spd_solve(G, c, ridge):
         if bool((info2 != 0).any()):
             out = torch.cholesky_solve(c[..., None], L)[..., 0]
             rows = bad.nonzero(as_tuple=True)[0][info2 != 0]
+            # non-finite systems stay NaN for the caller to report: LAPACK's
+            # least squares fails on them with an internal assertion
+            finite = torch.isfinite(G[rows]).flatten(1).all(1) & torch.isfinite(c[rows]).all(1)
+            out[rows[~finite]] = float("nan")
+            rows = rows[finite]
             out[rows] = torch.linalg.lstsq(
                 G[rows].double(), c[rows, :, None].double()
             ).solution[..., 0].to(G.dtype)

@@ -88,6 +88,13 @@ def lca(
         u = u + du
         a = pen.prox(u, 1.0)
         if it % check_every == 0 or it == max_iter:
+            if not bool(torch.isfinite(u).all()):
+                raise ValueError(
+                    f"LCA diverged (non-finite potentials after {it} iterations) with "
+                    f"tau={float(tau):.3g}: the dynamics are stable only for tau above half "
+                    f"the largest eigenvalue of the Gram matrix ({float(op.lipschitz()):.3g}); "
+                    "use tau=None (that eigenvalue) or a larger tau."
+                )
             if use_gap:
                 primal, gap = lasso_duality_gap(a, c, op.normal(a), xnorm2[ia], alpha, positive)
                 crit = gap / primal.clamp_min(1e-300)

@@ -137,6 +137,12 @@ class CollapsedLearner:
         refresh_atoms(D, state.stats, touched,
                       preconditioner="gershgorin" if est.positive_code else "jacobi")
         update_since_used(state.since_used, used, Xb.shape[0])
+        if not bool(torch.isfinite(D).all()):
+            raise ValueError(
+                "The dictionary became non-finite: the statistics of X overflowed "
+                f"float32 (the largest |X| of this batch is {float(Xb.abs().max()):.3g}); "
+                "divide X by a constant (e.g. its largest absolute value) before fitting."
+            )
         dead = dead_atoms(state.since_used, est._window())
         state.n_resampled += int(resample_dead_atoms(
             D, dead, R, generator=state.generator, stats=state.stats,

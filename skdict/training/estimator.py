@@ -94,6 +94,10 @@ class TrainedEstimatorMixin:
             return self._run(X, first=first, single_pass=single_pass, y=y)
 
     def _run(self, X, *, first, single_pass, y=None):
+        if not first:
+            # scikit-learn's _fit_context validates partial_fit only until the model
+            # is fitted; set_params between calls must not slip through
+            self._validate_params()
         self._check_params()
         if not first:
             self._check_resumable()

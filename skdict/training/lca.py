@@ -130,7 +130,9 @@ class LCALearner:
                                           stats=OnlineStats(state.A, state.B),
                                           since_used=state.since_used)
                 state.n_resampled += int(idx.numel())
-        return {"loss": loss, "n_iter": float(res.n_iter)}
+        # fit_max_iter caps inference by design (inexact codes still improve the
+        # dictionary); whether each minibatch's inference met inference_tol is recorded
+        return {"loss": loss, "n_iter": float(res.n_iter), "converged": float(res.converged)}
 
     # ------------------------------------------------ distributed (statistics)
     def broadcast(self, state):
@@ -138,7 +140,7 @@ class LCALearner:
 
     def statistics_fn(self):
         est = self.est
-        coding = dict(algorithm=est.fit_algorithm, alpha=est.alpha, positive=est.positive_code,
+        coding = dict(algorithm=est._fit_algorithm, alpha=est.alpha, positive=est.positive_code,
                       max_iter=est.fit_max_iter, tol=est.inference_tol, tau=est.tau,
                       threshold=est.threshold, objective=est.threshold == "soft")
         return partial(lca_block_statistics, coding=coding, threshold=est.threshold,

@@ -63,17 +63,24 @@ def statistics_update(A, B, codes, X, beta):
     return statistics_update_torch(A, B, codes, X, beta)
 
 
+def _relative_eps(A, eps):
+    """``eps`` times the largest ``A_jj`` (the smallest positive float when A is zero)."""
+    top = float(A.diagonal().max()) if A.numel() else 0.0
+    return max(float(eps) * top, torch.finfo(A.dtype).tiny)
+
+
 def bcd_update_torch(D, A, B, n_passes=1, eps=1e-10):
     """Block-coordinate descent on the atoms, in place (torch loop over atoms).
 
-    For each atom ``j`` with ``A_jj > eps``, in order:
+    For each atom ``j`` with ``A_jj > eps * max(A_kk)`` (relative: the
+    statistics scale with the square of the codes), in order:
     ``d_j <- d_j + (B_j - A_j D) / A_jj``, then ``d_j`` is rescaled to unit norm
     (left as is when the update vanishes). Atoms never used (``A_jj <= eps``) are
     left for dead-atom resampling. The sweep is sequential: each update sees the
     atoms updated before it.
     """
     diag = A.diagonal().clone()
-    active = (diag > eps).nonzero().squeeze(1).tolist()
+    active = (diag > _relative_eps(A, eps)).nonzero().squeeze(1).tolist()
     for _ in range(int(n_passes)):
         for j in active:
             d = D[j] + (B[j] - A[j] @ D) / diag[j]
@@ -90,6 +97,6 @@ def bcd_update(D, A, B, n_passes=1, eps=1e-10):
         from ._kernels.bcd import bcd_sweep
 
         bcd_sweep(D.numpy(), A.contiguous().numpy(), B.contiguous().numpy(), int(n_passes),
-                  float(eps))
+                  _relative_eps(A, eps))
         return D
     return bcd_update_torch(D, A, B, n_passes, eps)
