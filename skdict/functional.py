@@ -406,7 +406,7 @@ class BlockEncoder:
 
 
 # fitted state that per-block work never reads: training statistics, history
-_TRAINING_ONLY = ("_train_state", "_resume", "history_", "loss_curve_", "callbacks")
+_TRAINING_ONLY = ("_train_state", "_resume", "history_", "loss_curve_")
 
 
 class BlockTransformer:
@@ -429,6 +429,8 @@ class BlockTransformer:
         est = copy.copy(estimator)
         for attr in _TRAINING_ONLY:
             est.__dict__.pop(attr, None)
+        if "callbacks" in est.__dict__:  # a parameter (validated per call), never pickled
+            est.callbacks = None
         self.estimator = est
         self._cache = {}
 
