@@ -82,7 +82,7 @@ def _check_per_level(value, n_levels, name, *, positive=True):
         if np.ndim(value) != 1 or len(vals) != n_levels:
             raise ValueError(
                 f"{name} must be a scalar or have one value per level ({n_levels}, the "
-                f"length of n_components); got {np.asarray(value).shape[0] if np.ndim(value) else value!r} values."
+                f"length of n_components); got {np.asarray(value).shape} values."
             )
     for v in vals:
         if not math.isfinite(v) or (positive and v <= 0):
