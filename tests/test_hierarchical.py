@@ -396,3 +396,17 @@ def test_exact_solver_keeps_the_callers_torch_threads():
     bottom_up_inference(X, [D], [0.1], [1.0])
     assert torch.get_num_threads() == 1
 
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("inference", ["joint", "bottom_up"])
+def test_cuda_matches_cpu(fitted, inference):
+    est, X = fitted
+    cpu = est.set_params(inference=inference, device="cpu").free_energy(X, per_level=True)
+    gpu = est.set_params(device="cuda").free_energy(X, per_level=True)
+    est.set_params(inference="joint", device="cpu")
+    np.testing.assert_allclose(gpu, cpu, rtol=1e-6, atol=1e-8)
+    model = HierarchicalSparseCoding.from_estimator(est).to("cuda")
+    x = torch.as_tensor(X, device="cuda")
+    F = model.free_energy(x, per_level=True).detach().cpu().numpy()
+    np.testing.assert_allclose(F, est.free_energy(X, per_level=True), rtol=1e-6, atol=1e-8)

@@ -57,7 +57,7 @@ class HierarchicalSparseCoding(nn.Module):
     positive : bool, default=False
     max_iter : int, default=1000
         Iterations of joint inference.
-    tol : float, default=1e-5
+    tol : float, default=1e-4
         Relative duality gap at which joint inference stops.
     n_unroll : int, default=50
         Steps of ``encode(..., differentiable=True)``.
@@ -82,7 +82,7 @@ class HierarchicalSparseCoding(nn.Module):
     """
 
     def __init__(self, n_features, n_components, *, alpha=1.0, sigma=1.0, learn_sigma=False,
-                 inference="joint", positive=False, max_iter=1000, tol=1e-5, n_unroll=50,
+                 inference="joint", positive=False, max_iter=1000, tol=1e-4, n_unroll=50,
                  device=None, dtype=None, generator=None):
         super().__init__()
         sizes = [int(k) for k in np.atleast_1d(n_components)]

@@ -236,7 +236,7 @@ def unrolled_inference(X, dicts, alpha, precisions, *, n_iter=50, positive=False
     return x
 
 
-def joint_inference(X, dicts, alpha, precisions, *, positive=False, max_iter=1000, tol=1e-5,
+def joint_inference(X, dicts, alpha, precisions, *, positive=False, max_iter=1000, tol=1e-4,
                     init="bottom_up", lipschitz=None, check_every=10, ops=None):
     """Minimise ``F`` over the codes of all levels at once.
 

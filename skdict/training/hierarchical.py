@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 import torch
 
 from .._backend import torch_dtype
-from ..operators import DenseOperator
 from ..solvers.hierarchical import (
     bottom_up_inference,
     free_energy_terms,
