@@ -213,7 +213,7 @@ def run_encode(args):
 def run_sweep(args, D):
     """skdict exact vs SPAMS lasso over support sizes (alpha) and row counts."""
     spams, why = import_spams()
-    print(f"\n## Sweep: exact encode vs SPAMS over alpha (mean support) and rows")
+    print("\n## Sweep: exact encode vs SPAMS over alpha (mean support) and rows")
     if spams is None:
         print(why)
         return
