@@ -387,7 +387,7 @@ def main(argv=None):
     p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--sweep", action="store_true",
                    help="the alpha x rows sweep against SPAMS (skips the main table)")
-    p.add_argument("--sweep-alphas", type=float, nargs="+", default=[0.3, 0.2, 0.1, 0.05, 0.03],
+    p.add_argument("--sweep-alphas", type=float, nargs="+", default=[0.3, 0.1, 0.05, 0.01, 0.003],
                    help="alphas of the sweep (mean supports ~5 to ~50 on 8x8 patches)")
     p.add_argument("--sweep-rows", type=int, nargs="+", default=[1000, 10000, 100000],
                    help="row counts of the sweep (1000000 for the full target)")
