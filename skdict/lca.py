@@ -24,8 +24,9 @@ class LCASparseCoder(TrainedEstimatorMixin, BaseSparseCoder):
 
     ``fit`` alternates, over minibatches, inference of the codes (by default the
     exact lasso codes of the homotopy solver; ``fit_algorithm="lca"`` runs the
-    Locally Competitive Algorithm of Rozell et al. 2008) with a dictionary update: the online block-coordinate update of
-    Mairal et al. (2010) on the sufficient statistics ``A = sum a^T a``,
+    Locally Competitive Algorithm of Rozell et al. 2008) with a dictionary
+    update: the online block-coordinate update of Mairal et al. (2010) on the
+    sufficient statistics ``A = sum a^T a``,
     ``B = sum a^T x`` (``dict_update="online"``, default), or the Hebbian
     gradient step of Olshausen & Field (1996) (``dict_update="sgd"``). Atoms are
     kept at unit norm and atoms unused for ``dead_window`` rows are
