@@ -72,3 +72,19 @@ INSTANCES += [
     KSparseAutoencoder(n_components=8, k=1, sparsity="lifetime", n_steps=3, batch_size=16,
                        random_state=0, device="cpu"),
 ]
+
+# ------------------------------------------------ ConvSparseCoder, ConvDictionaryLearning
+# image_shape=None: each row is a 1-D signal of the data's width (the checks use
+# several widths, down to 2); 2-tap filters fit all but the 1-feature data, which is refused.
+import numpy as _np  # noqa: E402
+
+from skdict import ConvDictionaryLearning, ConvSparseCoder  # noqa: E402
+
+INSTANCES += [
+    ConvSparseCoder(_np.random.default_rng(0).standard_normal((2, 2)), alpha=0.1,
+                    device="cpu"),
+    ConvSparseCoder(_np.random.default_rng(0).standard_normal((2, 2)), alpha=0.1,
+                    algorithm="fista", boundary="zero", device="cpu"),
+    ConvDictionaryLearning(2, (2,), alpha=0.1, max_iter=2, fit_max_iter=20,
+                           transform_max_iter=50, random_state=0, device="cpu"),
+]

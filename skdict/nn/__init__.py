@@ -8,10 +8,13 @@ from .attention import (
     sparse_attention,
     sparse_weights,
 )
+from .conv import ConvSparseCoding, conv_sparse_coding
 
 __all__ = [
+    "ConvSparseCoding",
     "HierarchicalSelection",
     "SparseAttention",
+    "conv_sparse_coding",
     "hierarchical_select",
     "mean_pool_levels",
     "sparse_attention",
