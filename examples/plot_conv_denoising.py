@@ -61,7 +61,7 @@ conv_denoised = low + coder.fit(high).inverse_transform(coder.transform(high)).r
 # %%
 # Patch-based denoising: a dictionary of 8x8 patches learned on the other
 # image, every overlapping patch of the noisy image coded, patches averaged.
-P = extract_patches_2d(hp_flower, (8, 8), max_patches=20000, random_state=0).reshape(-1, 64)
+P = extract_patches_2d(hp_flower, (8, 8), max_patches=10000, random_state=0).reshape(-1, 64)
 patch_dl = LCASparseCoder(n_components=96, alpha=0.05, fit_algorithm="exact", max_iter=2,
                           random_state=0, device="cpu").fit(P)
 patches = extract_patches_2d(noisy - low, (8, 8)).reshape(-1, 64)

@@ -82,9 +82,10 @@ from skdict import ConvDictionaryLearning, ConvSparseCoder  # noqa: E402
 
 INSTANCES += [
     ConvSparseCoder(_np.random.default_rng(0).standard_normal((2, 2)), alpha=0.1,
-                    device="cpu"),
+                    transform_max_iter=50, device="cpu"),
     ConvSparseCoder(_np.random.default_rng(0).standard_normal((2, 2)), alpha=0.1,
-                    algorithm="fista", boundary="zero", device="cpu"),
-    ConvDictionaryLearning(2, (2,), alpha=0.1, max_iter=2, fit_max_iter=20,
-                           transform_max_iter=50, random_state=0, device="cpu"),
+                    algorithm="fista", boundary="zero", transform_max_iter=50, device="cpu"),
+    ConvDictionaryLearning(2, (2,), alpha=0.1, max_iter=2, fit_max_iter=10,
+                           dict_update_iter=3, transform_max_iter=30, random_state=0,
+                           device="cpu"),
 ]
