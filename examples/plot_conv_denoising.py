@@ -75,7 +75,7 @@ results = {"noisy": noisy, "convolutional": conv_denoised, "patch SparseCoder": 
 for name, img in results.items():
     print(f"{name:>18}: PSNR {psnr(img):.2f} dB")
 fig, axes = plt.subplots(1, 4, figsize=(12, 3.4))
-for a, (name, img) in zip(axes, [("clean", clean), *results.items()]):
+for a, (name, img) in zip(axes, [("clean", clean), *results.items()], strict=True):
     a.imshow(np.clip(img, 0, 1), cmap="gray", vmin=0, vmax=1)
     a.set_title(name if name == "clean" else f"{name}\n{psnr(img):.2f} dB", fontsize=9)
     a.axis("off")

@@ -52,7 +52,8 @@ recon = cdl.inverse_transform(codes)
 density = codes.nnz / codes.shape[1]
 fig, axes = plt.subplots(1, 2, figsize=(6, 3))
 for a, img, t in zip(axes, [X_test[0], recon[0]],
-                     ["held-out crop (high-passed)", f"reconstruction ({density:.1%} non-zero)"]):
+                     ["held-out crop (high-passed)", f"reconstruction ({density:.1%} non-zero)"],
+                     strict=True):
     a.imshow(img.reshape(size, size), cmap="gray")
     a.set_title(t, fontsize=9)
     a.axis("off")

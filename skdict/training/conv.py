@@ -13,7 +13,13 @@ import torch
 from .._backend import torch_dtype
 from ..functional import encode_block
 from ..operators import ConvOperator
-from ..updates import dead_atoms, forgetting_factor, init_atoms, resample_dead_atoms, update_since_used
+from ..updates import (
+    dead_atoms,
+    forgetting_factor,
+    init_atoms,
+    resample_dead_atoms,
+    update_since_used,
+)
 from ..updates.conv import ConvStats, conv_filter_update, conv_statistics_update
 from .state import TrainState
 
