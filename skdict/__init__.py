@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from .autoencoder import KSparseAutoencoder  # noqa: E402
 from .coding import SparseCoder  # noqa: E402
+from .conv import ConvDictionaryLearning, ConvSparseCoder  # noqa: E402
 from .functional import sparse_encode  # noqa: E402
 from .hierarchical import HierarchicalSparseCoder  # noqa: E402
 from .large import CollapsedDictionaryLearner  # noqa: E402
@@ -13,6 +14,8 @@ from .selection import SparseTokenSelector  # noqa: E402
 
 __all__ = [
     "CollapsedDictionaryLearner",
+    "ConvDictionaryLearning",
+    "ConvSparseCoder",
     "HierarchicalSparseCoder",
     "KSparseAutoencoder",
     "LCASparseCoder",

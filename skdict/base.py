@@ -213,12 +213,37 @@ class SparseCodingMixin(ClassNamePrefixFeaturesOutMixin, TransformerMixin):
         X_hat : ndarray of shape (n_samples, n_features)
         """
         self._check_ready()
-        n_codes = self._n_codes()
-        name = type(self).__name__
         if is_dask(X):
             from .distributed.dask import inverse_transform_blocks
 
             return inverse_transform_blocks(self, X)
+        X, dtype = self._check_codes(X)
+        device = self._device()
+        D, offset = self._decoder(device, dtype)
+        n = X.shape[0]
+        out = np.empty((n, D.shape[1]), dtype=dtype)
+        bs = self._batch_size_for(self._n_codes(), dtype)
+        tdtype = torch_dtype(dtype)
+        for start in range(0, n, bs):
+            stop = min(n, start + bs)
+            if sp.issparse(X):
+                blk = X[start:stop]
+                crow = torch.from_numpy(blk.indptr.astype(np.int64)).to(device)
+                col = torch.from_numpy(blk.indices.astype(np.int64)).to(device)
+                val = torch.from_numpy(blk.data.astype(dtype, copy=False)).to(device)
+                Xh = sparse_decode(crow, col, val, D)
+            else:
+                Xh = _dense_block(X, start, stop, device, tdtype) @ D
+            if offset is not None:
+                Xh = Xh + offset
+            out[start:stop] = Xh.cpu().numpy()
+        return out
+
+    def _check_codes(self, X):
+        """Validated codes for ``inverse_transform`` (CSR, ndarray or dense torch)
+        and the numpy dtype to decode in."""
+        n_codes = self._n_codes()
+        name = type(self).__name__
         if _is_torch(X):
             X = X.detach()
             if X.is_sparse or X.layout != torch.strided:
@@ -254,32 +279,7 @@ class SparseCodingMixin(ClassNamePrefixFeaturesOutMixin, TransformerMixin):
                 raise ValueError("codes contain NaN or infinity.")
         elif not np.all(np.isfinite(X)):
             raise ValueError("codes contain NaN or infinity.")
-        device = self._device()
-        D, offset = self._decoder(device, dtype)
-        n = X.shape[0]
-        out = np.empty((n, D.shape[1]), dtype=dtype)
-        bs = self._batch_size_for(n_codes, dtype)
-        tdtype = torch_dtype(dtype)
-        for start in range(0, n, bs):
-            stop = min(n, start + bs)
-            if sp.issparse(X):
-                blk = X[start:stop]
-                crow = torch.from_numpy(blk.indptr.astype(np.int64)).to(device)
-                col = torch.from_numpy(blk.indices.astype(np.int64)).to(device)
-                val = torch.from_numpy(blk.data.astype(dtype, copy=False)).to(device)
-                Xh = sparse_decode(crow, col, val, D)
-            else:
-                if _is_torch(X):
-                    A = X[start:stop].to(device=device, dtype=tdtype)
-                else:
-                    A = torch.from_numpy(np.ascontiguousarray(X[start:stop], dtype=dtype)).to(
-                        device
-                    )
-                Xh = A @ D
-            if offset is not None:
-                Xh = Xh + offset
-            out[start:stop] = Xh.cpu().numpy()
-        return out
+        return X, dtype
 
     # ---------------------------------------------------------------- output
     def set_output(self, *, transform=None):
@@ -314,6 +314,14 @@ def _report(state, estimator):
     report = getattr(state, "report", None)
     if report is not None:
         report(type(estimator).__name__)
+
+
+def _dense_block(X, start, stop, device, tdtype):
+    """Rows ``start:stop`` of dense codes (ndarray or torch) as a tensor."""
+    if _is_torch(X):
+        return X[start:stop].to(device=device, dtype=tdtype)
+    return torch.from_numpy(np.ascontiguousarray(X[start:stop])).to(device=device,
+                                                                     dtype=tdtype)
 
 
 def lasso_information_criterion(shape, nnz, rss, n_components, criterion="ebic"):

@@ -70,7 +70,10 @@ def plot_dictionary(
     ----------
     components : array-like of shape (n_components, n_features)
         The atoms, one per row (``estimator.components_``); numpy, torch or scipy
-        sparse.
+        sparse. Convolutional filters (``ConvDictionaryLearning.components_``)
+        of shape ``(n_filters, kh, kw)`` or ``(n_filters, C, kh, kw)`` are shown
+        as they are (3 channels as colour, other channel counts side by side);
+        ``patch_shape`` is then ignored.
     patch_shape : tuple of int, optional
         Image shape of one atom, ``prod(patch_shape) == n_features``. Inferred as
         ``(p, p)`` when ``n_features`` is a perfect square ``p ** 2``.
@@ -108,6 +111,18 @@ def plot_dictionary(
     D = _as_numpy(components)
     if sp.issparse(D):
         D = D.toarray()
+    rgb = False
+    if D.ndim == 4 and D.shape[1] == 1:  # single-channel convolutional filters
+        D = D[:, 0]
+    if D.ndim == 4:  # (n_filters, C, kh, kw): RGB for 3 channels, else side by side
+        rgb = D.shape[1] == 3
+        D = D.transpose(0, 2, 3, 1) if rgb else D.transpose(0, 2, 1, 3).reshape(
+            D.shape[0], D.shape[2], -1)
+        patch_shape = D.shape[1:]
+        D = D.reshape(D.shape[0], -1)
+    elif D.ndim == 3:  # (n_filters, kh, kw) convolutional filters
+        patch_shape = D.shape[1:]
+        D = D.reshape(D.shape[0], -1)
     if D.ndim == 1:
         D = D[None, :]
     if D.ndim != 2 or D.shape[0] == 0:
@@ -129,7 +144,7 @@ def plot_dictionary(
             )
         patch_shape = (side, side)
     patch_shape = tuple(int(s) for s in patch_shape)
-    if math.prod(patch_shape) != n_features or len(patch_shape) != 2:
+    if math.prod(patch_shape) != n_features or len(patch_shape) != 2 + rgb:
         raise ValueError(
             f"patch_shape={patch_shape} does not match n_features={n_features}: "
             "need a (height, width) pair with height * width == n_features."
@@ -157,7 +172,11 @@ def plot_dictionary(
         a = fig.add_subplot(grid[i // n_cols, i % n_cols])
         img = D[i].reshape(patch_shape)
         kw = {}
-        if normalize == "per_atom":
+        if rgb:  # zero is mid-grey, as for one channel
+            m = (float(np.abs(img).max()) if normalize == "per_atom" else gmax) or 1.0
+            img = np.clip(0.5 + 0.5 * img / m, 0, 1) if normalize else (
+                (img - img.min()) / ((img.max() - img.min()) or 1.0))
+        elif normalize == "per_atom":
             m = float(np.abs(img).max()) or 1.0
             kw = {"vmin": -m, "vmax": m}
         elif normalize == "global":

@@ -96,3 +96,20 @@ INSTANCES += [
                             learn_sigma=True, positive_code=True, dict_update="sgd",
                             n_steps=3, batch_size=16, random_state=0, device="cpu"),
 ]
+
+# ------------------------------------------------ ConvSparseCoder, ConvDictionaryLearning
+# image_shape=None: each row is a 1-D signal of the data's width (the checks use
+# several widths, down to 2); 2-tap filters fit all but the 1-feature data, which is refused.
+import numpy as _np  # noqa: E402
+
+from skdict import ConvDictionaryLearning, ConvSparseCoder  # noqa: E402
+
+INSTANCES += [
+    ConvSparseCoder(_np.random.default_rng(0).standard_normal((2, 2)), alpha=0.1,
+                    transform_max_iter=50, device="cpu"),
+    ConvSparseCoder(_np.random.default_rng(0).standard_normal((2, 2)), alpha=0.1,
+                    algorithm="fista", boundary="zero", transform_max_iter=50, device="cpu"),
+    ConvDictionaryLearning(2, (2,), alpha=0.1, max_iter=2, fit_max_iter=10,
+                           dict_update_iter=3, transform_max_iter=30, random_state=0,
+                           device="cpu"),
+]

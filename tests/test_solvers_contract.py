@@ -53,10 +53,10 @@ def test_registry_lists_every_builtin_with_its_needs():
     assert set(ALL) >= {"exact", "fista", "ista", "lca", "omp"}
     assert get_solver("exact").requires == ("gram",) and get_solver("exact").kind == "exact"
     assert get_solver("omp").requires == ("gram",) and get_solver("omp").problem == "l0"
-    for name in ("fista", "ista", "lca"):
+    for name in ("admm", "fista", "ista", "lca"):
         assert get_solver(name).requires == ("operator",)
         assert get_solver(name).kind == "iterative"
-    assert set(solver_names(requires="operator")) == {"fista", "ista", "lca"}
+    assert set(solver_names(requires="operator")) == {"admm", "fista", "ista", "lca"}
     with pytest.raises(ValueError, match="Unknown algorithm 'nope'; use one of"):
         get_solver("nope")
     with pytest.raises(ValueError, match="already registered"):

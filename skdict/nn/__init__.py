@@ -8,11 +8,13 @@ from .attention import (
     sparse_attention,
     sparse_weights,
 )
+from .conv import ConvSparseCoding, conv_sparse_coding
 from .hierarchical import HierarchicalSparseCoding
 from .lca import LCALayer, LCAOutput
 from .lista import LISTA, alista_weight
 
 __all__ = [
+    "ConvSparseCoding",
     "HierarchicalSelection",
     "HierarchicalSparseCoding",
     "LCALayer",
@@ -20,6 +22,7 @@ __all__ = [
     "LISTA",
     "SparseAttention",
     "alista_weight",
+    "conv_sparse_coding",
     "hierarchical_select",
     "mean_pool_levels",
     "sparse_attention",

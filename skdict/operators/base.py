@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["Operator", "power_iteration"]
+__all__ = ["Operator", "conjugate_gradient", "power_iteration"]
 
 
 def power_iteration(G, n_iter: int = 100, tol: float = 1e-6, generator=None, *, size=None,
@@ -67,6 +67,50 @@ def power_iteration(G, n_iter: int = 100, tol: float = 1e-6, generator=None, *, 
     return 1.01 * lam if lam > 0 else 1.0
 
 
+def conjugate_gradient(apply, B, rho, *, x0=None, precondition=None, tol=None, max_iter=200):
+    """Solve ``apply(x, rho) = B`` row by row for a symmetric positive definite
+    map (``normal + rho I``), by (preconditioned) conjugate gradients.
+
+    ``rho`` is a float or one value per row; ``apply(V, rho)`` and
+    ``precondition(V, rho)`` act on ``(n, K)`` rows. Each row has its own step
+    sizes and stops on its own relative residual (``tol``: ``1e3 * eps`` of the
+    dtype by default), so rows do not depend on each other.
+    """
+    if tol is None:
+        tol = 1e3 * torch.finfo(B.dtype).eps
+    rho = torch.as_tensor(rho, dtype=B.dtype, device=B.device)
+    rho = rho.reshape(-1, 1) if rho.ndim else rho.expand(B.shape[0]).reshape(-1, 1)
+    X = torch.zeros_like(B) if x0 is None else x0.clone()
+    R = B - apply(X, rho) if x0 is not None else B.clone()
+    bnorm = B.norm(dim=1).clamp_min(torch.finfo(B.dtype).tiny)
+    ia = torch.arange(B.shape[0], device=B.device)
+    keep = R.norm(dim=1) > tol * bnorm
+    ia, r, x, rh = ia[keep], R[keep], X[keep], rho[keep]
+    if ia.numel() == 0:
+        return X
+    z = precondition(r, rh) if precondition is not None else r
+    p = z.clone()
+    rz = (r * z).sum(1, keepdim=True)
+    for _ in range(max_iter):
+        q = apply(p, rh)
+        step = rz / (p * q).sum(1, keepdim=True).clamp_min(torch.finfo(B.dtype).tiny)
+        x = x + step * p
+        r = r - step * q
+        done = r.norm(dim=1) <= tol * bnorm[ia]
+        if bool(done.any()):
+            X[ia[done]] = x[done]
+            keep = ~done
+            ia, r, x, p, rz, rh = ia[keep], r[keep], x[keep], p[keep], rz[keep], rh[keep]
+            if ia.numel() == 0:
+                return X
+        z = precondition(r, rh) if precondition is not None else r
+        rz_new = (r * z).sum(1, keepdim=True)
+        p = z + (rz_new / rz.clamp_min(torch.finfo(B.dtype).tiny)) * p
+        rz = rz_new
+    X[ia] = x
+    return X
+
+
 class Operator:
     """Base class of dictionary operators (see the module docstring).
 
@@ -102,6 +146,12 @@ class Operator:
     def gram64(self) -> torch.Tensor:
         """The Gram matrix in float64 (face solves of the exact solver)."""
         return self.gram().to(torch.float64)
+
+    def solve_normal(self, B, rho, x0=None):
+        """``(normal + rho I)^{-1} B`` per row (``rho``: a float or one value per
+        row), the linear solve of ADMM; conjugate gradients unless the operator
+        has a direct method."""
+        return conjugate_gradient(lambda v, r: self.normal(v) + r * v, B, rho, x0=x0)
 
     def lipschitz(self) -> float:
         """Largest eigenvalue of ``normal`` (x 1.01), cached after the first call."""

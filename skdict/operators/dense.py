@@ -42,6 +42,17 @@ class GramOperator(Operator):
             self._G64 = G if G.dtype == torch.float64 else G.to(torch.float64)
         return self._G64
 
+    def solve_normal(self, B, rho, x0=None):
+        """``(G + rho I)^{-1} B`` per row, from the eigendecomposition of ``G``
+        (computed once): one ``rho`` per row costs no new factorisation."""
+        eig = getattr(self, "_eigh", None)
+        if eig is None:
+            eig = self._eigh = torch.linalg.eigh(self.gram64())
+        lam, V = (t.to(B.dtype) for t in eig)
+        rho = torch.as_tensor(rho, dtype=B.dtype, device=B.device)
+        rho = rho.reshape(-1, 1) if rho.ndim else rho
+        return ((B @ V) / (lam + rho)) @ V.T
+
     def lipschitz(self):
         if self._lipschitz is None:
             G = self.gram()

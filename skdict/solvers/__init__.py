@@ -14,6 +14,7 @@ from ..operators import power_iteration
 from ..penalties import hard_threshold, soft_threshold, threshold, topk_threshold
 from ._result import SolverResult
 from .active_set import lasso_active_set
+from .admm import admm
 from .decode import dense_decode, sparse_decode, topk_decode
 from .exact import lasso_exact, lasso_exact_compact
 from .fista import fista
@@ -25,6 +26,7 @@ from .registry import get_solver, register, solver_names
 
 __all__ = [
     "SolverResult",
+    "admm",
     "dense_decode",
     "fista",
     "get_solver",
