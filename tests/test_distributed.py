@@ -30,7 +30,7 @@ def client():
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = ROOT + (os.pathsep + old if old else "")
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                       dashboard_address=None)
+                                       dashboard_address=":0")
     c = distributed.Client(cluster)
     c.run(lambda: __import__("skdict.lca"))  # warm the workers once
     try:
@@ -70,6 +70,9 @@ def test_transform_is_lazy_blockwise_and_equals_in_memory(client, planted):
     with distributed.get_task_stream(client) as ts:
         codes = est.transform(Xd)
     assert ts.data == []  # nothing ran: lazy until computed
+    # the fitted twin was sent once to each worker, not embedded in every task
+    held = [w for k, w in client.who_has().items() if str(k).startswith("BlockTransformer")]
+    assert len(held) == 1 and len(held[0]) == 2
     assert isinstance(codes, da.Array)
     assert sp.issparse(codes._meta) and codes._meta.format == "csr"
     assert codes.chunks == (Xd.chunks[0], (24,))
