@@ -219,6 +219,11 @@ def _rank_main(rank, world, port, X, out):
             res[sparsity] = (est.components_, est.decoder_bias_, est.threshold_, est.loss_curve_,
                              est.tokens_since_fired_)
             est.save(os.path.join(out, f"{sparsity}-rank{rank}"))
+        # 9 rows, global batches of 4: rank 1's shard runs out first and it takes
+        # part in the last step with no rows
+        small = dict(_sae_params("batchtopk"), n_components=8, k=2, batch_size=4)
+        est = KSparseAutoencoder(**small).fit(X[:9][rank::world])
+        res["small"] = (est.components_, est.loss_curve_)
         try:  # a rank with no rows: a clear error on every rank, no hang
             KSparseAutoencoder(**_sae_params("topk")).fit(X[:0] if rank == 1 else X)
         except ValueError as e:
@@ -259,7 +264,11 @@ def test_two_gloo_ranks_reproduce_the_single_process_fit(tmp_path, planted):
             np.testing.assert_array_equal(tsf, ref.tokens_since_fired_)
         assert (tmp_path / f"{sparsity}-rank0").is_dir()
         assert not (tmp_path / f"{sparsity}-rank1").exists()  # only rank 0 writes
+    ref = KSparseAutoencoder(**dict(_sae_params("batchtopk"), n_components=8, k=2,
+                                    batch_size=4)).fit(X[:9])
     for r in range(2):
+        np.testing.assert_allclose(ranks[r]["small"][0], ref.components_, atol=2e-5)
+        np.testing.assert_allclose(ranks[r]["small"][1], ref.loss_curve_, rtol=1e-5)
         assert "rank(s) [1]" in ranks[r]["empty"] and "no rows" in ranks[r]["empty"]
     assert sys.modules.get("torch.distributed") is not None
 

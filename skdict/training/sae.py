@@ -24,10 +24,6 @@ PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 # rows the initialisation (input scale, decoder bias) is estimated from
 _INIT_ROWS = 65536
 
-def _allsum(t, comm):
-    return t if comm is None else comm.sum(t)
-
-
 def _mean_rows(X, comm=None):
     """Mean of the rows of ``X`` (of every rank's ``X`` under a process group)."""
     if comm is None:
