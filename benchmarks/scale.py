@@ -32,10 +32,10 @@ import socket
 import tempfile
 import time
 
-from . import _common  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from . import _common  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
 
 K, P, ALPHA = 128, 64, 0.15
 SAE_K, SAE_LATENTS, SAE_BATCH = 32, 1024, 4096
