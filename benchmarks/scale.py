@@ -35,7 +35,7 @@ import time
 import numpy as np
 import torch
 
-from . import _common  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
+from . import _common  # noqa: F401  (OMP_WAIT_POLICY for the worker processes)
 
 K, P, ALPHA = 128, 64, 0.15
 SAE_K, SAE_LATENTS, SAE_BATCH = 32, 1024, 4096
