@@ -289,3 +289,25 @@ def test_token_selector_over_dask_tokens_merges_tile_topk(client):
         np.testing.assert_allclose(W.toarray(), ref.toarray(), atol=1e-6)
     with pytest.raises(ValueError, match="method='lasso'.*needs every token"):
         SparseTokenSelector(method="lasso", keep_ratio=0.01).fit(Td).transform(Q)
+
+
+@pytest.mark.parametrize("params", [
+    dict(dict_update="sgd", learning_rate=0.5),
+    dict(threshold="hard", dead_window=64),
+    dict(fit_algorithm="exact", positive_code=True, transform_algorithm="exact"),
+])
+def test_statistics_steps_equal_the_in_memory_steps(planted, params):
+    """Without a client (synchronous scheduler): blocks of 64 rows, waves of two
+    blocks = the in-memory minibatches of 128 rows, for every update rule."""
+    import dask
+
+    X = planted[0][:768]
+    est = dict(n_components=12, alpha=0.2, max_iter=2, batch_size=128, fit_max_iter=50,
+               shuffle=False, random_state=0, device="cpu", **params)
+    mem = LCASparseCoder(**est).fit(X)
+    with dask.config.set(scheduler="synchronous"):
+        dsk = LCASparseCoder(**est).fit(da.from_array(X, chunks=(64, -1)))
+    assert dsk.n_steps_ == mem.n_steps_
+    np.testing.assert_allclose(dsk.components_, mem.components_, atol=1e-4)
+    np.testing.assert_allclose(dsk.loss_curve_, mem.loss_curve_, rtol=1e-4)
+    assert dsk.n_resampled_ == mem.n_resampled_
