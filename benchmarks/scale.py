@@ -32,10 +32,10 @@ import socket
 import tempfile
 import time
 
-from . import _common  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from . import _common  # noqa: F401  (OMP_WAIT_POLICY for the worker processes)
 
 K, P, ALPHA = 128, 64, 0.15
 SAE_K, SAE_LATENTS, SAE_BATCH = 32, 1024, 4096
@@ -81,7 +81,7 @@ def _cluster(n_workers):
     from distributed import Client, LocalCluster
 
     cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                           dashboard_address=None)
+                           dashboard_address=":0")
     client = Client(cluster)
     client.run(lambda: __import__("skdict.lca"))
     return cluster, client

@@ -12,7 +12,6 @@ picklable callable mapping a block of rows to CSR codes (``transform``, Dask).
 from __future__ import annotations
 
 import copy
-
 import numbers
 import warnings
 

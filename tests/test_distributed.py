@@ -30,7 +30,7 @@ def client():
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = ROOT + (os.pathsep + old if old else "")
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                       dashboard_address=None)
+                                       dashboard_address=":0")
     c = distributed.Client(cluster)
     c.run(lambda: __import__("skdict.lca"))  # warm the workers once
     try:
@@ -70,6 +70,9 @@ def test_transform_is_lazy_blockwise_and_equals_in_memory(client, planted):
     with distributed.get_task_stream(client) as ts:
         codes = est.transform(Xd)
     assert ts.data == []  # nothing ran: lazy until computed
+    # the fitted twin was sent once to each worker, not embedded in every task
+    held = [w for k, w in client.who_has().items() if str(k).startswith("BlockTransformer")]
+    assert len(held) == 1 and len(held[0]) == 2
     assert isinstance(codes, da.Array)
     assert sp.issparse(codes._meta) and codes._meta.format == "csr"
     assert codes.chunks == (Xd.chunks[0], (24,))
@@ -216,6 +219,11 @@ def _rank_main(rank, world, port, X, out):
             res[sparsity] = (est.components_, est.decoder_bias_, est.threshold_, est.loss_curve_,
                              est.tokens_since_fired_)
             est.save(os.path.join(out, f"{sparsity}-rank{rank}"))
+        # 9 rows, global batches of 4: rank 1's shard runs out first and it takes
+        # part in the last step with no rows
+        small = dict(_sae_params("batchtopk"), n_components=8, k=2, batch_size=4)
+        est = KSparseAutoencoder(**small).fit(X[:9][rank::world])
+        res["small"] = (est.components_, est.loss_curve_)
         try:  # a rank with no rows: a clear error on every rank, no hang
             KSparseAutoencoder(**_sae_params("topk")).fit(X[:0] if rank == 1 else X)
         except ValueError as e:
@@ -256,7 +264,11 @@ def test_two_gloo_ranks_reproduce_the_single_process_fit(tmp_path, planted):
             np.testing.assert_array_equal(tsf, ref.tokens_since_fired_)
         assert (tmp_path / f"{sparsity}-rank0").is_dir()
         assert not (tmp_path / f"{sparsity}-rank1").exists()  # only rank 0 writes
+    ref = KSparseAutoencoder(**dict(_sae_params("batchtopk"), n_components=8, k=2,
+                                    batch_size=4)).fit(X[:9])
     for r in range(2):
+        np.testing.assert_allclose(ranks[r]["small"][0], ref.components_, atol=2e-5)
+        np.testing.assert_allclose(ranks[r]["small"][1], ref.loss_curve_, rtol=1e-5)
         assert "rank(s) [1]" in ranks[r]["empty"] and "no rows" in ranks[r]["empty"]
     assert sys.modules.get("torch.distributed") is not None
 
@@ -277,3 +289,25 @@ def test_token_selector_over_dask_tokens_merges_tile_topk(client):
         np.testing.assert_allclose(W.toarray(), ref.toarray(), atol=1e-6)
     with pytest.raises(ValueError, match="method='lasso'.*needs every token"):
         SparseTokenSelector(method="lasso", keep_ratio=0.01).fit(Td).transform(Q)
+
+
+@pytest.mark.parametrize("params", [
+    dict(dict_update="sgd", learning_rate=0.5),
+    dict(threshold="hard", dead_window=64),
+    dict(fit_algorithm="exact", positive_code=True, transform_algorithm="exact"),
+])
+def test_statistics_steps_equal_the_in_memory_steps(planted, params):
+    """Without a client (synchronous scheduler): blocks of 64 rows, waves of two
+    blocks = the in-memory minibatches of 128 rows, for every update rule."""
+    import dask
+
+    X = planted[0][:768]
+    est = dict(n_components=12, alpha=0.2, max_iter=2, batch_size=128, fit_max_iter=50,
+               shuffle=False, random_state=0, device="cpu", **params)
+    mem = LCASparseCoder(**est).fit(X)
+    with dask.config.set(scheduler="synchronous"):
+        dsk = LCASparseCoder(**est).fit(da.from_array(X, chunks=(64, -1)))
+    assert dsk.n_steps_ == mem.n_steps_
+    np.testing.assert_allclose(dsk.components_, mem.components_, atol=1e-4)
+    np.testing.assert_allclose(dsk.loss_curve_, mem.loss_curve_, rtol=1e-4)
+    assert dsk.n_resampled_ == mem.n_resampled_

@@ -42,7 +42,13 @@ __all__ = [
 
 
 def get_client():
-    """The current ``distributed`` client, or None (local dask schedulers)."""
+    """The current ``distributed`` client, or None (local dask schedulers, or a
+    local scheduler chosen with ``dask.config.set(scheduler=...)``)."""
+    import dask
+
+    sched = dask.config.get("scheduler", None)
+    if isinstance(sched, str) and sched not in ("dask.distributed", "distributed"):
+        return None
     try:
         from distributed import get_client as _get
     except ImportError:  # pragma: no cover - dask without distributed

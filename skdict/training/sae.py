@@ -51,10 +51,6 @@ def effective_params(P):
     Q["W_dec"] = P["W_dec"] / n[:, None]
     return Q
 
-def _allsum(t, comm):
-    return t if comm is None else comm.sum(t)
-
-
 def _mean_rows(X, comm=None):
     """Mean of the rows of ``X`` (of every rank's ``X`` under a process group)."""
     if comm is None:
