@@ -66,7 +66,9 @@ def encode_block(
         op.adjoint(Xb),
         op,
         alpha=float(alpha),
-        xnorm2=(Xb * Xb).sum(1),
+        # float64: squared norms of float32 rows near 1e19 overflow float32, which
+        # would break the relative stopping criteria
+        xnorm2=(Xb.double() ** 2).sum(1),
         positive=positive,
         n_nonzero_coefs=n_nonzero_coefs,
         max_iter=max_iter,
