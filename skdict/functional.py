@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import numbers
+import os
+import sys
 import warnings
 
 import numpy as np
@@ -67,7 +69,9 @@ def encode_block(
         op.adjoint(Xb),
         op,
         alpha=float(alpha),
-        xnorm2=(Xb * Xb).sum(1),
+        # float64: squared norms of float32 rows near 1e19 overflow float32, which
+        # would break the relative stopping criteria
+        xnorm2=(Xb.double() ** 2).sum(1),
         positive=positive,
         n_nonzero_coefs=n_nonzero_coefs,
         max_iter=max_iter,
@@ -167,7 +171,7 @@ class ConvergenceRecord:
                 self.worst = max(self.worst, float(res.history[-1]))
 
     def warn(self, owner, algorithm, *, max_iter, tol, max_iter_name="max_iter",
-             tol_name="tol", stacklevel=3):
+             tol_name="tol"):
         if self.converged:
             return
         warnings.warn(
@@ -176,8 +180,19 @@ class ConvergenceRecord:
             f"{self.worst:.3g}); the codes are not optimal. Increase {max_iter_name} (or "
             "use algorithm 'exact' for the lasso).",
             ConvergenceWarning,
-            stacklevel=stacklevel,
+            stacklevel=_caller_level(),
         )
+
+
+def _caller_level():
+    """``stacklevel`` of the first frame outside skdict and scikit-learn (whose
+    wrappers, e.g. set_output's, sit between the user and the estimator)."""
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(2), 2  # the frame calling ConvergenceRecord.warn
+    while frame is not None and (frame.f_code.co_filename.startswith(pkg)
+                                 or f"{os.sep}sklearn{os.sep}" in frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @validate_params(
@@ -302,8 +317,7 @@ def sparse_encode(
             record.add(res)
             codes = res.codes
         out[s : s + Xb.shape[0]] = codes.detach().cpu().numpy()
-    # stacklevel: past the parameter-validation wrapper, to the caller
-    record.warn("sparse_encode", algorithm, max_iter=max_iter, tol=tol, stacklevel=4)
+    record.warn("sparse_encode", algorithm, max_iter=max_iter, tol=tol)
     return out
 
 

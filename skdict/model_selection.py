@@ -97,8 +97,9 @@ def alpha_for_sparsity(
     estimator : SparseCoder or fitted LCASparseCoder (anything with ``alpha``,
         ``components_`` and ``transform``)
         Its dictionary is kept fixed; only ``alpha`` varies (on a copy).
-        Estimators whose sparsity alpha does not set (``"omp"``, :class:`CollapsedDictionaryLearner`, :class:`KSparseAutoencoder`)
-        raise ``ValueError``.
+        Estimators whose sparsity alpha does not set (``"omp"``,
+        :class:`CollapsedDictionaryLearner`, :class:`KSparseAutoencoder`) raise
+        ``ValueError``.
     X : array-like of shape (n_samples, n_features)
         Data whose codes should reach the target.
     target_l0 : float, optional

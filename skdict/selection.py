@@ -57,6 +57,14 @@ def _lasso_on(q, Tu, alpha):
                        L=power_iteration(G64)).codes[0]
 
 
+def _max_abs(X):
+    if isinstance(X, torch.Tensor):
+        return float(X.detach().abs().max()) if X.numel() else 0.0
+    if sp.issparse(X):
+        return float(abs(X).max()) if X.nnz else 0.0
+    return float(np.abs(X).max()) if X.size else 0.0
+
+
 def _merge_topk(best_v, best_i, vals, idx, k):
     """Running top-k merge: keep the k largest of the union of two candidate sets."""
     if best_v is None:
@@ -247,6 +255,8 @@ class SparseTokenSelector(SparseCodingMixin, BaseEstimator):
             X = X.toarray()
         n = X.shape[0]
         self._check_budget(n)
+        self._token_max = _max_abs(X)
+        self._check_magnitude(0.0, dtype, "the tokens")
         if values is not None:
             if isinstance(values, torch.Tensor):
                 values = values.detach().cpu().numpy()
@@ -277,6 +287,27 @@ class SparseTokenSelector(SparseCodingMixin, BaseEstimator):
                 self, X, sparse_output=self.sparse_output if sparse_output is None
                 else sparse_output)
         return super()._transform_impl(X, sparse_output=sparse_output, cache=cache)
+
+    def _source(self, X):
+        src = super()._source(X)
+        if hasattr(src, "X"):  # arrays: scores must stay finite in the compute dtype
+            self._check_magnitude(_max_abs(src.X), src.dtype, "X (the queries)")
+        return src
+
+    def _check_magnitude(self, query_max, dtype, what):
+        """A bound on |score| (queries times unit-norm or raw tokens) within the
+        dtype's range, so that no score overflows (the lasso's working set would
+        never settle on non-finite scores)."""
+        d = self.n_features_in_
+        t = 1.0 if self.normalize else self._token_max
+        scale = float(self.scale) if self.scale is not None else 1.0 / math.sqrt(d)
+        limit = float(np.finfo(dtype).max) ** 0.5  # headroom for squares of scores
+        if not query_max * t * d * max(scale, 1.0) < limit or not self._token_max * d < limit:
+            raise ValueError(
+                f"{what} and the tokens have values up to {max(query_max, self._token_max):.3g}, "
+                f"whose attention scores overflow {np.dtype(dtype).name}; rescale them or pass "
+                "float64 arrays."
+            )
 
     def _check_budget(self, n):
         if self.max_tokens is not None and self.max_tokens > n:

@@ -96,7 +96,7 @@ def test_transform_validates_changed_parameters(name, param, value):
 
 
 def test_structural_changes_rejected_by_partial_fit():
-    for name, est in _learners().items():
+    for est in _learners().values():
         est.partial_fit(X)
         est.set_params(n_components=7)
         with pytest.raises(ValueError, match="n_components changed from 8 to 7"):
