@@ -101,8 +101,9 @@ def gap(codes, X, D, fstar, alpha):
 def train(D, X, y, alpha, variant, device, args):
     from skdict import LISTAEncoder
 
-    enc = LISTAEncoder(D, n_layers=16, alpha=alpha, variant=variant, device=device,
-                       random_state=0, max_iter=args.epochs)
+    epochs = {} if args.epochs is None else {"max_iter": args.epochs}
+    enc = LISTAEncoder(D, n_layers=16, alpha=alpha, variant=variant, device=device, **epochs,
+                       random_state=0, batch_size=args.batch_size)
     t, c = time.perf_counter(), _cpu_seconds()
     enc.fit(X, y)
     return enc, time.perf_counter() - t, _cpu_seconds() - c
@@ -258,7 +259,9 @@ def main(argv=None):
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--n-dict", type=int, default=20000)
     p.add_argument("--dict-epochs", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=30, help="max_iter of every encoder")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="max_iter of every encoder (default: LISTAEncoder's)")
+    p.add_argument("--batch-size", type=int, default=256, help="of every encoder")
     p.add_argument("--cs-alpha", type=float, default=0.05)
     p.add_argument("--cs-alphas", type=float, nargs="+", default=[0.01, 0.05, 0.2],
                    help="ISTA / FISTA: the best of these at each count")

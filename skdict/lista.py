@@ -54,12 +54,13 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
     alpha : float, default=None
         L1 weight of the lasso. None takes the dictionary estimator's ``alpha``
         when it has one (e.g. an :class:`LCASparseCoder`), else 1.0.
-    variant : {"lista", "lista_cp", "alista"}, default="lista_cp"
-        ``"lista"``: untied weights ``W_k``, ``S_k`` and per-atom thresholds in
-        every layer. ``"lista_cp"``: coupled weights, ``a + (x - a D) W_k``
-        (Chen et al. 2018), one learned matrix and threshold per layer.
-        ``"alista"``: the analytic weight of Liu et al. (2019), only a step size
-        and a threshold learned per layer. See :mod:`skdict.nn.lista`.
+    variant : {"lista", "lista_cp", "alista"}, default="alista"
+        ``"alista"``: the analytic weight of Liu et al. (2019), computed from the
+        dictionary; only a step size and a threshold are learned per layer, so
+        it trains fastest and needs the fewest rows. ``"lista_cp"``: coupled
+        weights, ``a + (x - a D) W_k`` (Chen et al. 2018), one learned matrix
+        and threshold per layer. ``"lista"``: untied weights ``W_k``, ``S_k``
+        and per-atom thresholds in every layer. See :mod:`skdict.nn.lista`.
     support_selection : float or "auto", default="auto"
         Largest fraction of each row's codes passed through a layer unshrunk
         (Chen et al.'s support selection), reached at 70 % of the depth; 0
@@ -134,6 +135,14 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
     feature_names_in_ : ndarray of shape (n_features_in_,)
         Column names of ``X`` when it had string column names (a DataFrame).
 
+    Notes
+    -----
+    ``fit`` reads ``X`` once and keeps its rows, joined with their target codes,
+    as one dense ``(n_samples, n_features + n_components)`` tensor on the device
+    (rows and targets are shuffled together by the trainer), so ``X`` must be one
+    array, not an iterable of batches. The exact targets cost one exact lasso
+    solve per row, once.
+
     See Also
     --------
     skdict.nn.LISTA : the network, for use in a model.
@@ -184,7 +193,7 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
         n_components=None,
         n_layers=16,
         alpha=None,
-        variant="lista_cp",
+        variant="alista",
         support_selection="auto",
         loss="codes",
         max_iter=30,

@@ -81,6 +81,6 @@ from skdict import LISTAEncoder  # noqa: E402
 INSTANCES += [
     LISTAEncoder(n_components=1, n_layers=2, alpha=0.1, max_iter=2, batch_size=16,
                  random_state=0, device="cpu"),
-    LISTAEncoder(n_components=1, n_layers=2, alpha=0.1, variant="alista", loss="objective",
+    LISTAEncoder(n_components=1, n_layers=2, alpha=0.1, variant="lista_cp", loss="objective",
                  max_iter=2, batch_size=16, random_state=0, device="cpu"),
 ]

@@ -250,7 +250,7 @@ def test_dtypes_and_seed():
     for k in e64.weights_:
         np.testing.assert_array_equal(again.weights_[k], e64.weights_[k])
     other = LISTAEncoder(D, **{**params, "random_state": 4}).fit(X)
-    assert not np.array_equal(other.weights_["W"], e64.weights_["W"])
+    assert not np.array_equal(other.weights_["theta"], e64.weights_["theta"])
 
 
 def test_pickle_and_partial_fit(trained):
