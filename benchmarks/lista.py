@@ -12,13 +12,15 @@ Sections (every contender runs in this process on the same held-out rows):
 1. Compressed sensing (the setting of Chen et al. 2018 and Liu et al. 2019): 500
    unit-norm Gaussian atoms in 250 dimensions, codes Bernoulli(0.1) x N(0, 1),
    noiseless and at 40 dB SNR. Every variant of :class:`skdict.LISTAEncoder` is
-   trained on the planted codes (``fit(X, A)``); the table gives the NMSE in dB of
-   each layer's codes to the planted codes, and of ISTA / FISTA (skdict's solvers,
+   trained on the planted codes (``fit(X, A)``, ``loss="codes"``); the table
+   gives the NMSE in dB of each layer's codes to the planted codes, and of
+   ISTA / FISTA (skdict's solvers,
    from zero, best ``alpha`` of a grid at each count) after the same number of
    iterations.
 2. Natural 8x8 patches (unit norm, mean removed) with a 256-atom dictionary
    learned by :class:`skdict.LCASparseCoder` (exact codes): the encoders are
-   trained on the exact lasso codes (``fit(X)``); the table gives the relative
+   trained with their default loss (the lasso objective, ``fit(X)``); the
+   table gives the relative
    lasso-objective gap to the exact optimum per layer, and ISTA / FISTA's.
 3. For both: the FISTA iterations needed to match 16 LISTA layers (first power of
    two at which FISTA is as good; target >= 64), and the encode throughput of the
@@ -102,6 +104,8 @@ def train(D, X, y, alpha, variant, device, args):
     from skdict import LISTAEncoder
 
     epochs = {} if args.epochs is None else {"max_iter": args.epochs}
+    if y is not None:
+        epochs["loss"] = "codes"
     enc = LISTAEncoder(D, n_layers=16, alpha=alpha, variant=variant, device=device, **epochs,
                        random_state=0, batch_size=args.batch_size)
     t, c = time.perf_counter(), _cpu_seconds()
