@@ -12,13 +12,15 @@ Sections (every contender runs in this process on the same held-out rows):
 1. Compressed sensing (the setting of Chen et al. 2018 and Liu et al. 2019): 500
    unit-norm Gaussian atoms in 250 dimensions, codes Bernoulli(0.1) x N(0, 1),
    noiseless and at 40 dB SNR. Every variant of :class:`skdict.LISTAEncoder` is
-   trained on the planted codes (``fit(X, A)``); the table gives the NMSE in dB of
-   each layer's codes to the planted codes, and of ISTA / FISTA (skdict's solvers,
+   trained on the planted codes (``fit(X, A)``, ``loss="codes"``); the table
+   gives the NMSE in dB of each layer's codes to the planted codes, and of
+   ISTA / FISTA (skdict's solvers,
    from zero, best ``alpha`` of a grid at each count) after the same number of
    iterations.
 2. Natural 8x8 patches (unit norm, mean removed) with a 256-atom dictionary
    learned by :class:`skdict.LCASparseCoder` (exact codes): the encoders are
-   trained on the exact lasso codes (``fit(X)``); the table gives the relative
+   trained with their default loss (the lasso objective, ``fit(X)``); the
+   table gives the relative
    lasso-objective gap to the exact optimum per layer, and ISTA / FISTA's.
 3. For both: the FISTA iterations needed to match 16 LISTA layers (first power of
    two at which FISTA is as good; target >= 64), and the encode throughput of the
@@ -101,8 +103,11 @@ def gap(codes, X, D, fstar, alpha):
 def train(D, X, y, alpha, variant, device, args):
     from skdict import LISTAEncoder
 
-    enc = LISTAEncoder(D, n_layers=16, alpha=alpha, variant=variant, device=device,
-                       random_state=0, max_iter=args.epochs)
+    epochs = {} if args.epochs is None else {"max_iter": args.epochs}
+    if y is not None:
+        epochs["loss"] = "codes"
+    enc = LISTAEncoder(D, n_layers=16, alpha=alpha, variant=variant, device=device, **epochs,
+                       random_state=0, batch_size=args.batch_size)
     t, c = time.perf_counter(), _cpu_seconds()
     enc.fit(X, y)
     return enc, time.perf_counter() - t, _cpu_seconds() - c
@@ -258,7 +263,9 @@ def main(argv=None):
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--n-dict", type=int, default=20000)
     p.add_argument("--dict-epochs", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=30, help="max_iter of every encoder")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="max_iter of every encoder (default: LISTAEncoder's)")
+    p.add_argument("--batch-size", type=int, default=256, help="of every encoder")
     p.add_argument("--cs-alpha", type=float, default=0.05)
     p.add_argument("--cs-alphas", type=float, nargs="+", default=[0.01, 0.05, 0.2],
                    help="ISTA / FISTA: the best of these at each count")

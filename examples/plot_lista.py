@@ -20,7 +20,7 @@ many more iterations for.
 # Compressed sensing: error per layer
 # -----------------------------------
 # 100 unit-norm Gaussian atoms in 50 dimensions, codes with 10 % non-zeros.
-# ``fit(X, A)`` trains on the planted codes ``A``; ``to_module`` returns the
+# ``fit(X, A)`` with ``loss="codes"`` trains on the planted codes ``A``; ``to_module`` returns the
 # network (a :class:`skdict.nn.LISTA`), whose ``all_layers=True`` output gives
 # every layer's codes.
 import time
@@ -51,7 +51,8 @@ def nmse_db(codes):
 
 curves = {}
 for variant in ["lista_cp", "alista"]:
-    enc = LISTAEncoder(D, n_layers=n_layers, alpha=alpha, variant=variant, max_iter=10,
+    enc = LISTAEncoder(D, n_layers=n_layers, alpha=alpha, variant=variant, loss="codes",
+                       max_iter=10,
                        random_state=0, device="cpu").fit(X_train, A_train)
     with torch.no_grad():
         layers = enc.to_module()(torch.as_tensor(X_test), all_layers=True)
@@ -77,7 +78,7 @@ fig.tight_layout()
 # -----------------------------------------
 # An :class:`~skdict.LCASparseCoder` learns 64 atoms on 8x8 natural image patches.
 # A LISTA encoder passed the fitted coder takes its dictionary and its ``alpha``,
-# and is trained on the exact codes of the patches (``fit(X)``). We compare its
+# and is trained to minimise the lasso objective of its codes (``fit(X)``). We compare its
 # codes on new patches with the exact lasso codes (:class:`~skdict.SparseCoder`).
 patches = load_natural_patches(n_patches=6000, random_state=0, dtype=np.float32)
 X_fit, X_new = patches[:5000], patches[5000:]

@@ -30,13 +30,12 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
     network whose weights are trained, so that a few layers reach the accuracy
     ISTA or FISTA need many more iterations for. The network
     (:class:`skdict.nn.LISTA`) starts as ISTA and is trained with Adam on the
-    rows of ``X`` to reproduce the exact codes::
+    rows of ``X`` to minimise the lasso objective of its output::
 
-        argmin_a  0.5 * ||x - a @ components_||^2 + alpha * ||a||_1
+        0.5 * ||x - a @ components_||^2 + alpha * ||a||_1
 
-    (``loss="codes"``; the targets come from skdict's exact solver, or are given
-    as ``y``), or to minimise that objective of its own output directly
-    (``loss="objective"``). ``transform`` then costs ``n_layers`` matrix
+    (``loss="objective"``), or to reproduce target codes (``loss="codes"``: the
+    exact minimisers from skdict's exact solver, or codes given as ``y``). ``transform`` then costs ``n_layers`` matrix
     products per row, with exact zeros from the last threshold.
 
     Parameters
@@ -54,22 +53,26 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
     alpha : float, default=None
         L1 weight of the lasso. None takes the dictionary estimator's ``alpha``
         when it has one (e.g. an :class:`LCASparseCoder`), else 1.0.
-    variant : {"lista", "lista_cp", "alista"}, default="lista_cp"
-        ``"lista"``: untied weights ``W_k``, ``S_k`` and per-atom thresholds in
-        every layer. ``"lista_cp"``: coupled weights, ``a + (x - a D) W_k``
-        (Chen et al. 2018), one learned matrix and threshold per layer.
-        ``"alista"``: the analytic weight of Liu et al. (2019), only a step size
-        and a threshold learned per layer. See :mod:`skdict.nn.lista`.
+    variant : {"lista", "lista_cp", "alista"}, default="alista"
+        ``"alista"``: the analytic weight of Liu et al. (2019), computed from the
+        dictionary; only a step size and a threshold are learned per layer, so
+        it trains fastest and needs the fewest rows. ``"lista_cp"``: coupled
+        weights, ``a + (x - a D) W_k`` (Chen et al. 2018), one learned matrix
+        and threshold per layer. ``"lista"``: untied weights ``W_k``, ``S_k``
+        and per-atom thresholds in every layer. See :mod:`skdict.nn.lista`.
     support_selection : float or "auto", default="auto"
         Largest fraction of each row's codes passed through a layer unshrunk
         (Chen et al.'s support selection), reached at 70 % of the depth; 0
         disables it. ``"auto"`` uses the fraction of non-zeros of the training
         targets (of the exact codes of the validation rows for
         ``loss="objective"``).
-    loss : {"codes", "objective"}, default="codes"
-        ``"codes"``: squared error to the target codes, relative to their mean
-        energy. ``"objective"``: the lasso objective of the output, relative to
-        ``0.5 ||x||^2`` (unsupervised).
+    loss : {"objective", "codes"}, default="objective"
+        ``"objective"``: the lasso objective of the output, relative to
+        ``0.5 ||x||^2`` (unsupervised: exact codes are computed only for the
+        validation rows). ``"codes"``: squared error to target codes (the exact
+        lasso codes of ``X``, or ``y``), relative to their mean energy. The
+        objective reaches smaller objective gaps per layer and sparser codes
+        (squared error does not penalise small spurious entries).
     max_iter : int, default=30
         Passes over the training rows in ``fit`` (ignored when ``n_steps`` is
         set).
@@ -134,6 +137,14 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
     feature_names_in_ : ndarray of shape (n_features_in_,)
         Column names of ``X`` when it had string column names (a DataFrame).
 
+    Notes
+    -----
+    ``fit`` reads ``X`` once and keeps its rows, joined with their target codes,
+    as one dense ``(n_samples, n_features + n_components)`` tensor on the device
+    (rows and targets are shuffled together by the trainer), so ``X`` must be one
+    array, not an iterable of batches. The exact targets cost one exact lasso
+    solve per row, once.
+
     See Also
     --------
     skdict.nn.LISTA : the network, for use in a model.
@@ -184,9 +195,9 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
         n_components=None,
         n_layers=16,
         alpha=None,
-        variant="lista_cp",
+        variant="alista",
         support_selection="auto",
-        loss="codes",
+        loss="objective",
         max_iter=30,
         n_steps=None,
         batch_size=256,
@@ -316,7 +327,8 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
         X : {array-like, sparse matrix, torch.Tensor} of shape (n_samples, n_features)
         y : {array-like, sparse matrix} of shape (n_samples, n_components), default=None
             Target codes (dense or CSR) for ``loss="codes"``; None uses the exact
-            lasso codes of ``X`` at ``alpha``. A 1-D ``y`` (class labels passed
+            lasso codes of ``X`` at ``alpha``. Must be None for
+            ``loss="objective"``. A 1-D ``y`` (class labels passed
             along a :class:`~sklearn.pipeline.Pipeline`) is not codes and is
             ignored.
 

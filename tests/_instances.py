@@ -79,9 +79,9 @@ from skdict import LISTAEncoder  # noqa: E402
 # dictionary=None learns one from X, so every check's width works; n_components=1:
 # check_fit2d_1feature has one feature.
 INSTANCES += [
-    LISTAEncoder(n_components=1, n_layers=2, alpha=0.1, max_iter=2, batch_size=16,
-                 random_state=0, device="cpu"),
-    LISTAEncoder(n_components=1, n_layers=2, alpha=0.1, variant="alista", loss="objective",
+    LISTAEncoder(n_components=1, n_layers=2, alpha=0.1, loss="codes", max_iter=2,
+                 batch_size=16, random_state=0, device="cpu"),
+    LISTAEncoder(n_components=1, n_layers=2, alpha=0.1, variant="lista_cp", loss="objective",
                  max_iter=2, batch_size=16, random_state=0, device="cpu"),
 ]
 
