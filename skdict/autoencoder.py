@@ -67,10 +67,12 @@ class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator
     ``pre = W_enc (x - b_dec) + b_enc``, ``z = f(pre)`` and
     ``x_hat = z W_dec + b_dec``, trained with Adam on the fraction of variance
     unexplained of each batch (plus the variant's penalty and the AuxK loss).
-    Decoder rows (``components_``) are kept at unit norm: the gradient component
-    parallel to each row is removed before a step and the rows are renormalised
-    after it. ``W_enc`` starts as ``W_dec.T`` and ``b_dec`` at the data mean (or
-    geometric median).
+    Decoder rows (``components_``) have unit norm: training parametrises each
+    row by a free vector whose direction is the row and whose norm is folded
+    into the encoder (SAELens' ``rescale_acts_by_decoder_norm``). These vectors
+    start at norm 0.1, so an Adam step turns the rows by a large angle early in
+    training and by smaller ones as their norms grow. ``W_enc`` starts as
+    ``W_dec.T`` and ``b_dec`` at the data mean (or geometric median).
 
     For the selecting variants only the encoder pre-activation is a dense
     matrix product: the selection feeds an embedding-bag decoder, and the

@@ -38,7 +38,7 @@ DECODER_INIT_NORM = 0.1
 # norm of the (effective) encoder rows at initialisation, along W_dec's directions
 ENCODER_INIT_NORM = 1.0
 # experiment knobs
-EXP = {"schedule": "constant", "decay_frac": 0.2, "warmup": 0}
+EXP = {"schedule": "constant", "decay_frac": 0.2, "warmup": 0, "eps": 1e-8}
 
 
 def effective_params(P):
@@ -135,7 +135,8 @@ class SAELearner:
             params = [state.params[k] for k in (*PARAMS, *extra)]
             for p in params:
                 p.requires_grad_(True)
-            self.opt = make_optimizer(self.est.optimizer, params, self.est._lr())
+            self.opt = make_optimizer(self.est.optimizer, params, self.est._lr(),
+                                      eps=EXP["eps"])
             if state.optimizer is not None:
                 self.opt.load_state_dict(state.optimizer)
         return self.opt
