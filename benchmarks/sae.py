@@ -313,7 +313,8 @@ def main(argv=None):
     from skdict.datasets import load_minilm_activations
 
     t0 = time.perf_counter()
-    X = load_minilm_activations(args.n_tokens, layer=3, random_state=0)
+    # computed on the benchmark's device when not cached (same values to rounding)
+    X = load_minilm_activations(args.n_tokens, layer=3, random_state=0, device=device)
     X = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
     n_test = max(1, X.shape[0] // 10)
     X_train, X_test = X[:-n_test], X[-n_test:]

@@ -484,3 +484,50 @@ def test_partial_fit_refuses_a_changed_training_state_parameter(tmp_path, param,
     sae.set_params(**{param: after}).fit(X)  # fit starts over with the new ones
     assert sae.n_steps_ == 2
     sae.partial_fit(X)
+
+
+def test_training_step_matches_direction_parametrised_reference():
+    """Three Adam steps of the learner equal a dense autograd reference of the
+    model whose decoder rows are ``V / ||V||`` with the norms folded into the
+    encoder (SAELens' TopK with ``rescale_acts_by_decoder_norm``), and the fitted
+    arrays are that model with unit decoder rows."""
+    from skdict._backend import make_generator
+    from skdict.data.sources import as_source
+    from skdict.training.sae import DECODER_INIT_NORM, SAELearner, effective_params
+
+    X, _, _ = _planted(n=256, K=16, d=24, s=2)
+    est = KSparseAutoencoder(n_components=16, k=3, lr=1e-2, dead_window=0, device="cpu",
+                             normalize_input=False, batch_size=256)
+    src = as_source(X, estimator=est, reset=True)
+    learner = SAELearner(est, est._variant(), torch.device("cpu"), torch.float64)
+    state = learner.init_state(src, make_generator(0, "cpu"))
+    P0 = {k: v.clone() for k, v in state.params.items()}
+    np.testing.assert_allclose(P0["W_dec"].norm(dim=1), DECODER_INIT_NORM, rtol=1e-12)
+    x = torch.as_tensor(X)
+    for _ in range(3):
+        learner.step(state, x)
+
+    ref = {k: v.clone().requires_grad_(True) for k, v in P0.items()}
+    opt = torch.optim.Adam(list(ref.values()), lr=1e-2)
+    for _ in range(3):
+        n = ref["W_dec"].norm(dim=1)
+        pre = ((x - ref["b_dec"]) @ ref["W_enc"].T + ref["b_enc"]) * n
+        vals, idx = pre.topk(3, dim=1)
+        z = torch.zeros_like(pre).scatter(1, idx, torch.relu(vals))
+        x_hat = (z / n) @ ref["W_dec"] + ref["b_dec"]
+        loss = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(state.params[key], ref[key].detach(), rtol=1e-9,
+                                   atol=1e-12)
+    # the fitted model: unit decoder rows, same codes and reconstructions
+    learner.finish(state)
+    Q = effective_params(state.params)
+    np.testing.assert_allclose(Q["W_dec"].norm(dim=1), 1.0, rtol=1e-12)
+    with torch.no_grad():
+        n = ref["W_dec"].norm(dim=1)
+        pre = ((x - ref["b_dec"]) @ ref["W_enc"].T + ref["b_enc"]) * n
+        pre_q = (x - Q["b_dec"]) @ Q["W_enc"].T + Q["b_enc"]
+    torch.testing.assert_close(pre_q, pre, rtol=1e-10, atol=1e-12)

@@ -156,6 +156,8 @@ class Encoder(ABC):
         Architecture written by ``to_saelens``.
     saelens_imports : tuple of str
         SAELens architectures ``from_saelens`` maps to this variant.
+    encoder_init_norm : float
+        Norm of the encoder rows at initialisation (each along its decoder row).
     """
 
     name: ClassVar[str] = ""
@@ -165,6 +167,8 @@ class Encoder(ABC):
     auxk: ClassVar[bool] = True
     saelens_architecture: ClassVar[str | None] = None
     saelens_imports: ClassVar[tuple] = ()
+    # small rows: pre-activations start small and the first steps set their scale
+    encoder_init_norm: ClassVar[float] = 0.1
 
     def __init__(self, n_components, **params):
         self.n_components = int(n_components)

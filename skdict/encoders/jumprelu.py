@@ -142,6 +142,8 @@ class JumpReLU(Encoder):
     auxk = False
     saelens_architecture = "jumprelu"
     saelens_imports = ("jumprelu",)
+    # bandwidth and thresholds are in units of unit-row pre-activations
+    encoder_init_norm = 1.0
 
     def init_parameters(self, P, x0):
         with torch.no_grad():

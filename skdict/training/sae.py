@@ -35,10 +35,6 @@ PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 _INIT_ROWS = 65536
 # raw norm of the decoder rows at initialisation (SAELens' decoder_init_norm)
 DECODER_INIT_NORM = 0.1
-# norm of the (effective) encoder rows at initialisation, along W_dec's directions
-ENCODER_INIT_NORM = 1.0
-# experiment knobs
-EXP = {"schedule": "constant", "decay_frac": 0.2, "warmup": 0}
 
 
 def effective_params(P):
@@ -144,7 +140,7 @@ class SAELearner:
         else:
             b_dec = X0.new_zeros(d)
         g = DECODER_INIT_NORM
-        P = {"W_enc": W * (ENCODER_INIT_NORM / g), "b_enc": X0.new_zeros(K),
+        P = {"W_enc": W * (self.variant.encoder_init_norm / g), "b_enc": X0.new_zeros(K),
              "W_dec": W * g, "b_dec": b_dec}
         P.update(self.variant.init_parameters(effective_params(P), X0))
         return SAEState(
@@ -194,26 +190,9 @@ class SAELearner:
         k = round(self.k_schedule.value_at(state.k_progress))
         return int(min(self.est.n_components, max(1, k)))
 
-    def _set_lr(self, opt, state):
-        total = self.est.n_steps
-        base = self.est._lr()
-        t = state.n_steps
-        f = 1.0
-        if EXP["warmup"] and t < EXP["warmup"]:
-            f = (t + 1) / EXP["warmup"]
-        if total and EXP["schedule"] == "linear":
-            start = total * (1 - EXP["decay_frac"])
-            if t >= start:
-                f *= max(0.0, (total - t) / (total - start))
-        elif total and EXP["schedule"] == "cosine":
-            f *= 0.5 * (1 + math.cos(math.pi * min(t, total) / total))
-        for gr in opt.param_groups:
-            gr["lr"] = base * f
-
     def step(self, state, Xb):
         est, variant, Praw = self.est, self.variant, state.params
         opt = self._optimizer(state)
-        self._set_lr(opt, state)
         P = effective_params(Praw)
         comm = self.comm
         x = Xb / state.scale if state.scale != 1.0 else Xb
