@@ -128,7 +128,7 @@ def sparse_weights(scores, method="topk", *, alpha=1.0, k=None, empty="argmax"):
 # key blocks per query at least (block_size shrinks for small budgets)
 MIN_BLOCKS = 4
 # "auto" preselection: candidates per budget key, and the shortest key sequence
-PRESELECT_FACTOR = 4
+PRESELECT_FACTOR = 2
 PRESELECT_MIN_KEYS = 4096
 
 
@@ -213,7 +213,7 @@ def sparse_attention(
         scoring every key and selecting from all ``S``. The result is the exact
         per-query selection whenever the ``k`` best keys lie in the preselected
         blocks (always when ``preselect * k >= S``). ``"auto"`` preselects
-        ``4 k`` keys when that is at most half of ``S`` and ``S >= 4096``, where
+        ``2 k`` keys when that is at most half of ``S`` and ``S >= 4096``, where
         dense scoring and a length-``S`` top-k cost more than the attention
         itself; None always scores every key.
 
@@ -775,7 +775,9 @@ def _topk_weights(s, k):
     flat = s.detach().reshape(-1, n)
     thr, ties = kth_largest(flat.numpy(), int(k))
     thr = torch.from_numpy(thr).view(*s.shape[:-1], 1)
-    w = topk_softmax(s.masked_fill(s < thr, float("-inf")))
+    if bool(torch.isinf(thr).any()):  # rows with fewer than k allowed keys (or none)
+        return sparse_weights(s, "topk", k=k)
+    w = torch.softmax(s.masked_fill(s < thr, float("-inf")), dim=-1)
     if ties.any():  # more than k entries at or above the threshold: exact top-k rows
         rows = torch.from_numpy(np.flatnonzero(ties))
         w2 = sparse_weights(s.reshape(-1, n)[rows], "topk", k=k)
