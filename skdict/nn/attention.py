@@ -224,6 +224,16 @@ def sparse_attention(
     info : dict
         ``nnz_mean`` / ``nnz_max`` (keys per query), ``density`` (kept keys over
         allowed keys), ``sparsity`` (``1 - density``), ``budget`` (k or None).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skdict.nn import sparse_attention
+    >>> q, k, v = (torch.randn(1, 2, 256, 16) for _ in range(3))
+    >>> out, info = sparse_attention(q, k, v, method="block", keep_ratio=0.25,
+    ...                              block_size=16, is_causal=True)
+    >>> out.shape, info["budget"], info["nnz_max"] <= 64
+    (torch.Size([1, 2, 256, 16]), 64, True)
     """
     _check_method(method, ATTENTION_METHODS)
     L, E = query.shape[-2], query.shape[-1]
@@ -545,6 +555,17 @@ def block_select(query, key, n_blocks, block_size, *, is_causal=False, key_valid
         False on slots with no allowed block (fewer than ``n_blocks`` exist).
     scores : Tensor (B, n_query_blocks, n_key_blocks)
         The block scores (``-inf`` where not allowed; ``+inf`` on forced blocks).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skdict.nn import block_select
+    >>> q, k = torch.randn(1, 64, 8), torch.randn(1, 64, 8)
+    >>> blocks, ok, scores = block_select(q, k, 2, 16, is_causal=True)
+    >>> blocks.shape, bool((blocks[0, :, 0] == torch.arange(4)).all())  # diagonal first
+    (torch.Size([1, 4, 2]), True)
+    >>> ok[0, 0].tolist()  # the first query block sees only its own key block
+    [True, False]
     """
     B, L, E = query.shape
     S = key.shape[1]
