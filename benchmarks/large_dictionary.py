@@ -22,6 +22,9 @@ profile   where the milliseconds of one minibatch step go, per K (routing GEMM +
 faiss     routing alone beside FAISS (faiss-cpu): an inner-product IVF index and
           an HNSW index over the atoms and their negatives (|<x, d>| routing),
           build time, rows/s and recall of the exact top-m.
+gpu       (``--device cuda``) one epoch per K on the GPU beside the GPU's own
+          float32 GEMM peak (fraction of the exact-routing bound), and the
+          approximate routing (torch cluster index) beside it.
 recovery  planted dictionary, K = 4096: fraction of true atoms with |cos| >= 0.95.
 sklearn   vs sklearn MiniBatchDictionaryLearning at K = 1024 / 4096 (MSE at
           equal s and equal wall time), and sklearn's time / peak RSS at
@@ -319,6 +322,42 @@ def part_faiss(args):
               f"{te / ta:.1f}x | {recall(ids):.3f} |", flush=True)
 
 
+def part_gpu(args):
+    if not torch.cuda.is_available():
+        print("\n## gpu: CUDA is not available; skipped")
+        return
+    dev = torch.device(args.device)
+    A = torch.randn(8192, 8192, device=dev)
+    A @ A
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(5):
+        A @ A
+    torch.cuda.synchronize()
+    peak = 5 * 2 * 8192**3 / (time.perf_counter() - t) / 1e9
+    X, _ = load_rows(args.n_rows)
+    n = min(args.large_rows, args.n_rows - max(args.ks))
+    print(f"\n## gpu: {torch.cuda.get_device_name(dev)}, float32 GEMM peak {peak:.0f} "
+          f"GFLOP/s; one epoch of {n} memmapped rows, s={args.s}, batch {args.batch}")
+    print("| K | routing | rows/s | bound rows/s (peak / 2KP) | fraction | batch MSE |")
+    print("|---|---|---|---|---|---|")
+    for K in args.ks:
+        init = np.asarray(X[-K:], dtype=np.float32)
+        for routing in ("exact", "approximate"):
+            est = CollapsedDictionaryLearner(K, n_nonzero_coefs=args.s, batch_size=args.batch,
+                                             dict_init=init, random_state=0, device=dev,
+                                             routing=routing)
+            est.partial_fit(X[:2 * args.batch])  # warm-up (allocations, kernels)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            est.partial_fit(X[:n])
+            torch.cuda.synchronize()
+            rate = n / (time.perf_counter() - t)
+            bound = peak * 1e9 / (2 * K * 384)
+            print(f"| {K} | {routing} | {rate:.0f} | {bound:.0f} | {rate / bound:.0%} | "
+                  f"{est.loss_curve_[-1]:.4g} |", flush=True)
+
+
 def part_recovery(args):
     from skdict.datasets import make_sparse_data
 
@@ -438,6 +477,8 @@ def main(argv=None):
     p.add_argument("--sk-ks", default="1024,4096")
     p.add_argument("--sk-big", type=int, default=16384)
     p.add_argument("--sk-timeout", type=int, default=120)
+    p.add_argument("--device", default="cpu",
+                   help="'cuda' runs the GPU section (part 'gpu') only")
     p.add_argument("--child-large", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-sklearn", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -451,6 +492,9 @@ def main(argv=None):
     args.sk_ks = [int(k) for k in args.sk_ks.split(",") if k]
     args.approx_grid = [tuple(int(v) for v in g.split("x")) for g in args.approx_grid.split(",")]
     parts = set(args.parts.split(","))
+    if args.device != "cpu":
+        print("# python -m benchmarks.large_dictionary " + " ".join(sys.argv[1:]))
+        return part_gpu(args)
     print("# python -m benchmarks.large_dictionary " + " ".join(sys.argv[1:]))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
