@@ -212,7 +212,7 @@ def part_profile(args, peak):
     for K in args.ks:
         acc = {}
 
-        def timed(name, fn):
+        def timed(name, fn, acc=acc):
             def wrapper(*a, **kw):
                 t = time.perf_counter()
                 out = fn(*a, **kw)
