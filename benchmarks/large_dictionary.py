@@ -22,6 +22,9 @@ profile   where the milliseconds of one minibatch step go, per K (routing GEMM +
 faiss     routing alone beside FAISS (faiss-cpu): an inner-product IVF index and
           an HNSW index over the atoms and their negatives (|<x, d>| routing),
           build time, rows/s and recall of the exact top-m.
+gpu       (``--device cuda``) one epoch per K on the GPU beside the GPU's own
+          float32 GEMM peak (fraction of the exact-routing bound), and the
+          approximate routing (torch cluster index) beside it.
 recovery  planted dictionary, K = 4096: fraction of true atoms with |cos| >= 0.95.
 sklearn   vs sklearn MiniBatchDictionaryLearning at K = 1024 / 4096 (MSE at
           equal s and equal wall time), and sklearn's time / peak RSS at
@@ -129,39 +132,37 @@ def part_large(args, peak):
 
 
 def part_approx(args):
+    """Exact vs approximate routing end to end: one epoch of fit, held-out MSE."""
+    from skdict.solvers.routing import faiss_available
+
     X, _ = load_rows(args.n_rows)
     K = args.approx_k
-    n_fit = min(args.n_rows, 20000)
-    Xtr = np.ascontiguousarray(X[:n_fit])
-    Xte = np.ascontiguousarray(X[-4096:])
-    est = CollapsedDictionaryLearner(K, n_nonzero_coefs=args.s, batch_size=args.batch,
-                                     max_iter=1, random_state=0, device="cpu").fit(Xtr)
-    print(f"\n## approx: K={K}, dictionary fitted on {n_fit} rows (1 epoch); "
-          f"transform of 4096 held-out rows")
-    print("| routing | n_clusters | n_probes | rows/s | MSE | MSE vs exact | speed-up |")
+    n_fit = min(args.n_rows - 4096 - K, args.approx_rows)
+    Xtr = X[:n_fit]
+    Xte = np.ascontiguousarray(X[-4096 - K:-K])
+    init = np.asarray(X[-K:], dtype=np.float32)
+    backend = "FAISS IVF" if faiss_available() else "torch ClusterIndex"
+    print(f"\n## approx: K={K}, s={args.s}, one epoch of fit over {n_fit} memmapped rows "
+          f"(same initial atoms), held-out MSE on 4096 rows; approximate index searched "
+          f"with {backend}, rebuilt every 20 minibatches")
+    print("| routing | n_clusters | n_probes | fit rows/s | held-out MSE | MSE vs exact | "
+          "speed-up |")
     print("|---|---|---|---|---|---|---|")
-    t = time.perf_counter()
-    mse_exact = -est.score(Xte)
-    rate_exact = len(Xte) / (time.perf_counter() - t)
-    print(f"| exact | - | - | {rate_exact:.0f} | {mse_exact:.4g} | 1.000 | 1.0x |")
-    for n_clusters, n_probes in args.approx_grid:
-        apx = CollapsedDictionaryLearner(K, n_nonzero_coefs=args.s, batch_size=args.batch,
-                                         routing="approximate", n_clusters=n_clusters,
-                                         n_probes=n_probes, device="cpu")
-        apx.components_ = est.components_
-        apx.n_features_in_ = est.n_features_in_
-        from skdict.solvers.routing import ClusterIndex
 
-        idx = ClusterIndex(torch.from_numpy(est.components_), n_clusters,
-                           generator=torch.Generator().manual_seed(0))
-        apx.cluster_centers_ = idx.centroids.numpy()
-        apx.atom_clusters_ = idx.labels.numpy()
-        apx.score(Xte[:256])
+    def run(**kw):
+        est = CollapsedDictionaryLearner(K, n_nonzero_coefs=args.s, batch_size=args.batch,
+                                         dict_init=init, random_state=0, device="cpu", **kw)
         t = time.perf_counter()
-        mse = -apx.score(Xte)
-        rate = len(Xte) / (time.perf_counter() - t)
+        est.partial_fit(Xtr)
+        rate = n_fit / (time.perf_counter() - t)
+        return rate, -est.score(Xte)
+
+    rate_exact, mse_exact = run()
+    print(f"| exact | - | - | {rate_exact:.0f} | {mse_exact:.4g} | 1.000 | 1.0x |", flush=True)
+    for n_clusters, n_probes in args.approx_grid:
+        rate, mse = run(routing="approximate", n_clusters=n_clusters, n_probes=n_probes)
         print(f"| approximate | {n_clusters} | {n_probes} | {rate:.0f} | {mse:.4g} | "
-              f"{mse / mse_exact:.3f} | {rate / rate_exact:.1f}x |")
+              f"{mse / mse_exact:.3f} | {rate / rate_exact:.1f}x |", flush=True)
 
 
 def part_routing(args):
@@ -211,7 +212,7 @@ def part_profile(args, peak):
     for K in args.ks:
         acc = {}
 
-        def timed(name, fn):
+        def timed(name, fn, acc=acc):
             def wrapper(*a, **kw):
                 t = time.perf_counter()
                 out = fn(*a, **kw)
@@ -319,6 +320,42 @@ def part_faiss(args):
         setting = f"nlist {nlist}, nprobe {nprobe}" if kind == "ivf" else f"M 32, efSearch {nprobe}"
         print(f"| FAISS {kind.upper()} | {setting} | {tb:.2f} | {2048 / ta:.0f} | "
               f"{te / ta:.1f}x | {recall(ids):.3f} |", flush=True)
+
+
+def part_gpu(args):
+    if not torch.cuda.is_available():
+        print("\n## gpu: CUDA is not available; skipped")
+        return
+    dev = torch.device(args.device)
+    A = torch.randn(8192, 8192, device=dev)
+    A @ A
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(5):
+        A @ A
+    torch.cuda.synchronize()
+    peak = 5 * 2 * 8192**3 / (time.perf_counter() - t) / 1e9
+    X, _ = load_rows(args.n_rows)
+    n = min(args.large_rows, args.n_rows - max(args.ks))
+    print(f"\n## gpu: {torch.cuda.get_device_name(dev)}, float32 GEMM peak {peak:.0f} "
+          f"GFLOP/s; one epoch of {n} memmapped rows, s={args.s}, batch {args.batch}")
+    print("| K | routing | rows/s | bound rows/s (peak / 2KP) | fraction | batch MSE |")
+    print("|---|---|---|---|---|---|")
+    for K in args.ks:
+        init = np.asarray(X[-K:], dtype=np.float32)
+        for routing in ("exact", "approximate"):
+            est = CollapsedDictionaryLearner(K, n_nonzero_coefs=args.s, batch_size=args.batch,
+                                             dict_init=init, random_state=0, device=dev,
+                                             routing=routing)
+            est.partial_fit(X[:2 * args.batch])  # warm-up (allocations, kernels)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            est.partial_fit(X[:n])
+            torch.cuda.synchronize()
+            rate = n / (time.perf_counter() - t)
+            bound = peak * 1e9 / (2 * K * 384)
+            print(f"| {K} | {routing} | {rate:.0f} | {bound:.0f} | {rate / bound:.0%} | "
+                  f"{est.loss_curve_[-1]:.4g} |", flush=True)
 
 
 def part_recovery(args):
@@ -431,13 +468,17 @@ def main(argv=None):
     p.add_argument("--s", type=int, default=16)
     p.add_argument("--batch", type=int, default=2048)
     p.add_argument("--approx-k", type=int, default=32768)
-    p.add_argument("--approx-grid", default="256x4,256x8,362x8")
+    p.add_argument("--approx-grid", default="256x4,512x4,512x8")
+    p.add_argument("--approx-rows", type=int, default=40960,
+                   help="rows of the one-epoch fits of 'approx'")
     p.add_argument("--recovery-rows", type=int, default=40000)
     p.add_argument("--recovery-epochs", type=int, default=3)
     p.add_argument("--sk-rows", type=int, default=4096)
     p.add_argument("--sk-ks", default="1024,4096")
     p.add_argument("--sk-big", type=int, default=16384)
     p.add_argument("--sk-timeout", type=int, default=120)
+    p.add_argument("--device", default="cpu",
+                   help="'cuda' runs the GPU section (part 'gpu') only")
     p.add_argument("--child-large", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-sklearn", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -451,6 +492,9 @@ def main(argv=None):
     args.sk_ks = [int(k) for k in args.sk_ks.split(",") if k]
     args.approx_grid = [tuple(int(v) for v in g.split("x")) for g in args.approx_grid.split(",")]
     parts = set(args.parts.split(","))
+    if args.device != "cpu":
+        print("# python -m benchmarks.large_dictionary " + " ".join(sys.argv[1:]))
+        return part_gpu(args)
     print("# python -m benchmarks.large_dictionary " + " ".join(sys.argv[1:]))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")

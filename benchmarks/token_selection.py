@@ -224,11 +224,14 @@ def long_context_states(n_tokens):
 
 
 def _timed(fn, repeats):
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     best = float("inf")
     for _ in range(repeats):
+        sync()
         t = time.perf_counter()
         with torch.no_grad():
             out = fn()
+        sync()
         best = min(best, time.perf_counter() - t)
     return best, out
 

@@ -57,6 +57,18 @@ def test_route_topk_group_selection_is_exact(positive):
             torch.testing.assert_close(v, v0)
 
 
+def test_route_topk_from_a_worker_thread_uses_the_serial_kernel():
+    import threading
+
+    D = _dict(500, 16, seed=5)
+    X = torch.randn(40, 16, dtype=torch.float64)
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("r", route_topk(X, D, 5)))
+    t.start()
+    t.join()
+    assert torch.equal(out["r"][1], route_dense(X, D, 5)[1])
+
+
 def test_running_topk_kernel_float32():
     from skdict.solvers._kernels.select import running_topk
 

@@ -3,6 +3,7 @@
 from .attention import (
     HierarchicalSelection,
     SparseAttention,
+    block_select,
     hierarchical_select,
     mean_pool_levels,
     sparse_attention,
@@ -27,4 +28,5 @@ __all__ = [
     "mean_pool_levels",
     "sparse_attention",
     "sparse_weights",
+    "block_select",
 ]

@@ -155,7 +155,7 @@ def sparse_weights(scores, method="topk", *, alpha=1.0, k=None, empty="argmax"):
 # key blocks per query at least (block_size shrinks for small budgets)
 MIN_BLOCKS = 4
 # "auto" preselection: candidates per budget key, and the shortest key sequence
-PRESELECT_FACTOR = 4
+PRESELECT_FACTOR = 2
 PRESELECT_MIN_KEYS = 4096
 
 
@@ -240,7 +240,7 @@ def sparse_attention(
         scoring every key and selecting from all ``S``. The result is the exact
         per-query selection whenever the ``k`` best keys lie in the preselected
         blocks (always when ``preselect * k >= S``). ``"auto"`` preselects
-        ``4 k`` keys when that is at most half of ``S`` and ``S >= 4096``, where
+        ``2 k`` keys when that is at most half of ``S`` and ``S >= 4096``, where
         dense scoring and a length-``S`` top-k cost more than the attention
         itself; None always scores every key.
 
@@ -251,6 +251,16 @@ def sparse_attention(
     info : dict
         ``nnz_mean`` / ``nnz_max`` (keys per query), ``density`` (kept keys over
         allowed keys), ``sparsity`` (``1 - density``), ``budget`` (k or None).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skdict.nn import sparse_attention
+    >>> q, k, v = (torch.randn(1, 2, 256, 16) for _ in range(3))
+    >>> out, info = sparse_attention(q, k, v, method="block", keep_ratio=0.25,
+    ...                              block_size=16, is_causal=True)
+    >>> out.shape, info["budget"], info["nnz_max"] <= 64
+    (torch.Size([1, 2, 256, 16]), 64, True)
     """
     _check_method(method, ATTENTION_METHODS)
     _check_qkv(query, key, value)
@@ -603,6 +613,17 @@ def block_select(query, key, n_blocks, block_size, *, is_causal=False, key_valid
         False on slots with no allowed block (fewer than ``n_blocks`` exist).
     scores : Tensor (B, n_query_blocks, n_key_blocks)
         The block scores (``-inf`` where not allowed; ``+inf`` on forced blocks).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skdict.nn import block_select
+    >>> q, k = torch.randn(1, 64, 8), torch.randn(1, 64, 8)
+    >>> blocks, ok, scores = block_select(q, k, 2, 16, is_causal=True)
+    >>> blocks.shape, bool((blocks[0, :, 0] == torch.arange(4)).all())  # diagonal first
+    (torch.Size([1, 4, 2]), True)
+    >>> ok[0, 0].tolist()  # the first query block sees only its own key block
+    [True, False]
     """
     B, L, E = query.shape
     S = key.shape[1]
@@ -833,7 +854,9 @@ def _topk_weights(s, k):
     flat = s.detach().reshape(-1, n)
     thr, ties = kth_largest(flat.numpy(), int(k))
     thr = torch.from_numpy(thr).view(*s.shape[:-1], 1)
-    w = topk_softmax(s.masked_fill(s < thr, float("-inf")))
+    if bool(torch.isinf(thr).any()):  # rows with fewer than k allowed keys (or none)
+        return sparse_weights(s, "topk", k=k)
+    w = torch.softmax(s.masked_fill(s < thr, float("-inf")), dim=-1)
     if ties.any():  # more than k entries at or above the threshold: exact top-k rows
         rows = torch.from_numpy(np.flatnonzero(ties))
         w2 = sparse_weights(s.reshape(-1, n)[rows], "topk", k=k)

@@ -348,8 +348,8 @@ def route_approx(
     to exact routing. With ``n_probes >= n_clusters`` the result equals
     :func:`route_topk`. With a :class:`FaissRouter` attached
     (:meth:`ClusterIndex.attach_faiss`) and CPU rows, FAISS does the search
-    (scores from the atoms of the index's build). ``Dsorted`` (``D[index.order]``) may be passed when
-    it is reused across calls.
+    (scores from the atoms of the index's build). ``Dsorted``
+    (``D[index.order]``) may be passed when it is reused across calls.
 
     Returns
     -------

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from numba import njit, prange
 
@@ -55,8 +57,7 @@ def _select_desc(buf, k):
     return buf[k]
 
 
-@njit(cache=True, parallel=True, nogil=True)
-def _kth_rows(X, k, thr, ties):
+def _kth_rows_impl(X, k, thr, ties):
     n, m = X.shape
     for r in prange(n):
         buf = X[r].copy()
@@ -94,7 +95,7 @@ def kth_largest(X, k):
     thr = np.empty(n, dtype=X.dtype)
     ties = np.zeros(n, dtype=np.bool_)
     if n:
-        _kth_rows(X, int(k), thr, ties)
+        _parallel(_kth_rows)(X, int(k), thr, ties)
     return thr, ties
 
 
@@ -117,8 +118,7 @@ def _sift_down(hv, hi, pos, m):
     hi[pos] = i
 
 
-@njit(cache=True, parallel=True, nogil=True, fastmath=True)
-def _heap_rows(S, col0, absval, hv, hi):
+def _heap_rows_impl(S, col0, absval, hv, hi):
     n, t = S.shape
     m = hv.shape[1]
     for r in prange(n):
@@ -145,11 +145,10 @@ def running_topk(S, col0, values, indices, *, absval):
     current ``m``-th best costs one comparison. Reference: ``torch.topk`` of the
     concatenated columns (tests/test_large.py).
     """
-    _heap_rows(S, int(col0), bool(absval), values, indices)
+    _parallel(_heap_rows)(S, int(col0), bool(absval), values, indices)
 
 
-@njit(cache=True, parallel=True, nogil=True, fastmath=True)
-def _active_gram_rows(X, D, idx, G, c):
+def _active_gram_rows_impl(X, D, idx, G, c):
     n, s = idx.shape
     P = D.shape[1]
     for r in prange(n):
@@ -177,5 +176,25 @@ def active_gram_rows(X, D, idx):
     G = np.empty((n, s, s), dtype=D.dtype)
     c = np.empty((n, s), dtype=D.dtype)
     if n:
-        _active_gram_rows(X, D, idx, G, c)
+        _parallel(_active_gram_rows)(X, D, idx, G, c)
     return G, c
+
+
+def _twins(impl, fastmath):
+    """A parallel and a serial compilation of one kernel body (prange is range
+    in the serial one). Only the parallel one is cached on disk: both would share
+    one cache entry (same function, same signature)."""
+    return (njit(cache=True, parallel=True, nogil=True, fastmath=fastmath)(impl),
+            njit(nogil=True, fastmath=fastmath)(impl))
+
+
+_kth_rows = _twins(_kth_rows_impl, False)
+_heap_rows = _twins(_heap_rows_impl, True)
+_active_gram_rows = _twins(_active_gram_rows_impl, True)
+
+
+def _parallel(twins):
+    """The parallel kernel from the main thread; the serial one from other threads
+    (dask workers, data loaders), where numba's workqueue layer may not be re-entered
+    and the caller already runs in parallel."""
+    return twins[0] if threading.current_thread() is threading.main_thread() else twins[1]

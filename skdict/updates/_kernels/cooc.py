@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ...solvers._kernels.select import _parallel, _twins
+
 __all__ = ["offdiag_rows_matmul"]
 
 
@@ -46,8 +48,7 @@ def _group(rows, cols, vals, slot, m):
     return ptr, nbr, w
 
 
-@njit(cache=True, parallel=True, nogil=True, fastmath=True)
-def _rows_product(ptr, nbr, w, D, out):
+def _rows_product_impl(ptr, nbr, w, D, out):
     P = D.shape[1]
     for i in prange(out.shape[0]):
         for e in range(ptr[i], ptr[i + 1]):
@@ -81,5 +82,8 @@ def offdiag_rows_matmul(rows, cols, vals, D, atoms, n_threads):
         slot[atoms] = np.arange(atoms.shape[0])
         ptr, nbr, w = _group(rows, cols, vals.astype(D.dtype, copy=False), slot,
                              atoms.shape[0])
-        _rows_product(ptr, nbr, w, D, out)
+        _parallel(_rows_product)(ptr, nbr, w, D, out)
     return out
+
+
+_rows_product = _twins(_rows_product_impl, True)
