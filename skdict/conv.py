@@ -222,7 +222,7 @@ class ConvSparseCoder(_ConvCodingMixin, BaseSparseCoder):
         boundary).
     n_features_in_ : int
         Values per row (``prod(image_shape_)``).
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Column names of ``X`` when it had string column names.
 
     See Also
@@ -391,7 +391,7 @@ class ConvDictionaryLearning(_ConvCodingMixin, TrainedEstimatorMixin, BaseSparse
     n_resampled_ : int
         Filters re-drawn so far.
     n_features_in_ : int
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Column names of ``X`` when it had string column names.
 
     Examples

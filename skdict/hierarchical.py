@@ -210,7 +210,7 @@ class HierarchicalSparseCoder(TrainedEstimatorMixin, BaseSparseCoder):
         Atoms re-initialised so far, per level.
     n_features_in_ : int
         Number of features seen during ``fit``.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Column names of ``X`` when it had string column names (a DataFrame).
 
     See Also

@@ -134,7 +134,7 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
     n_steps_ : int
         Adam steps over all calls.
     n_features_in_ : int
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Column names of ``X`` when it had string column names (a DataFrame).
 
     Notes

@@ -80,7 +80,9 @@ def free_energy(X, codes, dicts, alpha, precisions, *, errors=None):
 
 
 def free_energy_grad(errors, dicts, precisions):
-    """Gradient of the smooth part of ``F`` with respect to each level's codes::
+    """Gradient of the smooth part of ``F`` with respect to each level's codes.
+
+    For level ``l``::
 
         dF/da_l = -p_l e_l D_l^T + p_{l+1} e_{l+1}      (no second term at l = L)
     """
@@ -96,7 +98,10 @@ def free_energy_grad(errors, dicts, precisions):
 
 def generate(top, dicts, *, level=0):
     """Top-down generation: the codes of ``level`` (0: the data) predicted from
-    the top level's codes, ``top @ D_L @ ... @ D_{level+1}``."""
+    the top level's codes.
+
+    The prediction is ``top @ D_L @ D_{L-1} @ D_{level+1}`` (every dictionary from
+    the top down to level ``level + 1``)."""
     out = top
     for D in reversed(dicts[level:]):
         out = out @ D
