@@ -46,6 +46,9 @@ def _check_alpha_sets_sparsity(estimator):
             f"the sparsity of {name} is not set by alpha (use its own count parameter, "
             "e.g. k)."
         )
+    # the algorithm an "auto" setting stands for (LCASparseCoder picks by threshold)
+    resolved = getattr(estimator, "_transform_algorithm", algo)
+    algo = resolved if isinstance(resolved, str) else algo
     if get_solver(algo).problem == "l0":
         key = "algorithm" if "algorithm" in params else "transform_algorithm"
         count = "n_nonzero_coefs" if key == "algorithm" else "transform_n_nonzero_coefs"

@@ -97,14 +97,15 @@ def test_huge_values_raise_or_learn_never_internal_errors():
 @FUZZ
 @given(tau=st.floats(1e-4, 1.0))
 def test_lca_divergence_is_detected(tau):
-    lca = LCASparseCoder(8, alpha=0.1, max_iter=1, random_state=0, device="cpu").fit(X)
+    lca = LCASparseCoder(8, alpha=0.1, max_iter=1, random_state=0, fit_algorithm="lca",
+                         transform_algorithm="lca", device="cpu").fit(X)
     L = float(np.linalg.eigvalsh(lca.components_ @ lca.components_.T).max())
     lca.set_params(tau=tau * L / 2 * 0.5)  # below the stable range
     with pytest.raises(ValueError, match="tau"):
         lca.transform(X)
     with pytest.raises(ValueError, match="tau"):
         LCASparseCoder(8, alpha=0.1, tau=1e-4, max_iter=1, random_state=0,
-                       device="cpu").fit(X)
+                       fit_algorithm="lca", device="cpu").fit(X)
 
 
 @FUZZ
@@ -136,7 +137,7 @@ def test_convergence_warning_when_tolerance_not_met(algorithm):
         sparse_encode(X[:8], DICT, algorithm=algorithm, alpha=0.3, max_iter=5000, tol=1e-3,
                       device="cpu")
     lca = LCASparseCoder(8, alpha=0.05, max_iter=1, fit_max_iter=2, random_state=0,
-                         transform_algorithm=algorithm, transform_max_iter=2,
+                         fit_algorithm="lca", transform_algorithm=algorithm, transform_max_iter=2,
                          device="cpu").fit(X)
     # fit's capped inference is recorded per minibatch, not warned about
     assert set(lca.history_["converged"]) <= {0.0, 1.0}
