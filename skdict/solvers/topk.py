@@ -111,8 +111,8 @@ class SparsePairs:
         if A.dtype == B.dtype and A.device == B.device:
             try:
                 return _native_pair_dot(A.contiguous(), B.contiguous(), self.col,
-                                        self.crow[:-1])
-            except (RuntimeError, AttributeError, TypeError):  # pragma: no cover
+                                        self.crow[:-1], self.row)
+            except (AttributeError, TypeError):  # pragma: no cover
                 pass
         return self._pair_dot_gather(A, B, chunk)
 
@@ -143,12 +143,14 @@ class SparsePairs:
         return out
 
 
-def _native_pair_dot(A, B, col, offsets):
-    """``<A[bag(p)], B[col[p]]>`` with ATen's embedding-bag per-sample-weight
-    backward (bags given by CSR ``offsets``)."""
-    empty = torch.empty(0, dtype=torch.long, device=col.device)
+def _native_pair_dot(A, B, col, offsets, bags):
+    """``<A[bags[p]], B[col[p]]>`` with ATen's embedding-bag per-sample-weight
+    backward (bags given by CSR ``offsets`` and, per pair, ``bags``).
+
+    The CUDA kernel reads the pair-to-bag map (``offset2bag``) unchecked: an
+    empty one is an illegal memory access there, so it is always passed."""
     return torch.ops.aten._embedding_bag_per_sample_weights_backward(
-        A, B, col, offsets, empty, 0, -1
+        A, B, col, offsets, bags, 0, -1
     )
 
 
