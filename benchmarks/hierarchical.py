@@ -27,10 +27,10 @@ import argparse
 import copy
 import time
 
-from benchmarks._common import timed  # noqa: I001 (sets OMP_WAIT_POLICY before torch loads)
-
 import numpy as np
 import torch
+
+from benchmarks._common import timed  # noqa: I001 (sets OMP_WAIT_POLICY before torch loads)
 from skdict import HierarchicalSparseCoder, LCASparseCoder
 
 
@@ -100,7 +100,7 @@ def part_energy(data, args):
         res = {}
         for mode in ("bottom_up", "joint"):
             est.set_params(inference=mode)
-            t, terms = timed(lambda: est.free_energy(Xte, per_level=True))
+            t, terms = timed(lambda e=est, x=Xte: e.free_energy(x, per_level=True))
             res[mode] = (terms.astype(np.float64).mean(0), t)
         bu, jt = res["bottom_up"], res["joint"]
         rows.append((name, f"{bu[0].sum():.4f}", f"{jt[0].sum():.4f}",

@@ -377,7 +377,8 @@ def main(argv=None):
             best = sae_rows[best_lab][s]
             print(
                 f"{s:4d} steps: skdict defaults FVU {sk[s]['fvu']:.4f} vs SAELens best "
-                f"{best['fvu']:.4f} ({best_lab}): {'met' if sk[s]['fvu'] <= best['fvu'] else 'MISSED'}; "
+                f"{best['fvu']:.4f} ({best_lab}): "
+                f"{'met' if sk[s]['fvu'] <= best['fvu'] else 'MISSED'}; "
                 f"tokens/s {sk[s]['tokens_s'] / best['tokens_s']:.2f}x"
             )
         for lr in same:

@@ -35,8 +35,9 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
         0.5 * ||x - a @ components_||^2 + alpha * ||a||_1
 
     (``loss="objective"``), or to reproduce target codes (``loss="codes"``: the
-    exact minimisers from skdict's exact solver, or codes given as ``y``). ``transform`` then costs ``n_layers`` matrix
-    products per row, with exact zeros from the last threshold.
+    exact minimisers from skdict's exact solver, or codes given as ``y``).
+    ``transform`` then costs ``n_layers`` matrix products per row, with exact zeros
+    from the last threshold.
 
     Parameters
     ----------
