@@ -97,7 +97,8 @@ class HierarchicalLearner:
         return HierarchicalState(
             D=D,
             A=[torch.zeros(k, k, dtype=tdtype, device=self.device) for k in K],
-            B=[torch.zeros(k, d, dtype=tdtype, device=self.device) for k, d in zip(K, dims, strict=True)],
+            B=[torch.zeros(k, d, dtype=tdtype, device=self.device)
+               for k, d in zip(K, dims, strict=True)],
             since_used=[torch.zeros(k, dtype=torch.long, device=self.device) for k in K],
             n_resampled=[0] * len(K),
             mse=[float(s**2) for s in self.sigma],
