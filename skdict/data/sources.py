@@ -459,20 +459,27 @@ def _dask_source(X, *, estimator, reset, dtype):
             f"along its columns too (column chunks {X.chunks[1]}); rechunk it into row "
             "blocks first: X = X.rechunk({1: -1})."
         )
+    data_dtype = _check_lazy_2d(X, estimator, reset, "dask array")
+    return DaskSource(X, _resolve_dtype(dtype, data_dtype), name=name)
+
+
+def _check_lazy_2d(X, estimator, reset, kind):
+    """Shape, dtype and feature count of an array that is not read here (a memmap
+    or a dask array: finiteness is checked per batch); returns its data dtype."""
+    name = type(estimator).__name__
     if X.shape[0] < 1 or X.shape[1] < 1:
         raise ValueError(
             f"Found array with shape {X.shape}; {name} needs at least 1 sample and 1 feature."
         )
     if X.dtype.kind not in "fiub":
-        raise ValueError(f"{name} needs a numeric dask array, got dtype {X.dtype}.")
+        raise ValueError(f"{name} needs a numeric {kind}, got dtype {X.dtype}.")
     if reset:
         estimator.n_features_in_ = int(X.shape[1])
         if hasattr(estimator, "feature_names_in_"):
             del estimator.feature_names_in_
     else:
         check_n_features(estimator, int(X.shape[1]))
-    data_dtype = X.dtype if X.dtype in (np.float32, np.float64) else np.float64
-    return DaskSource(X, _resolve_dtype(dtype, data_dtype), name=name)
+    return X.dtype if X.dtype in (np.float32, np.float64) else np.float64
 
 
 def as_source(X, *, estimator, reset, dtype=None, allow_stream=True) -> RowSource:
@@ -511,20 +518,7 @@ of batches
         # shape and dtype now, finiteness per batch: a memmap is never read whole here
         if X.ndim != 2:
             raise shape_error(X.ndim, X.shape, name)
-        if X.shape[0] < 1 or X.shape[1] < 1:
-            raise ValueError(
-                f"Found array with shape {X.shape}; {name} needs at least 1 sample and "
-                "1 feature."
-            )
-        if X.dtype.kind not in "fiub":
-            raise ValueError(f"{name} needs a numeric memmap, got dtype {X.dtype}.")
-        if reset:
-            estimator.n_features_in_ = int(X.shape[1])
-            if hasattr(estimator, "feature_names_in_"):
-                del estimator.feature_names_in_
-        else:
-            check_n_features(estimator, int(X.shape[1]))
-        data_dtype = X.dtype if X.dtype in (np.float32, np.float64) else np.float64
+        data_dtype = _check_lazy_2d(X, estimator, reset, "memmap")
         return ArraySource(X, _resolve_dtype(dtype, data_dtype), name=name,
                            check_finite_per_batch=True)
     X, data_dtype = check_input(estimator, X, reset=reset)
