@@ -97,8 +97,9 @@ class HierarchicalLearner:
         return HierarchicalState(
             D=D,
             A=[torch.zeros(k, k, dtype=tdtype, device=self.device) for k in K],
+            # dims = (n_features, K_1, ..., K_L): level l's statistics are K_l x dims[l]
             B=[torch.zeros(k, d, dtype=tdtype, device=self.device)
-               for k, d in zip(K, dims, strict=True)],
+               for k, d in zip(K, dims[:len(K)], strict=True)],
             since_used=[torch.zeros(k, dtype=torch.long, device=self.device) for k in K],
             n_resampled=[0] * len(K),
             mse=[float(s**2) for s in self.sigma],
