@@ -2,8 +2,10 @@
 estimators, used through the same ``fit``.
 
 When a process group is initialised (``torchrun`` with ``gloo`` on CPUs or
-``nccl`` on GPUs) and has more than one rank, ``KSparseAutoencoder.fit`` treats
-the rows given on each rank as that rank's shard of one data set:
+``nccl`` on GPUs) and has more than one rank, ``KSparseAutoencoder.fit`` and
+``LISTAEncoder.fit`` treat the rows given on each rank as that rank's shard of
+one data set (the random stream of the fit is rank 0's on every rank). For the
+autoencoder:
 
 * every step takes ``batch_size // world`` rows on each rank (one more on the
   first ``batch_size % world`` ranks), so the global batch is ``batch_size``;
@@ -20,6 +22,12 @@ the rows given on each rank as that rank's shard of one data set:
 With ``shuffle=False``, ranks where rank ``r`` holds ``X[r::world]`` reproduce
 the single-process fit on ``X`` to float tolerance (initialisation sample
 included, for up to 65536 rows).
+
+``LISTAEncoder`` places the shards' rows in the global order
+(:func:`global_rows`), draws its validation split over all rows, and reads each
+global batch of the single-process order as the ranks' parts of it
+(:class:`OrderedShard`, shuffled or not); the loss sums, row counts and
+gradients of a step go in one all-reduce.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import torch.distributed as dist
 from ..data.sources import RowSource, _to_tensor
 from ..solvers.topk import SparsePairs
 
-__all__ = ["Comm", "ShardSource", "world_comm", "is_writer"]
+__all__ = ["Comm", "OrderedShard", "ShardSource", "global_rows", "world_comm", "is_writer"]
 
 #: variants whose loss decomposes over the rows of the global batch
 DATA_PARALLEL_VARIANTS = ("topk", "batchtopk", "matryoshka")
@@ -70,6 +78,20 @@ class Comm:
 
     def min(self, t):
         return self._reduce(t, dist.ReduceOp.MIN)
+
+    def broadcast(self, t):
+        """Rank 0's ``t`` on every rank (a copy; same shape and dtype everywhere)."""
+        src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
+        buf = t.clone()
+        if dist.get_backend(self.group) == "nccl":
+            buf = buf.cuda()
+        dist.broadcast(buf, src=src, group=self.group)
+        return buf.to(t.device)
+
+    def broadcast_generator(self, generator):
+        """Give ``generator`` rank 0's state on every rank (in place)."""
+        generator.set_state(self.broadcast(generator.get_state()))
+        return generator
 
     def gather(self, values):
         """All ranks' ``(n,)`` tensors as one list (padded exchange: sizes differ)."""
@@ -154,11 +176,24 @@ class Comm:
         off = 0
         for p in params:
             n = p.numel()
-            p.grad = flat[off : off + n].view_as(p).clone()
+            # in the parameter's strides (the fused Adam step assumes them)
+            p.grad = torch.empty_like(p).copy_(flat[off : off + n].view_as(p))
             off += n
         for p, h in zip(params, flat[off:].tolist(), strict=True):
             if h == 0:
                 p.grad = None
+
+
+def global_rows(counts, rank):
+    """Global indices of rank ``rank``'s rows when the ranks' shards (of sizes
+    ``counts``) interleave row by row: local row ``i`` of rank ``r`` is global
+    row ``i * world + r`` when the shards are ``X[r::world]``; a rank whose
+    shard ran out drops out of the rotation."""
+    c = torch.as_tensor(list(counts), dtype=torch.long)
+    i = torch.arange(int(c[rank]), dtype=torch.long)
+    before = torch.minimum(c[None, :], i[:, None]).sum(1)  # rows of earlier rounds
+    ahead = (c[None, :rank] > i[:, None]).sum(1)  # lower ranks in this round
+    return before + ahead
 
 
 class ShardSource(RowSource):
@@ -207,3 +242,46 @@ class ShardSource(RowSource):
         if src.is_dask:
             return _to_tensor(src.X[mine.numpy()].compute(), device, tdtype)
         return src._rows(mine if src.is_torch else mine.numpy(), device, tdtype)
+
+
+class OrderedShard(RowSource):
+    """This rank's rows of a global row order, read as its part of each global
+    batch: the rows at positions ``pos`` (increasing) of a global order of
+    ``n_global`` rows. Every rank yields a batch (possibly empty) at every step,
+    and the global batches are those one process would read from the whole
+    order, shuffled or not, given the same generator."""
+
+    def __init__(self, X, pos, n_global, *, dtype):
+        self.X = X
+        self.pos = torch.as_tensor(pos, dtype=torch.long).cpu()
+        self.n_samples = int(X.shape[0])
+        self.n_global = int(n_global)
+        self.n_features = int(X.shape[1])
+        self.dtype = dtype
+
+    def _take(self, positions, device, tdtype):
+        """The local rows among global ``positions``, in their order."""
+        inv = torch.full((self.n_global,), -1, dtype=torch.long)
+        inv[self.pos] = torch.arange(self.n_samples)
+        sel = inv[positions]
+        sel = sel[sel >= 0].to(self.X.device)
+        return self.X.index_select(0, sel).to(device=device, dtype=tdtype)
+
+    def batches(self, batch_size, *, device, shuffle=False, generator=None, dtype=None):
+        n, bs = self.n_global, max(1, int(batch_size))
+        tdtype = self._tdtype(dtype)
+        if not shuffle:
+            for start in range(0, n, bs):
+                lo, hi = torch.searchsorted(self.pos, torch.tensor([start, start + bs])).tolist()
+                yield self.X[lo:hi].to(device=device, dtype=tdtype)
+            return
+        # the draws of ArraySource.batches over the global order
+        if shuffle == "blocks":
+            for b in torch.randperm(-(-n // bs), generator=generator).tolist():
+                start, stop = b * bs, min(n, (b + 1) * bs)
+                within = torch.randperm(stop - start, generator=generator)
+                yield self._take(start + within, device, tdtype)
+            return
+        perm = torch.randperm(n, generator=generator)
+        for start in range(0, n, bs):
+            yield self._take(perm[start : start + bs].sort().values, device, tdtype)

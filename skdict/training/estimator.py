@@ -125,6 +125,8 @@ class TrainedEstimatorMixin:
             src = WaveSource(src)
         if first:
             state, generator = None, make_generator(self.random_state, "cpu")
+            if comm is not None:  # one stream on every rank, even with random_state=None
+                comm.broadcast_generator(generator)
         else:
             state = self._resume_state(learner, device)
             generator = state.generator
