@@ -363,8 +363,49 @@ def test_token_selector_over_dask_tokens_merges_tile_topk(client):
             W = SparseTokenSelector(**params).fit(Td).transform(Q)
         assert len({t["worker"] for t in ts.data}) == 2
         np.testing.assert_allclose(W.toarray(), ref.toarray(), atol=1e-6)
-    with pytest.raises(ValueError, match="method='lasso'.*needs every token"):
-        SparseTokenSelector(method="lasso", keep_ratio=0.01).fit(Td).transform(Q)
+    with pytest.raises(ValueError, match="method='topk'.*needs every token"):
+        SparseTokenSelector(method="topk").fit(Td).transform(Q)
+
+
+@pytest.mark.parametrize("params", [
+    dict(alpha=0.3),
+    dict(alpha=0.1, keep_ratio=0.002, normalize=False),
+    dict(alpha=50.0, empty="zero"),  # alpha above every |<q, t>|: empty rows
+])
+def test_lasso_selection_over_dask_tokens_is_the_exact_lasso(client, params, monkeypatch):
+    """Working sets started and KKT-checked blockwise on the workers: the same
+    supports and weights as the in-memory selector. Small working sets force
+    several rounds of violators."""
+    from skdict import SparseTokenSelector, selection
+    from skdict.distributed import dask as skdask
+
+    monkeypatch.setattr(selection, "_LASSO_INIT", 2)
+    monkeypatch.setattr(selection, "_LASSO_ADD", 3)
+    rounds = []
+    real = skdask.DaskTokens.violators
+
+    def counted(self, R, *args):
+        out = real(self, R, *args)
+        rounds.append(sum(c is not None for c in out))
+        return out
+
+    monkeypatch.setattr(skdask.DaskTokens, "violators", counted)
+    rng = np.random.default_rng(2)
+    T = rng.standard_normal((2000, 12))
+    Q = rng.standard_normal((30, 12))
+    p = dict(method="lasso", device="cpu", **params)
+    ref = SparseTokenSelector(**p).fit(T).transform(Q)
+    with distributed.get_task_stream(client) as ts:
+        W = SparseTokenSelector(**p).fit(da.from_array(T, chunks=(450, -1))).transform(Q)
+    assert len({t["worker"] for t in ts.data}) == 2
+    np.testing.assert_array_equal(W.indptr, ref.indptr)
+    np.testing.assert_array_equal(W.indices, ref.indices)
+    np.testing.assert_allclose(W.data, ref.data, rtol=1e-12, atol=1e-14)
+    if params["alpha"] < 1:
+        assert len(rounds) > 2 and max(rounds) > 0  # violators were found and added
+        assert W.nnz > 2 * Q.shape[0]
+    else:
+        assert W.nnz == 0
 
 
 @pytest.mark.parametrize("params", [
