@@ -306,9 +306,25 @@ def _lista_rank_main(rank, world, port, D, X, out):
             est.fit(X[rank::world])
             res[name] = (est.weights_, est.components_, est.loss_curve_, est.layer_gap_,
                          est.support_selection_)
+        # partial_fit continues on every rank's shard alike
+        est = LISTAEncoder(D, **_lista_params()["objective"]).fit(X[rank::world])
+        res["partial"] = est.partial_fit(X[rank::world]).weights_
         # random_state=None: the ranks still draw one split and one batch order
         est = LISTAEncoder(D, n_layers=2, max_iter=1, batch_size=40, device="cpu")
         res["unseeded"] = est.fit(X[rank::world]).weights_
+        # a failure on one rank is raised on both, none waits forever
+        small = dict(n_layers=2, max_iter=1, device="cpu")
+        errors = {}
+        try:
+            LISTAEncoder(D if rank == 0 else D[::-1], **small).fit(X[rank::world])
+        except ValueError as e:
+            errors["dictionary"] = str(e)
+        y = np.zeros((len(X[rank::world]) - rank, D.shape[0]))  # rank 1: one row short
+        try:
+            LISTAEncoder(D, loss="codes", **small).fit(X[rank::world], y)
+        except ValueError as e:
+            errors["targets"] = str(e)
+        res["errors"] = errors
         torch.save(res, os.path.join(out, f"lista{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -345,8 +361,16 @@ def test_two_gloo_ranks_reproduce_the_single_process_lista_fit(tmp_path, planted
             np.testing.assert_allclose(curve, ref.loss_curve_, rtol=1e-5)
             np.testing.assert_allclose(gap, ref.layer_gap_, rtol=1e-4, atol=1e-6)
             assert support == ref.support_selection_
+    ref = LISTAEncoder(D, **_lista_params()["objective"]).fit(X).partial_fit(X)
+    for r in range(2):
+        for k, w in ref.weights_.items():
+            np.testing.assert_allclose(ranks[r]["partial"][k], w, rtol=1e-5, atol=1e-7)
     for k, w in ranks[0]["unseeded"].items():
         np.testing.assert_array_equal(ranks[1]["unseeded"][k], w)
+    assert "rank(s) [1]" in ranks[0]["errors"]["dictionary"]
+    assert "other dictionaries (or alphas) than rank 0" in ranks[1]["errors"]["dictionary"]
+    assert "rank(s) [1]" in ranks[0]["errors"]["targets"]
+    assert "y must hold target codes of shape" in ranks[1]["errors"]["targets"]
 
 
 def test_token_selector_over_dask_tokens_merges_tile_topk(client):

@@ -106,6 +106,47 @@ class Comm:
         return [o[: int(s)] for o, s in zip(out, sizes, strict=True)]
 
     # ---------------------------------------------------------------- training
+    def agree(self, name, error=None):
+        """Raise on every rank when any rank hit ``error`` (an exception, None
+        where all went well): that rank's own exception there, a ValueError
+        naming the failed ranks on the others (a lone failing rank would leave
+        the others waiting in their next collective)."""
+        flag = torch.tensor([int(error is not None)], dtype=torch.long)
+        if dist.get_backend(self.group) == "nccl":
+            flag = flag.cuda()
+        table = [torch.zeros_like(flag) for _ in range(self.world)]
+        dist.all_gather(table, flag, group=self.group)
+        failed = [r for r, t in enumerate(table) if int(t)]
+        if error is not None:
+            raise error
+        if failed:
+            raise ValueError(f"{name}.fit failed on rank(s) {failed}; see that rank's error.")
+
+    def run_together(self, name, fn, *args):
+        """``fn(*args)`` on every rank; when it raises on any rank, every rank
+        raises (see :meth:`agree`)."""
+        out, err = None, None
+        try:
+            out = fn(*args)
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            err = e
+        self.agree(name, err)
+        return out
+
+    def check_same(self, t, what, name):
+        """ValueError on every rank unless ``t`` is the same tensor (shape and
+        values) on all ranks."""
+        shapes = self.gather(torch.tensor(t.shape, dtype=torch.long))
+        if any(s.tolist() != shapes[0].tolist() for s in shapes):
+            raise ValueError(
+                f"{name}: the ranks were given {what} of different shapes "
+                f"{[tuple(s.tolist()) for s in shapes]}; give every rank the same."
+            )
+        same = torch.equal(self.broadcast(t), t)
+        self.agree(name, None if same else ValueError(
+            f"{name}: rank {self.rank} was given other {what} than rank 0; every rank "
+            "must train for the same ones."))
+
     def check_shards(self, n_rows, n_features, name, error=None):
         """Every rank learns every rank's row and feature counts; all raise the
         same ValueError when a rank has no rows, failed its own validation or

@@ -113,7 +113,13 @@ class LISTALearner:
         self.comm = None  # a skdict.distributed.torch.Comm under a process group
 
     def use_comm(self, comm):
-        """Train data-parallel: this process's rows are its shard of the data."""
+        """Train data-parallel: this process's rows are its shard of the data
+        (every rank must train for the same dictionary and alpha)."""
+        name = type(self.est).__name__
+        what = "dictionaries (or alphas)"
+        comm.check_same(torch.cat([self.D.detach().double().cpu().reshape(-1),
+                                   torch.tensor([self.alpha], dtype=torch.float64)]),
+                        what, name)
         self.comm = comm
 
     def _total(self, *values):
@@ -133,23 +139,11 @@ class LISTALearner:
             n, gidx = int(sum(counts)), global_rows(counts, comm.rank)
         else:
             n = source.n_samples
-        if source.is_stream:
-            raise ValueError(
-                f"{name} needs X as one array (rows are paired with their target codes); "
-                "concatenate the batches, or train skdict.nn.LISTA in your own loop."
-            )
-        n_local, K, tdtype = source.n_samples, D.shape[0], torch_dtype(self.dtype)
-        if y is not None and not sp.issparse(y) and not isinstance(y, torch.Tensor):
-            y = np.asarray(y)
-        if y is not None and y.ndim == 1:
-            y = None  # labels passed through a Pipeline: not codes
-        if y is not None:
-            if est.loss != "codes":
-                raise ValueError(
-                    f"y gives target codes, which only loss='codes' uses; got "
-                    f"loss={est.loss!r}. Pass y=None, or set loss='codes'."
-                )
-            y = _check_targets(y, n_local, K, name)
+        if comm is None:
+            y = self._check_inputs(source, y)
+        else:  # a rank's bad y is raised on every rank
+            y = comm.run_together(name, self._check_inputs, source, y)
+        tdtype = torch_dtype(self.dtype)
         X = _rows_tensor(source, self.device, tdtype)
         n_val = int(math.floor(est.validation_fraction * n)) if n > 1 else 0
         n_val = min(n_val, n - 1)
@@ -210,6 +204,28 @@ class LISTALearner:
         from ..distributed.torch import OrderedShard
 
         return OrderedShard(Xt, pos, n_train, dtype=self.dtype)
+
+    def _check_inputs(self, source, y):
+        """This process's rows as one array and ``y`` as target codes (or None)."""
+        est = self.est
+        name = type(est).__name__
+        if source.is_stream:
+            raise ValueError(
+                f"{name} needs X as one array (rows are paired with their target codes); "
+                "concatenate the batches, or train skdict.nn.LISTA in your own loop."
+            )
+        if y is not None and not sp.issparse(y) and not isinstance(y, torch.Tensor):
+            y = np.asarray(y)
+        if y is not None and y.ndim == 1:
+            y = None  # labels passed through a Pipeline: not codes
+        if y is not None:
+            if est.loss != "codes":
+                raise ValueError(
+                    f"y gives target codes, which only loss='codes' uses; got "
+                    f"loss={est.loss!r}. Pass y=None, or set loss='codes'."
+                )
+            y = _check_targets(y, source.n_samples, self.D.shape[0], name)
+        return y
 
     # ---------------------------------------------------------------- state
     def new_module(self):
