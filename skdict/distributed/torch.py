@@ -65,10 +65,16 @@ class Comm:
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
 
+    def _wire(self, t):
+        """A copy of ``t`` where the backend can send it (NCCL: on the GPU)."""
+        if dist.get_backend(self.group) == "nccl" and t.device.type != "cuda":
+            return t.cuda()
+        return t.clone()
+
     def _reduce(self, t, op):
-        t = t.clone()
-        dist.all_reduce(t, op=op, group=self.group)
-        return t
+        buf = self._wire(t)
+        dist.all_reduce(buf, op=op, group=self.group)
+        return buf.to(t.device)
 
     def sum(self, t):
         return self._reduce(t, dist.ReduceOp.SUM)
@@ -82,9 +88,7 @@ class Comm:
     def broadcast(self, t):
         """Rank 0's ``t`` on every rank (a copy; same shape and dtype everywhere)."""
         src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
-        buf = t.clone()
-        if dist.get_backend(self.group) == "nccl":
-            buf = buf.cuda()
+        buf = self._wire(t)
         dist.broadcast(buf, src=src, group=self.group)
         return buf.to(t.device)
 
@@ -95,15 +99,15 @@ class Comm:
 
     def gather(self, values):
         """All ranks' ``(n,)`` tensors as one list (padded exchange: sizes differ)."""
-        n = torch.tensor([values.numel()], device=values.device)
+        n = self._wire(torch.tensor([values.numel()]))
         sizes = [torch.zeros_like(n) for _ in range(self.world)]
         dist.all_gather(sizes, n, group=self.group)
         m = int(max(int(s) for s in sizes))
-        buf = values.new_zeros(m)
+        buf = self._wire(values.new_zeros(m))
         buf[: values.numel()] = values
         out = [torch.zeros_like(buf) for _ in range(self.world)]
         dist.all_gather(out, buf, group=self.group)
-        return [o[: int(s)] for o, s in zip(out, sizes, strict=True)]
+        return [o[: int(s)].to(values.device) for o, s in zip(out, sizes, strict=True)]
 
     # ---------------------------------------------------------------- training
     def agree(self, name, error=None):
@@ -111,9 +115,7 @@ class Comm:
         where all went well): that rank's own exception there, a ValueError
         naming the failed ranks on the others (a lone failing rank would leave
         the others waiting in their next collective)."""
-        flag = torch.tensor([int(error is not None)], dtype=torch.long)
-        if dist.get_backend(self.group) == "nccl":
-            flag = flag.cuda()
+        flag = self._wire(torch.tensor([int(error is not None)], dtype=torch.long))
         table = [torch.zeros_like(flag) for _ in range(self.world)]
         dist.all_gather(table, flag, group=self.group)
         failed = [r for r, t in enumerate(table) if int(t)]
@@ -152,10 +154,8 @@ class Comm:
         same ValueError when a rank has no rows, failed its own validation or
         disagrees on the feature count (a lone failing rank would leave the
         others waiting in their first collective)."""
-        mine = torch.tensor([int(n_rows), int(n_features), int(error is not None)],
-                            dtype=torch.long)
-        if dist.get_backend(self.group) == "nccl":
-            mine = mine.cuda()
+        mine = self._wire(torch.tensor([int(n_rows), int(n_features), int(error is not None)],
+                                       dtype=torch.long))
         table = [torch.zeros_like(mine) for _ in range(self.world)]
         dist.all_gather(table, mine, group=self.group)
         table = [[int(v) for v in t.cpu()] for t in table]
