@@ -12,8 +12,10 @@ Run: ``python -m benchmarks.scale`` (``--quick`` for a smaller run,
 2. Dask, one dictionary-learning epoch (:class:`skdict.LCASparseCoder`,
    K=128, ``fit_algorithm="exact"``, exact lasso codes): in memory, 1 worker,
    2 workers (steps of two 1/4-chunk blocks per worker).
-3. torch.distributed (gloo), one :class:`skdict.KSparseAutoencoder` epoch:
-   1 process vs 2 ranks holding ``X[r::2]`` (global batch 4096).
+3. torch.distributed (gloo), one :class:`skdict.KSparseAutoencoder` epoch
+   and one :class:`skdict.LISTAEncoder` epoch (16 ALISTA layers over the K=128
+   dictionary, exact validation codes included, a quarter of the rows): 1
+   process vs 2 ranks holding ``X[r::2]`` (global batch 4096).
 4. A per-step model of communication against compute, from the measured
    per-row compute and the measured per-task / per-collective latencies of
    this machine, extrapolated to 8, 64 and 512 workers, stating from where
@@ -167,10 +169,15 @@ def _sae_params(device):
                 random_state=0, device=device, shuffle=False)
 
 
+def _lista_params():
+    return dict(alpha=ALPHA, max_iter=1, batch_size=SAE_BATCH, random_state=0, device="cpu",
+                shuffle=False)
+
+
 def _rank(rank, world, port, n, out):
     import torch.distributed as dist
 
-    from skdict import KSparseAutoencoder
+    from skdict import KSparseAutoencoder, LISTAEncoder
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -183,6 +190,12 @@ def _rank(rank, world, port, n, out):
         t = time.perf_counter()
         est.fit(X[rank::world])
         el = time.perf_counter() - t
+        Xl = X[: n // 4][rank::world]
+        LISTAEncoder(_dictionary(), **_lista_params()).fit(Xl[:SAE_BATCH])  # warm-up
+        dist.barrier()
+        t = time.perf_counter()
+        LISTAEncoder(_dictionary(), **_lista_params()).fit(Xl)
+        el_lista = time.perf_counter() - t
         # latency of an all-reduce of the SAE's gradients
         g = torch.zeros(2 * SAE_LATENTS * P + SAE_LATENTS + P)
         for _ in range(3):
@@ -196,7 +209,7 @@ def _rank(rank, world, port, n, out):
         for _ in range(50):
             dist.all_reduce(one)
         lat = (time.perf_counter() - t) / 50
-        np.save(os.path.join(out, f"r{rank}.npy"), np.array([el, ar, lat]))
+        np.save(os.path.join(out, f"r{rank}.npy"), np.array([el, ar, lat, el_lista]))
     finally:
         dist.destroy_process_group()
 
@@ -204,7 +217,7 @@ def _rank(rank, world, port, n, out):
 def torch_section(n):
     import torch.multiprocessing as mp
 
-    from skdict import KSparseAutoencoder
+    from skdict import KSparseAutoencoder, LISTAEncoder
 
     torch.set_num_threads(1)
     X = np.concatenate([_rows(i, 4096) for i in range(-(-n // 4096))])[:n]
@@ -213,11 +226,16 @@ def torch_section(n):
     t = time.perf_counter()
     est.fit(X)
     t1 = time.perf_counter() - t
+    LISTAEncoder(_dictionary(), **_lista_params()).fit(X[:SAE_BATCH])
+    t = time.perf_counter()
+    LISTAEncoder(_dictionary(), **_lista_params()).fit(X[: n // 4])
+    t1_lista = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as out:
         mp.spawn(_rank, args=(2, _free_port(), n, out), nprocs=2)
         r = [np.load(os.path.join(out, f"r{i}.npy")) for i in range(2)]
     t2 = max(x[0] for x in r)
-    return {1: t1, 2: t2}, max(x[1] for x in r), max(x[2] for x in r)
+    lista = {1: t1_lista, 2: max(x[3] for x in r)}
+    return {1: t1, 2: t2}, max(x[1] for x in r), max(x[2] for x in r), lista
 
 
 # ------------------------------------------------------------------ model
@@ -330,12 +348,13 @@ def main(argv=None):
         print(f"  {label:32} {_fmt(r['memory']):>12} {_fmt(r[1]):>12} {_fmt(r[2]):>12} "
               f"{s:>8.2f}x {s / 2:>10.0%}")
     print(f"  scheduler round trip per task: {overhead[2] * 1e3:.2f} ms")
-    sae, allreduce, latency = torch_section(n_sae)
-    s = sae[1] / sae[2]
-    print(f"\ntorch.distributed (gloo) strong scaling, KSparseAutoencoder epoch, {n_sae} rows,"
-          f" global batch {SAE_BATCH}")
+    sae, allreduce, latency, lista = torch_section(n_sae)
+    print(f"\ntorch.distributed (gloo) strong scaling, one epoch, global batch {SAE_BATCH}")
     print(f"  {'':32} {'1 process':>12} {'2 ranks':>12} {'speed-up':>9} {'efficiency':>10}")
-    print(f"  {'epoch':32} {_fmt(sae[1]):>12} {_fmt(sae[2]):>12} {s:>8.2f}x {s / 2:>10.0%}")
+    for label, r in ((f"KSparseAutoencoder {n_sae} rows", sae),
+                     (f"LISTAEncoder {n_sae // 4} rows", lista)):
+        s = r[1] / r[2]
+        print(f"  {label:32} {_fmt(r[1]):>12} {_fmt(r[2]):>12} {s:>8.2f}x {s / 2:>10.0%}")
     print(f"  all-reduce of the gradients ({(2 * SAE_LATENTS * P) * 4 / 1e6:.2f} MB): "
           f"{allreduce * 1e3:.2f} ms; of one float: {latency * 1e3:.3f} ms")
     model(res["epoch"][1] / n_fit, sae[1] / n_sae, overhead[2], latency,

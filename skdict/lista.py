@@ -23,6 +23,37 @@ __all__ = ["LISTAEncoder"]
 _DEFAULT_LR = {"lista": 0.03, "lista_cp": 0.3, "alista": 0.3}
 
 
+def _learn_on_rank0(learner, rows, comm):
+    """Under a process group: the dictionary ``learner`` learns from every
+    rank's rows in their global order (the single-process data), fitted on rank
+    0 and broadcast, so every rank trains the encoder for the same atoms."""
+    from .distributed.torch import global_rows
+
+    P = rows.shape[1]
+    shards = [s.view(-1, P) for s in comm.gather(rows.reshape(-1))]
+    D, err = None, None
+    if comm.rank == 0:
+        counts = [s.shape[0] for s in shards]
+        X = rows.new_empty((sum(counts), P))
+        for r, s in enumerate(shards):
+            X[global_rows(counts, r)] = s
+        try:
+            D = learner.fit(X.numpy()).components_
+        except Exception as e:  # every rank must learn of it, not wait for atoms
+            err = e
+    head = torch.tensor([err is None, 0 if D is None else D.shape[0]], dtype=torch.long)
+    head = comm.broadcast(head)
+    if not int(head[0]):
+        if err is not None:
+            raise err
+        raise ValueError(
+            "learning the dictionary (dictionary=None) failed on rank 0; see its error."
+        )
+    buf = torch.from_numpy(D).double() if D is not None else torch.empty(int(head[1]), P,
+                                                                         dtype=torch.float64)
+    return comm.broadcast(buf).numpy()
+
+
 class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
     """A learned, fixed-depth approximation of the lasso codes of a dictionary.
 
@@ -146,6 +177,17 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
     array, not an iterable of batches. The exact targets cost one exact lasso
     solve per row, once.
 
+    Under ``torch.distributed`` (a process group of more than one rank, e.g.
+    ``torchrun``), ``fit`` and ``partial_fit`` train data-parallel: each rank's
+    rows are its shard (rank ``r`` holding ``X[r::world]`` is the layout the
+    single-process order is rebuilt from), each rank solves its own rows'
+    targets, the validation split is drawn over all rows alike on every rank,
+    every step's global batch has ``batch_size`` rows and its gradients are
+    all-reduced, so all ranks keep identical weights; with ``shuffle=False`` the
+    fit reproduces the single-process fit on ``X`` to float tolerance. With
+    ``dictionary=None`` the rows are gathered and the dictionary is learned on
+    rank 0 and broadcast.
+
     See Also
     --------
     skdict.nn.LISTA : the network, for use in a model.
@@ -257,6 +299,7 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
         estimator) or learned from the rows when it is None."""
         d = self.dictionary
         if d is None:
+            from .distributed.torch import world_comm
             from .lca import LCASparseCoder
 
             learner = LCASparseCoder(
@@ -266,7 +309,10 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
             )
             rows = X_source.sample(X_source.n_samples, generator=torch.Generator().manual_seed(0),
                                    device="cpu")
-            return learner.fit(rows.numpy()).components_
+            comm = world_comm()
+            if comm is None:
+                return learner.fit(rows.numpy()).components_
+            return _learn_on_rank0(learner, rows, comm)
         if isinstance(d, (np.ndarray, torch.Tensor, list, tuple)) or hasattr(d, "__array__"):
             return check_dictionary(d)
         if not hasattr(d, "components_"):
@@ -280,6 +326,7 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
     # ------------------------------------------------------------------ training
     _epoch_tol_param = "tol"
     _resume_params = ("variant", "n_layers", "loss", "support_selection", "alpha")
+    _data_parallel = True  # see skdict.distributed.torch
 
     def _train_dtype(self, first):
         return None if first else self.components_.dtype

@@ -9,7 +9,9 @@ attended output ``W @ values``.
 Scale: scores are computed tile by tile over the tokens (``tile_size`` tokens
 at a time) with a running top-k merge, so no dense ``(batch, n_tokens)`` block
 beyond one tile is held when a budget is set, and a million tokens work on one
-machine.
+machine. Tokens fitted as a dask array stay on the workers: every method's
+passes over them run blockwise there (for ``"lasso"``, the working sets' start
+and each KKT check), merged in a tree.
 """
 
 from __future__ import annotations
@@ -76,6 +78,50 @@ def _merge_topk(best_v, best_i, vals, idx, k):
     kk = min(k, v.shape[1])
     v, p = torch.topk(v, kk, dim=1)
     return v, i.gather(1, p)
+
+
+class _TokenTiles:
+    """The lasso working-set loop's view of in-memory tokens: passes tile by tile
+    over the selector's transform state."""
+
+    def __init__(self, sel, state):
+        self.sel, self.state = sel, state
+
+    def initial(self, Qb, m0):
+        """Per query, the ``m0`` tokens of largest ``|<q, t>|`` and the best
+        scoring token (``(b, m0)`` and ``(b, 1)`` global indices)."""
+        sel, state = self.sel, self.state
+        best_v = best_i = top_v = top_i = None
+        for s0, s1 in sel._tiles(state["n"]):
+            C = Qb @ sel._atoms(state, s0, s1).T
+            idx = torch.arange(s0, s1, device=Qb.device)
+            best_v, best_i = _merge_topk(best_v, best_i, C.abs(), idx, m0)
+            top_v, top_i = _merge_topk(top_v, top_i, C, idx, 1)
+        return best_i, top_i
+
+    def atoms_at(self, idx):
+        return self.sel._atoms_at(self.state, idx)
+
+    def scores_at(self, Qb, idx):
+        return self.sel._scores_at(Qb, self.state, idx)
+
+    def violators(self, R, sets, cut, add):
+        """Per residual row ``j``: tokens outside ``sets[j]`` with ``|<r_j, t>| >
+        cut``, at most ``add`` per tile (None: no violator)."""
+        sel, state, n = self.sel, self.state, self.state["n"]
+        member = torch.zeros(R.shape[0], n, dtype=torch.bool, device=R.device)
+        for j, U in enumerate(sets):
+            member[j, U] = True
+        added = [[] for _ in sets]
+        for s0, s1 in sel._tiles(n):
+            corr = (R @ sel._atoms(state, s0, s1).T).abs()
+            viol = (corr > cut) & ~member[:, s0:s1]
+            if bool(viol.any()):
+                score = torch.where(viol, corr, torch.zeros_like(corr))
+                v, p = torch.topk(score, min(add, score.shape[1]), dim=1)
+                for j in viol.any(1).nonzero().squeeze(1).tolist():
+                    added[j].append(p[j][v[j] > 0] + s0)
+        return [torch.cat(a) if a else None for a in added]
 
 
 class SparseTokenSelector(SparseCodingMixin, BaseEstimator):
@@ -435,7 +481,7 @@ class SparseTokenSelector(SparseCodingMixin, BaseEstimator):
         Tt = state["T"][idx]
         return Tt if state["inv"] is None else Tt * state["inv"][idx][:, None]
 
-    def _select_lasso(self, Qb, state):
+    def _select_lasso(self, Qb, state, pool=None):
         """Exact lasso selection of a batch of queries over all tokens.
 
         Per query, a working set starts from its ``_LASSO_INIT`` largest
@@ -443,20 +489,18 @@ class SparseTokenSelector(SparseCodingMixin, BaseEstimator):
         compiled homotopy (:func:`~skdict.solvers.exact.lasso_exact_compact`,
         KKT-certified; the batched active-set method off CPU), the KKT
         condition ``|<r, t>| <= alpha`` is checked for every token outside it,
-        tile by tile and batched over queries, and up to ``_LASSO_ADD`` worst
-        violators are added, until none is left: the solution is then the exact
-        lasso over all tokens, whatever their number.
+        batched over queries, and up to ``_LASSO_ADD`` worst violators are
+        added, until none is left: the solution is then the exact lasso over all
+        tokens, whatever their number. ``pool`` reads the tokens (the passes
+        over them and the atoms of the working sets): the in-memory tokens tile
+        by tile (:class:`_TokenTiles`, the default) or a dask array's blocks on
+        the workers (:class:`skdict.distributed.dask.DaskTokens`).
         """
+        pool = _TokenTiles(self, state) if pool is None else pool
         alpha = float(self.alpha)
         b, n = Qb.shape[0], state["n"]
         dev = Qb.device
-        m0 = min(n, _LASSO_INIT)
-        best_v = best_i = top_v = top_i = None
-        for s0, s1 in self._tiles(n):
-            C = Qb @ self._atoms(state, s0, s1).T
-            idx = torch.arange(s0, s1, device=dev)
-            best_v, best_i = _merge_topk(best_v, best_i, C.abs(), idx, m0)
-            top_v, top_i = _merge_topk(top_v, top_i, C, idx, 1)
+        best_i, top_i = pool.initial(Qb, min(n, _LASSO_INIT))
         sets = [torch.unique(torch.cat([best_i[r], top_i[r]])) for r in range(b)]
         coefs = [None] * b
         kkt_tol = max(1e-6, 100 * torch.finfo(Qb.dtype).eps)
@@ -465,27 +509,17 @@ class SparseTokenSelector(SparseCodingMixin, BaseEstimator):
             R = torch.empty(len(active), Qb.shape[1], dtype=Qb.dtype, device=dev)
             for j, r in enumerate(active):
                 U = sets[r]
-                Tu = self._atoms_at(state, U)
+                Tu = pool.atoms_at(U)
                 coefs[r] = (U, _lasso_on(Qb[r], Tu, alpha))
                 R[j] = Qb[r] - coefs[r][1] @ Tu
-            member = torch.zeros(len(active), n, dtype=torch.bool, device=dev)
-            for j, r in enumerate(active):
-                member[j, sets[r]] = True
-            added = [[] for _ in active]
-            for s0, s1 in self._tiles(n):
-                corr = (R @ self._atoms(state, s0, s1).T).abs()
-                viol = (corr > alpha * (1 + kkt_tol)) & ~member[:, s0:s1]
-                if bool(viol.any()):
-                    score = torch.where(viol, corr, torch.zeros_like(corr))
-                    v, p = torch.topk(score, min(_LASSO_ADD, score.shape[1]), dim=1)
-                    for j in viol.any(1).nonzero().squeeze(1).tolist():
-                        added[j].append(p[j][v[j] > 0] + s0)
+            added = pool.violators(R, [sets[r] for r in active], alpha * (1 + kkt_tol),
+                                   _LASSO_ADD)
             still = []
             for j, r in enumerate(active):
-                if added[j]:
-                    cand = torch.cat(added[j])
+                cand = added[j]
+                if cand is not None and cand.numel():
                     if cand.numel() > _LASSO_ADD:  # the worst violators over all tiles
-                        cc = (R[j] @ self._atoms_at(state, cand).T).abs()
+                        cc = (R[j] @ pool.atoms_at(cand).T).abs()
                         cand = cand[torch.topk(cc, _LASSO_ADD).indices]
                     sets[r] = torch.unique(torch.cat([sets[r], cand]))
                     still.append(r)
@@ -501,7 +535,7 @@ class SparseTokenSelector(SparseCodingMixin, BaseEstimator):
             if sel.numel() == 0 and self.empty == "argmax":
                 sel = top_i[r]
             if sel.numel():
-                w = torch.softmax(self._scores_at(Qb[r : r + 1], state, sel[None])[0], 0)
+                w = torch.softmax(pool.scores_at(Qb[r : r + 1], sel[None])[0], 0)
             else:
                 w = torch.zeros(0, dtype=Qb.dtype, device=dev)
             idx_rows.append(sel)

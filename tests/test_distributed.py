@@ -273,6 +273,106 @@ def test_two_gloo_ranks_reproduce_the_single_process_fit(tmp_path, planted):
     assert sys.modules.get("torch.distributed") is not None
 
 
+def _lista_params():
+    """LISTAEncoder fits the 2-rank test compares: the unsupervised objective
+    with a validation split; exact targets with coupled weights (a
+    non-contiguous parameter); a shuffled untied fit with no rows held out;
+    and the dictionary learned from the rows."""
+    base = dict(n_layers=3, alpha=0.2, max_iter=2, batch_size=50, random_state=0,
+                device="cpu", shuffle=False)
+    return {
+        "objective": dict(base),
+        "codes": dict(base, loss="codes", variant="lista_cp"),
+        "shuffled": dict(base, variant="lista", shuffle=True, validation_fraction=0.0),
+        # overcomplete: with n_components <= n_features the ALISTA layers before the
+        # last get gradients of ~1e-8, at Adam's eps, where any summation order
+        # changes the step (one process with another thread count too)
+        "learned": dict(base, max_iter=1, n_components=24),
+    }
+
+
+def _lista_rank_main(rank, world, port, D, X, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        from skdict import LISTAEncoder
+
+        res = {}
+        for name, params in _lista_params().items():
+            est = LISTAEncoder(None if name == "learned" else D, **params)
+            est.fit(X[rank::world])
+            res[name] = (est.weights_, est.components_, est.loss_curve_, est.layer_gap_,
+                         est.support_selection_)
+        # partial_fit continues on every rank's shard alike
+        est = LISTAEncoder(D, **_lista_params()["objective"]).fit(X[rank::world])
+        res["partial"] = est.partial_fit(X[rank::world]).weights_
+        # random_state=None: the ranks still draw one split and one batch order
+        est = LISTAEncoder(D, n_layers=2, max_iter=1, batch_size=40, device="cpu")
+        res["unseeded"] = est.fit(X[rank::world]).weights_
+        # a failure on one rank is raised on both, none waits forever
+        small = dict(n_layers=2, max_iter=1, device="cpu")
+        errors = {}
+        try:
+            LISTAEncoder(D if rank == 0 else D[::-1], **small).fit(X[rank::world])
+        except ValueError as e:
+            errors["dictionary"] = str(e)
+        y = np.zeros((len(X[rank::world]) - rank, D.shape[0]))  # rank 1: one row short
+        try:
+            LISTAEncoder(D, loss="codes", **small).fit(X[rank::world], y)
+        except ValueError as e:
+            errors["targets"] = str(e)
+        res["errors"] = errors
+        torch.save(res, os.path.join(out, f"lista{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_reproduce_the_single_process_lista_fit(tmp_path, planted):
+    import torch.multiprocessing as mp
+
+    from skdict import LISTAEncoder
+
+    rng = np.random.default_rng(3)
+    D = rng.standard_normal((24, 16)).astype(np.float32)
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    X = planted[0][:301]  # odd: the ranks' shards and the last global batch are uneven
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = ROOT + (os.pathsep + old if old else "")
+    try:
+        mp.spawn(_lista_rank_main, args=(2, _free_port(), D, X, str(tmp_path)), nprocs=2)
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+    ranks = [torch.load(tmp_path / f"lista{r}.pt", weights_only=False) for r in range(2)]
+    for name, params in _lista_params().items():
+        ref = LISTAEncoder(None if name == "learned" else D, **params).fit(X)
+        for r in range(2):
+            W, comp, curve, gap, support = ranks[r][name]
+            for k in ref.weights_:
+                np.testing.assert_array_equal(W[k], ranks[0][name][0][k])  # identical ranks
+                np.testing.assert_allclose(W[k], ref.weights_[k], rtol=1e-5,
+                                           atol=1e-5 * np.abs(ref.weights_[k]).max())
+            np.testing.assert_array_equal(comp, ref.components_)
+            np.testing.assert_allclose(curve, ref.loss_curve_, rtol=1e-5)
+            np.testing.assert_allclose(gap, ref.layer_gap_, rtol=1e-4, atol=1e-6)
+            assert support == ref.support_selection_
+    ref = LISTAEncoder(D, **_lista_params()["objective"]).fit(X).partial_fit(X)
+    for r in range(2):
+        for k, w in ref.weights_.items():
+            np.testing.assert_allclose(ranks[r]["partial"][k], w, rtol=1e-5, atol=1e-7)
+    for k, w in ranks[0]["unseeded"].items():
+        np.testing.assert_array_equal(ranks[1]["unseeded"][k], w)
+    assert "rank(s) [1]" in ranks[0]["errors"]["dictionary"]
+    assert "other dictionaries (or alphas) than rank 0" in ranks[1]["errors"]["dictionary"]
+    assert "rank(s) [1]" in ranks[0]["errors"]["targets"]
+    assert "y must hold target codes of shape" in ranks[1]["errors"]["targets"]
+
+
 def test_token_selector_over_dask_tokens_merges_tile_topk(client):
     from skdict import SparseTokenSelector
 
@@ -287,8 +387,49 @@ def test_token_selector_over_dask_tokens_merges_tile_topk(client):
             W = SparseTokenSelector(**params).fit(Td).transform(Q)
         assert len({t["worker"] for t in ts.data}) == 2
         np.testing.assert_allclose(W.toarray(), ref.toarray(), atol=1e-6)
-    with pytest.raises(ValueError, match="method='lasso'.*needs every token"):
-        SparseTokenSelector(method="lasso", keep_ratio=0.01).fit(Td).transform(Q)
+    with pytest.raises(ValueError, match="method='topk'.*needs every token"):
+        SparseTokenSelector(method="topk").fit(Td).transform(Q)
+
+
+@pytest.mark.parametrize("params", [
+    dict(alpha=0.3),
+    dict(alpha=0.1, keep_ratio=0.002, normalize=False),
+    dict(alpha=50.0, empty="zero"),  # alpha above every |<q, t>|: empty rows
+])
+def test_lasso_selection_over_dask_tokens_is_the_exact_lasso(client, params, monkeypatch):
+    """Working sets started and KKT-checked blockwise on the workers: the same
+    supports and weights as the in-memory selector. Small working sets force
+    several rounds of violators."""
+    from skdict import SparseTokenSelector, selection
+    from skdict.distributed import dask as skdask
+
+    monkeypatch.setattr(selection, "_LASSO_INIT", 2)
+    monkeypatch.setattr(selection, "_LASSO_ADD", 3)
+    rounds = []
+    real = skdask.DaskTokens.violators
+
+    def counted(self, R, *args):
+        out = real(self, R, *args)
+        rounds.append(sum(c is not None for c in out))
+        return out
+
+    monkeypatch.setattr(skdask.DaskTokens, "violators", counted)
+    rng = np.random.default_rng(2)
+    T = rng.standard_normal((2000, 12))
+    Q = rng.standard_normal((30, 12))
+    p = dict(method="lasso", device="cpu", **params)
+    ref = SparseTokenSelector(**p).fit(T).transform(Q)
+    with distributed.get_task_stream(client) as ts:
+        W = SparseTokenSelector(**p).fit(da.from_array(T, chunks=(450, -1))).transform(Q)
+    assert len({t["worker"] for t in ts.data}) == 2
+    np.testing.assert_array_equal(W.indptr, ref.indptr)
+    np.testing.assert_array_equal(W.indices, ref.indices)
+    np.testing.assert_allclose(W.data, ref.data, rtol=1e-12, atol=1e-14)
+    if params["alpha"] < 1:
+        assert len(rounds) > 2 and max(rounds) > 0  # violators were found and added
+        assert W.nnz > 2 * Q.shape[0]
+    else:
+        assert W.nnz == 0
 
 
 @pytest.mark.parametrize("params", [

@@ -32,6 +32,7 @@ from .stats import add_statistics
 
 __all__ = [
     "DaskLearner",
+    "DaskTokens",
     "WaveSource",
     "get_client",
     "inverse_transform_blocks",
@@ -264,17 +265,22 @@ class DaskLearner:
 
 
 # ------------------------------------------------------------------ token selection
-def _tile_candidates(block, Q, i, s0, s1, sel, k, stats):
-    """Top-``k`` scores of every query over one block of tokens (global indices)
-    and, for ``"threshold"``, the row sums of ``|scores|``."""
-    check_block_finite(block, i, s0, s1, type(sel).__name__)
-    T = torch.as_tensor(np.asarray(block)).to(Q.dtype)
+def _block_state(block, dtype, sel):
+    """The selector's transform state over one block of tokens (or a few rows)."""
+    T = torch.as_tensor(np.asarray(block)).to(dtype)
     inv = None
     if sel.normalize:
         norms = torch.linalg.vector_norm(T, dim=1)
         inv = torch.where(norms > 0, 1.0 / norms, torch.ones_like(norms))
     scale = float(sel.scale) if sel.scale is not None else 1.0 / math.sqrt(T.shape[1])
-    state = {"T": T, "inv": inv, "scale": scale, "n": T.shape[0]}
+    return {"T": T, "inv": inv, "scale": scale, "n": T.shape[0]}
+
+
+def _tile_candidates(block, Q, i, s0, s1, sel, k, stats):
+    """Top-``k`` scores of every query over one block of tokens (global indices)
+    and, for ``"threshold"``, the row sums of ``|scores|``."""
+    check_block_finite(block, i, s0, s1, type(sel).__name__)
+    state = _block_state(block, Q.dtype, sel)
     out = sel._pass(Q, state, m=k, stats=stats)
     return {"vals": out["vals"], "idx": out["idx"] + s0,
             "abs_sum": out["abs_sum"] if stats else torch.zeros(())}
@@ -292,7 +298,9 @@ def select_from_dask_tokens(sel, X, *, sparse_output):
     """``SparseTokenSelector.transform`` when the fitted tokens are a dask array:
     each token block is scored against the queries on a worker, keeping its
     top-``k`` per query, the candidates are merged in a tree (top-``k`` of the
-    union) and the weights computed from the merged candidates."""
+    union) and the weights computed from the merged candidates. ``"lasso"``
+    runs the selector's working-set loop with its passes over the tokens on the
+    workers (:class:`DaskTokens`)."""
     import dask
 
     from ..data.codes import Codes
@@ -303,13 +311,14 @@ def select_from_dask_tokens(sel, X, *, sparse_output):
     tokens = sel.tokens_
     n = int(tokens.shape[0])
     k = budget_size(n, sel.keep_ratio, sel.max_tokens)
-    if sel.method == "lasso" or k is None:
+    lasso = sel.method == "lasso"
+    if k is None and not lasso:
         raise ValueError(
             f"{name} over a dask array of tokens selects a budget of top-scoring tokens "
             f"per query; method={sel.method!r} with keep_ratio={sel.keep_ratio} and "
             f"max_tokens={sel.max_tokens} needs every token at once. Use method='topk', "
-            "'threshold' or 'sparsemax' with keep_ratio or max_tokens, or fit on the "
-            "computed tokens."
+            "'threshold' or 'sparsemax' with keep_ratio or max_tokens, method='lasso', "
+            "or fit on the computed tokens."
         )
     src = as_source(X, estimator=sel, reset=False, allow_stream=False)
     if src.is_dask:
@@ -322,15 +331,21 @@ def select_from_dask_tokens(sel, X, *, sparse_output):
     bs = sel._batch_size_for(n, src.dtype)
     cand = _delayed(_tile_candidates)
     dense = [] if not sparse_output else None
+    pool = DaskTokens(sel, tsrc, src.dtype) if lasso else None
+    state = {"n": n, "k": k}
     for _, _, Qb in src.ordered(bs, device=torch.device("cpu")):
-        Qs = share(Qb)
-        parts = [cand(blk, Qs, i, *tsrc.block_range(i), worker, k, stats)
-                 for i, blk in enumerate(tokens.to_delayed().ravel())]
-        best = dask.compute(_tree(parts, _merge_candidates))[0]
-        lam = (sel.alpha * best["abs_sum"] / n)[:, None] if stats else None
-        w = candidate_weights(best["vals"], sel.method, alpha=sel.alpha, lam=lam,
-                              empty=sel.empty)
-        codes = Codes(indices=best["idx"], values=w)
+        if lasso:
+            idx, w = sel._select_lasso(Qb, state, pool=pool)
+            codes = Codes(indices=idx, values=w)
+        else:
+            Qs = share(Qb)
+            parts = [cand(blk, Qs, i, *tsrc.block_range(i), worker, k, stats)
+                     for i, blk in enumerate(tokens.to_delayed().ravel())]
+            best = dask.compute(_tree(parts, _merge_candidates))[0]
+            lam = (sel.alpha * best["abs_sum"] / n)[:, None] if stats else None
+            w = candidate_weights(best["vals"], sel.method, alpha=sel.alpha, lam=lam,
+                                  empty=sel.empty)
+            codes = Codes(indices=best["idx"], values=w)
         if sparse_output:
             codes.add_to(out_builder)
         else:
@@ -338,3 +353,125 @@ def select_from_dask_tokens(sel, X, *, sparse_output):
     if sparse_output:
         return out_builder.build()
     return np.concatenate(dense).astype(src.dtype, copy=False)
+
+
+# ------------------------------------------------------------------ lasso over dask tokens
+def _lasso_initial(block, Q, i, s0, s1, sel, m0):
+    """One block's part of the working sets' start: per query its ``m0`` largest
+    ``|<q, t>|`` and its best ``<q, t>`` (global indices)."""
+    check_block_finite(block, i, s0, s1, type(sel).__name__)
+    state = _block_state(block, Q.dtype, sel)
+    C = Q @ sel._atoms(state, 0, state["n"]).T
+    best_v, best_i = torch.topk(C.abs(), min(m0, C.shape[1]), dim=1)
+    top_v, top_i = torch.topk(C, 1, dim=1)
+    return {"best": (best_v, best_i + s0), "top": (top_v, top_i + s0)}
+
+
+def _merge_initial(a, b):
+    from ..selection import _merge_topk
+
+    out = {}
+    for key in ("best", "top"):
+        (va, ia), (vb, ib) = a[key], b[key]
+        out[key] = _merge_topk(va, ia, vb, ib, max(va.shape[1], vb.shape[1]))
+    return out
+
+
+def _lasso_violators(block, i, s0, s1, sel, R, flat, offsets, cut, add):
+    """One block's KKT violators: per residual row ``j`` the (at most ``add``)
+    tokens outside its working set ``flat[offsets[j]:offsets[j + 1]]`` with the
+    largest ``|<r_j, t>| > cut`` (value 0: no violator in that slot)."""
+    state = _block_state(block, R.dtype, sel)
+    corr = (R @ sel._atoms(state, 0, state["n"]).T).abs()
+    rows = torch.repeat_interleave(torch.arange(R.shape[0]), offsets.diff())
+    inside = (flat >= s0) & (flat < s1)
+    member = torch.zeros_like(corr, dtype=torch.bool)
+    member[rows[inside], flat[inside] - s0] = True
+    score = torch.where((corr > cut) & ~member, corr, torch.zeros_like(corr))
+    v, p = torch.topk(score, min(add, score.shape[1]), dim=1)
+    return {"vals": v, "idx": p + s0}
+
+
+def _merge_violators(a, b):
+    from ..selection import _merge_topk
+
+    vals, idx = _merge_topk(a["vals"], a["idx"], b["vals"], b["idx"],
+                            max(a["vals"].shape[1], b["vals"].shape[1]))
+    return {"vals": vals, "idx": idx}
+
+
+class DaskTokens:
+    """The lasso working-set loop's view of a dask array of tokens
+    (:meth:`SparseTokenSelector._select_lasso`): the passes over all tokens (the
+    working sets' start, the KKT check of the residuals) run blockwise on the
+    workers and are merged in a tree (top-``k`` of the union); the tokens of the
+    working sets are fetched once each and kept on the client."""
+
+    def __init__(self, sel, tsrc, dtype):
+        self.sel = sel
+        self.src = tsrc
+        self.tokens = tsrc.X
+        self.tdtype = torch_dtype(dtype)
+        from .stats import slim_estimator
+
+        self.worker = share(slim_estimator(sel))
+        self.blocks = [(i, blk) for i, blk in enumerate(self.tokens.to_delayed().ravel())
+                       if tsrc.block_range(i)[1] > tsrc.block_range(i)[0]]
+        self.ids = torch.zeros(0, dtype=torch.long)  # fetched tokens, sorted
+        self.state = _block_state(np.zeros((0, tsrc.n_features)), self.tdtype, sel)
+
+    def _run(self, fn, merge, *args):
+        import dask
+
+        task = _delayed(fn)
+        parts = [task(blk, i, *self.src.block_range(i), self.worker, *args)
+                 for i, blk in self.blocks]
+        return dask.compute(_tree(parts, merge))[0]
+
+    def initial(self, Qb, m0):
+        import dask
+
+        task = _delayed(_lasso_initial)
+        Qs = share(Qb)
+        parts = [task(blk, Qs, i, *self.src.block_range(i), self.worker, m0)
+                 for i, blk in self.blocks]
+        out = dask.compute(_tree(parts, _merge_initial))[0]
+        return out["best"][1], out["top"][1]
+
+    def violators(self, R, sets, cut, add):
+        lens = torch.tensor([0] + [U.numel() for U in sets])
+        out = self._run(_lasso_violators, _merge_violators, share(R),
+                        torch.cat(list(sets)), torch.cumsum(lens, 0), float(cut), int(add))
+        hit = out["vals"] > 0
+        return [out["idx"][j][hit[j]] if bool(hit[j].any()) else None
+                for j in range(R.shape[0])]
+
+    def _fetch(self, idx):
+        """Positions of the tokens ``idx`` among the fetched ones (fetching the
+        missing ones from the workers)."""
+        idx = idx.reshape(-1)
+        missing = np.setdiff1d(idx.numpy(), self.ids.numpy())
+        if missing.size:
+            check = np.asarray(self.tokens[missing].compute())
+            if not np.all(np.isfinite(check)):
+                raise ValueError(
+                    f"the {type(self.sel).__name__}'s tokens contain NaN or infinity."
+                )
+            new = _block_state(check, self.tdtype, self.sel)
+            ids = torch.cat([self.ids, torch.from_numpy(missing)])
+            order = torch.argsort(ids)
+            T = torch.cat([self.state["T"], new["T"]])[order]
+            inv = None
+            if new["inv"] is not None:
+                inv = torch.cat([self.state["inv"], new["inv"]])[order]
+            self.ids = ids[order]
+            self.state = dict(self.state, T=T, inv=inv, n=T.shape[0])
+        return torch.searchsorted(self.ids, idx)
+
+    def atoms_at(self, idx):
+        pos = self._fetch(idx).view(idx.shape)  # before reading the (new) state
+        return self.sel._atoms_at(self.state, pos)
+
+    def scores_at(self, Qb, idx):
+        pos = self._fetch(idx).view(idx.shape)
+        return self.sel._scores_at(Qb, self.state, pos)

@@ -111,7 +111,11 @@ class TrainedEstimatorMixin:
             src = as_source(X, estimator=self, reset=first, dtype=self._train_dtype(first))
         else:
             src, counts = self._shard_source(X, comm, first)
-        learner = self._make_learner(src, device, first)
+        if comm is None:
+            learner = self._make_learner(src, device, first)
+        else:  # a failure on one rank is raised on all of them
+            learner = comm.run_together(type(self).__name__, self._make_learner, src, device,
+                                        first)
         if comm is not None:  # every rank's rows are its shard of each global batch
             from ..distributed.torch import ShardSource
 
@@ -125,6 +129,8 @@ class TrainedEstimatorMixin:
             src = WaveSource(src)
         if first:
             state, generator = None, make_generator(self.random_state, "cpu")
+            if comm is not None:  # one stream on every rank, even with random_state=None
+                comm.broadcast_generator(generator)
         else:
             state = self._resume_state(learner, device)
             generator = state.generator

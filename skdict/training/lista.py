@@ -110,17 +110,110 @@ class LISTALearner:
         self.run_steps = 0
         self.scale = 1.0
         self.val = None
+        self.comm = None  # a skdict.distributed.torch.Comm under a process group
+
+    def use_comm(self, comm):
+        """Train data-parallel: this process's rows are its shard of the data
+        (every rank must train for the same dictionary and alpha)."""
+        name = type(self.est).__name__
+        what = "dictionaries (or alphas)"
+        comm.check_same(torch.cat([self.D.detach().double().cpu().reshape(-1),
+                                   torch.tensor([self.alpha], dtype=torch.float64)]),
+                        what, name)
+        self.comm = comm
+
+    def _total(self, *values):
+        """float64 sums of ``values`` (over every rank's rows under a process group)."""
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        return (t if self.comm is None else self.comm.sum(t)).tolist()
 
     # ---------------------------------------------------------------- data
     def prepare(self, source, y, generator, single_pass):
-        est, D = self.est, self.D
+        est, D, comm = self.est, self.D, self.comm
+        name = type(est).__name__
+        if comm is not None:  # this rank's shard: its rows' places in the global order
+            from ..distributed.torch import global_rows
+
+            counts = source.counts
+            source = source.source
+            n, gidx = int(sum(counts)), global_rows(counts, comm.rank)
+        else:
+            n = source.n_samples
+        if comm is None:
+            y = self._check_inputs(source, y)
+        else:  # a rank's bad y is raised on every rank
+            y = comm.run_together(name, self._check_inputs, source, y)
+        tdtype = torch_dtype(self.dtype)
+        X = _rows_tensor(source, self.device, tdtype)
+        n_val = int(math.floor(est.validation_fraction * n)) if n > 1 else 0
+        n_val = min(n_val, n - 1)
+        # one split of all rows, drawn alike on every rank
+        perm = torch.randperm(n, generator=generator)
+        if comm is None:
+            val_idx = perm[:n_val].sort().values
+            train_idx = perm[n_val:].sort().values
+            pos = torch.arange(n - n_val)  # places of the training rows in training order
+        else:
+            held = torch.zeros(n, dtype=torch.bool)
+            held[perm[:n_val]] = True
+            mine = held[gidx]
+            val_idx = torch.nonzero(mine).flatten()
+            train_idx = torch.nonzero(~mine).flatten()
+            pos = (torch.cumsum(~held, 0) - 1)[gidx[train_idx]]
+        val_idx, train_idx = val_idx.to(self.device), train_idx.to(self.device)
+        targets = None
+        if est.loss == "codes":
+            if y is None:  # rows are independent: each rank solves its own
+                targets = exact_codes(X, D, self.alpha, device=self.device)
+            else:
+                targets = torch.as_tensor(
+                    y.toarray() if sp.issparse(y) else np.asarray(y, dtype=self.dtype),
+                    dtype=tdtype).to(self.device)
+        if n_val > 0:
+            vx = X[val_idx]
+            vt = targets[val_idx] if targets is not None else None
+        else:  # the first training rows of the global order
+            first = train_idx[(pos < _FALLBACK_VAL_ROWS).to(self.device)]
+            vx = X[first]
+            vt = targets[first] if targets is not None else None
+        exact_given = targets is not None and y is None
+        vexact = vt if exact_given else exact_codes(vx, D, self.alpha, device=self.device)
+        self.val = (vx, vexact, vt)
+        if self.support == "auto":
+            ref = targets if targets is not None else vexact
+            nnz, size = self._total(int((ref != 0).sum()), ref.numel())
+            self.support = nnz / size if size else 0.0
+        Xt = X[train_idx]
+        n_train = n - n_val
+        if targets is not None:
+            Tt = targets[train_idx]
+            self.scale = self._total(Tt.double().pow(2).sum())[0] / n_train
+            Xt = torch.cat([Xt, Tt], dim=1)
+        else:
+            self.scale = self._total(0.5 * Xt.double().pow(2).sum())[0] / n_train
+        if not self.scale > 0:
+            self.scale = 1.0
+        if single_pass:
+            self.total_steps = None
+        elif est.n_steps is not None:
+            self.total_steps = int(est.n_steps)
+        else:
+            self.total_steps = int(est.max_iter) * -(-n_train // int(est.batch_size))
+        if comm is None:
+            return ArraySource(Xt, self.dtype, name=name)
+        from ..distributed.torch import OrderedShard
+
+        return OrderedShard(Xt, pos, n_train, dtype=self.dtype)
+
+    def _check_inputs(self, source, y):
+        """This process's rows as one array and ``y`` as target codes (or None)."""
+        est = self.est
         name = type(est).__name__
         if source.is_stream:
             raise ValueError(
                 f"{name} needs X as one array (rows are paired with their target codes); "
                 "concatenate the batches, or train skdict.nn.LISTA in your own loop."
             )
-        n, K, tdtype = source.n_samples, D.shape[0], torch_dtype(self.dtype)
         if y is not None and not sp.issparse(y) and not isinstance(y, torch.Tensor):
             y = np.asarray(y)
         if y is not None and y.ndim == 1:
@@ -131,50 +224,8 @@ class LISTALearner:
                     f"y gives target codes, which only loss='codes' uses; got "
                     f"loss={est.loss!r}. Pass y=None, or set loss='codes'."
                 )
-            y = _check_targets(y, n, K, name)
-        X = _rows_tensor(source, self.device, tdtype)
-        n_val = int(math.floor(est.validation_fraction * n)) if n > 1 else 0
-        n_val = min(n_val, n - 1)
-        perm = torch.randperm(n, generator=generator)
-        val_idx = perm[:n_val].sort().values.to(self.device)
-        train_idx = perm[n_val:].sort().values.to(self.device)
-        targets = None
-        if est.loss == "codes":
-            if y is None:
-                targets = exact_codes(X, D, self.alpha, device=self.device)
-            else:
-                targets = torch.as_tensor(
-                    y.toarray() if sp.issparse(y) else np.asarray(y, dtype=self.dtype),
-                    dtype=tdtype).to(self.device)
-        if n_val > 0:
-            vx = X[val_idx]
-            vt = targets[val_idx] if targets is not None else None
-        else:
-            vx = X[train_idx[:_FALLBACK_VAL_ROWS]]
-            vt = targets[train_idx[:_FALLBACK_VAL_ROWS]] if targets is not None else None
-        exact_given = targets is not None and y is None
-        vexact = vt if exact_given else exact_codes(vx, D, self.alpha, device=self.device)
-        self.val = (vx, vexact, vt)
-        if self.support == "auto":
-            ref = targets if targets is not None else vexact
-            self.support = float((ref != 0).to(torch.float64).mean()) if ref.numel() else 0.0
-        Xt = X[train_idx]
-        if targets is not None:
-            Tt = targets[train_idx]
-            self.scale = float(Tt.double().pow(2).sum(1).mean())
-            Xt = torch.cat([Xt, Tt], dim=1)
-        else:
-            self.scale = float(0.5 * Xt.double().pow(2).sum(1).mean())
-        if not self.scale > 0:
-            self.scale = 1.0
-        n_train = int(train_idx.numel())
-        if single_pass:
-            self.total_steps = None
-        elif est.n_steps is not None:
-            self.total_steps = int(est.n_steps)
-        else:
-            self.total_steps = int(est.max_iter) * -(-n_train // int(est.batch_size))
-        return ArraySource(Xt, self.dtype, name=name)
+            y = _check_targets(y, source.n_samples, self.D.shape[0], name)
+        return y
 
     # ---------------------------------------------------------------- state
     def new_module(self):
@@ -235,15 +286,39 @@ class LISTALearner:
         x = Xb[:, :P]
         out = module(x)
         if self.est.loss == "codes":
-            loss = (out - Xb[:, P:]).pow(2).sum(1).mean() / self.scale
+            per_row = (out - Xb[:, P:]).pow(2).sum(1)
         else:
-            loss = module.objective(x, out).mean() / self.scale
+            per_row = module.objective(x, out)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.comm is None:
+            loss = per_row.mean() / self.scale
+            loss.backward()
+            with torch.no_grad():
+                l0 = (out != 0).sum(1).to(out.dtype).mean()
+        else:
+            loss, l0 = self._global_backward(per_row.sum() / self.scale, out, state)
         opt.step()
-        with torch.no_grad():
-            l0 = (out != 0).sum(1).to(out.dtype).mean()
         return {"loss": loss.detach(), "l0": l0}
+
+    def _global_backward(self, loss_sum, out, state):
+        """Gradients of the global batch's mean loss on every rank: this rank's
+        summed loss differentiated, then one all-reduce of the gradients with
+        the batch's loss, non-zeros and row count (a rank may have no rows)."""
+        loss_sum.backward()
+        params = [state.params[k] for k in sorted(state.params)]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        with torch.no_grad():
+            extra = torch.stack([loss_sum.detach(), (out != 0).sum().to(out.dtype),
+                                 out.new_tensor(out.shape[0])])
+            flat = self.comm.sum(torch.cat([g.reshape(-1) for g in grads] + [extra]))
+            B = flat[-1]
+            off = 0
+            for p in params:
+                # in the parameter's own strides: the fused Adam step reads the
+                # gradient's storage as laid out like the parameter's
+                p.grad = torch.empty_like(p).copy_(flat[off : off + p.numel()].view_as(p) / B)
+                off += p.numel()
+        return flat[-3] / B, flat[-2] / B
 
     # ---------------------------------------------------------------- validation
     def layer_metrics(self, module):
@@ -253,11 +328,18 @@ class LISTALearner:
         vx, vexact, vt = self.val
         with torch.no_grad():
             layers = module(vx, all_layers=True)
-            fstar = float(module.objective(vx, vexact).double().sum())
-            gap = [(float(module.objective(vx, a).double().sum()) - fstar) / max(fstar, 1e-300)
-                   for a in layers]
-            nmse = None
+            # the validation rows' sums, of every rank's rows under a process group
+            sums = [module.objective(vx, a).double().sum() for a in layers]
+            sums.append(module.objective(vx, vexact).double().sum())
             if vt is not None:
-                e = float(vt.double().pow(2).sum())
-                nmse = [float((a - vt).double().pow(2).sum()) / max(e, 1e-300) for a in layers]
+                sums += [(a - vt).double().pow(2).sum() for a in layers]
+                sums.append(vt.double().pow(2).sum())
+            sums = self._total(*sums)
+        L = len(layers)
+        fstar = sums[L]
+        gap = [(f - fstar) / max(fstar, 1e-300) for f in sums[:L]]
+        nmse = None
+        if vt is not None:
+            e = sums[-1]
+            nmse = [s / max(e, 1e-300) for s in sums[L + 1 : 2 * L + 1]]
         return np.asarray(gap), None if nmse is None else np.asarray(nmse)
