@@ -161,6 +161,11 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
         Per step: ``"loss"`` and ``"l0"`` (mean non-zeros per row of the output).
     loss_curve_ : ndarray
         Mean loss of each epoch (``fit``) or call (``partial_fit``).
+    validation_loss_curve_ : ndarray
+        The same loss of the last layer on the validation rows after each epoch
+        of ``fit``. ``fit`` keeps the parameters of the best epoch; an epoch that
+        loses more than a quarter of the gain over the untrained network
+        restarts from the best parameters at half the learning rate.
     n_iter_ : int
         Epochs run by the last ``fit`` (``partial_fit`` adds 1 per call).
     n_steps_ : int
@@ -359,6 +364,8 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
         learner.finish(state)
         module = learner._module(state) if learner.module is None else learner.module
         self.layer_gap_, self.layer_nmse_ = learner.layer_metrics(module)
+        if learner.track_best:
+            self.validation_loss_curve_ = np.asarray(learner.val_curve, dtype=np.float64)
         self.components_ = learner.D.detach().cpu().numpy()
         self.weights_ = {k: v.detach().cpu().numpy() for k, v in state.params.items()}
         self.alpha_ = learner.alpha
