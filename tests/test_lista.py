@@ -263,6 +263,34 @@ def test_fit_keeps_the_best_validation_epoch(variant, lr):
     assert curve[-1] < 1.5 * untrained  # and the restarts at lower rates recovered
 
 
+
+def test_auto_variant_alista_for_random_lista_cp_for_learned_dictionaries():
+    # ALISTA's fixed weight beats ISTA on a random dictionary and loses to it on
+    # one learned from natural patches; "auto" must pick by exactly that test
+    from skdict.datasets import load_natural_patches
+
+    X = load_natural_patches(patch_size=6, n_patches=3000, normalize=True, random_state=0,
+                             dtype=np.float64)
+    X = X[np.linalg.norm(X, axis=1) > 0]
+    learned = LCASparseCoder(n_components=72, alpha=0.1, fit_algorithm="exact", max_iter=3,
+                             random_state=0).fit(X[:2500]).components_
+    Dr, Xr, _ = _problem(n=400, K=60, P=20)
+    for D, Xv, expected in [(Dr, Xr, "alista"), (learned, X[2500:], "lista_cp")]:
+        enc = LISTAEncoder(D, n_layers=4, alpha=0.1, max_iter=1, validation_fraction=0.0,
+                           random_state=0, device="cpu").fit(Xv)
+        assert enc.variant == "auto" and enc.variant_ == expected
+        x = torch.as_tensor(Xv)
+        with torch.no_grad():
+            f = {v: float(net.objective(x, net(x)).sum()) for v in ("alista", "lista_cp")
+                 for net in [LISTA(torch.as_tensor(D), 4, alpha=0.1, variant=v,
+                                   support_selection=enc.support_selection_)]}
+        assert (f["alista"] <= f["lista_cp"]) == (expected == "alista"), f
+        # the trained network is of the chosen variant, and so is to_module()
+        assert enc.to_module().variant == expected
+        assert ("S" in enc.weights_) is False and ("gamma" in enc.weights_) == (
+            expected == "alista")
+
+
 def test_dtypes_and_seed():
     D, X, _ = _problem(n=300)
     params = dict(n_layers=3, alpha=0.1, max_iter=2, random_state=3, device="cpu")
