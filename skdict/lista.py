@@ -10,7 +10,7 @@ from sklearn.base import _fit_context
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._backend import numpy_dtype, torch_dtype
+from ._backend import default_batch_size, numpy_dtype, torch_dtype
 from ._validation import check_dictionary
 from .base import BaseSparseCoder, batch_sums
 from .data.codes import Codes
@@ -117,7 +117,9 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
         Adam steps of ``fit`` (cycling over the data); None runs ``max_iter``
         epochs.
     batch_size : int, default=256
-        Rows per training step and per ``transform`` batch.
+        Rows per training step. ``transform`` and ``score`` run the network on
+        larger batches (about 64 MB of codes, at least ``batch_size`` rows):
+        small products waste most of the time in per-call overhead.
     lr : float, default=None
         Relative learning rate of Adam: each parameter tensor moves by about
         ``lr`` times its initial root-mean-square per step. None: 0.3 for
@@ -442,6 +444,9 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
                        dtype=td, device=device)
         module.load_state_dict({k: torch.as_tensor(v) for k, v in self.weights_.items()})
         return module.requires_grad_(False)
+
+    def _batch_size_for(self, n_codes, dtype):
+        return max(int(self.batch_size), default_batch_size(n_codes, dtype))
 
     def _transform_state(self, device, dtype):
         return self.to_module(device, numpy_dtype(dtype))
