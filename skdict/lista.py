@@ -10,7 +10,7 @@ from sklearn.base import _fit_context
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._backend import numpy_dtype, torch_dtype
+from ._backend import default_batch_size, numpy_dtype, torch_dtype
 from ._validation import check_dictionary
 from .base import BaseSparseCoder, batch_sums
 from .data.codes import Codes
@@ -85,19 +85,24 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
     alpha : float, default=None
         L1 weight of the lasso. None takes the dictionary estimator's ``alpha``
         when it has one (e.g. an :class:`LCASparseCoder`), else 1.0.
-    variant : {"lista", "lista_cp", "alista"}, default="alista"
+    variant : {"auto", "lista", "lista_cp", "alista"}, default="auto"
         ``"alista"``: the analytic weight of Liu et al. (2019), computed from the
         dictionary; only a step size and a threshold are learned per layer, so
-        it trains fastest and needs the fewest rows. ``"lista_cp"``: coupled
-        weights, ``a + (x - a D) W_k`` (Chen et al. 2018), one learned matrix
-        and threshold per layer. ``"lista"``: untied weights ``W_k``, ``S_k``
-        and per-atom thresholds in every layer. See :mod:`skdict.nn.lista`.
+        it trains fastest and needs the fewest rows, but it can only be as good
+        as that fixed weight, which suits incoherent (e.g. random
+        compressed-sensing) dictionaries and not dictionaries learned from
+        natural data. ``"lista_cp"``: coupled weights, ``a + (x - a D) W_k``
+        (Chen et al. 2018), one learned matrix and threshold per layer.
+        ``"lista"``: untied weights ``W_k``, ``S_k`` and per-atom thresholds in
+        every layer. ``"auto"`` takes ``"alista"`` when its untrained network
+        codes the validation rows at least as well as ISTA with the same
+        depth, else ``"lista_cp"`` (see ``variant_``). See :mod:`skdict.nn.lista`.
     support_selection : float or "auto", default="auto"
         Largest fraction of each row's codes passed through a layer unshrunk
         (Chen et al.'s support selection), reached at 70 % of the depth; 0
-        disables it. ``"auto"`` uses the fraction of non-zeros of the training
-        targets (of the exact codes of the validation rows for
-        ``loss="objective"``).
+        disables it. ``"auto"``: with ``loss="codes"``, the fraction of
+        non-zeros of the training targets; with ``loss="objective"``, 0 (the
+        lasso minimiser is shrunk, so entries passed unshrunk cost accuracy).
     loss : {"objective", "codes"}, default="objective"
         ``"objective"``: the lasso objective of the output, relative to
         ``0.5 ||x||^2`` (unsupervised: exact codes are computed only for the
@@ -112,7 +117,9 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
         Adam steps of ``fit`` (cycling over the data); None runs ``max_iter``
         epochs.
     batch_size : int, default=256
-        Rows per training step and per ``transform`` batch.
+        Rows per training step. ``transform`` and ``score`` run the network on
+        larger batches (about 64 MB of codes, at least ``batch_size`` rows):
+        small products waste most of the time in per-call overhead.
     lr : float, default=None
         Relative learning rate of Adam: each parameter tensor moves by about
         ``lr`` times its initial root-mean-square per step. None: 0.3 for
@@ -151,6 +158,8 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
         The L1 weight used.
     support_selection_ : float
         The support-selection fraction used (``"auto"`` resolved).
+    variant_ : str
+        The variant trained (``"auto"`` resolved).
     layer_gap_ : ndarray of shape (n_layers,)
         Relative lasso-objective gap ``(F(a_k) - F(a*)) / F(a*)`` of each layer's
         codes ``a_k`` to the exact codes ``a*``, summed over the validation rows.
@@ -161,6 +170,11 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
         Per step: ``"loss"`` and ``"l0"`` (mean non-zeros per row of the output).
     loss_curve_ : ndarray
         Mean loss of each epoch (``fit``) or call (``partial_fit``).
+    validation_loss_curve_ : ndarray
+        The same loss of the last layer on the validation rows after each epoch
+        of ``fit``. ``fit`` keeps the parameters of the best epoch; an epoch that
+        loses more than a quarter of the gain over the untrained network
+        restarts from the best parameters at half the learning rate.
     n_iter_ : int
         Epochs run by the last ``fit`` (``partial_fit`` adds 1 per call).
     n_steps_ : int
@@ -215,7 +229,7 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
         "n_components": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "n_layers": [Interval(numbers.Integral, 1, None, closed="left")],
         "alpha": [Interval(numbers.Real, 0, None, closed="left"), None],
-        "variant": [StrOptions(set(VARIANTS))],
+        "variant": [StrOptions({"auto", *VARIANTS})],
         "support_selection": [Interval(numbers.Real, 0, 1, closed="both"),
                               StrOptions({"auto"})],
         "loss": [StrOptions({"codes", "objective"})],
@@ -238,7 +252,7 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
         n_components=None,
         n_layers=16,
         alpha=None,
-        variant="alista",
+        variant="auto",
         support_selection="auto",
         loss="objective",
         max_iter=30,
@@ -283,10 +297,10 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
                 "(its number of rows is the number of components)."
             )
 
-    def _lr(self):
+    def _lr(self, variant):
         if self.lr is not None:
             return float(self.lr)
-        return _DEFAULT_LR[self.variant]
+        return _DEFAULT_LR[variant]
 
     def _alpha(self):
         if self.alpha is not None:
@@ -343,13 +357,15 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
                 )
             alpha = self._alpha()
             support = self.support_selection
+            variant = self.variant
         else:
             D = self.components_
             alpha, support = self.alpha_, self.support_selection_
+            variant = self.variant_
         Dt = torch.as_tensor(np.ascontiguousarray(D, dtype=dtype)).to(device)
         if not bool((Dt != 0).any()):
             raise ValueError("The dictionary is all zeros; it needs non-zero atoms.")
-        return LISTALearner(self, Dt, alpha, support, device, dtype)
+        return LISTALearner(self, Dt, alpha, support, device, dtype, variant=variant)
 
     def _resume_state(self, learner, device):
         return LISTAState.from_state_dict(self._train_state, device=device,
@@ -359,10 +375,13 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
         learner.finish(state)
         module = learner._module(state) if learner.module is None else learner.module
         self.layer_gap_, self.layer_nmse_ = learner.layer_metrics(module)
+        if learner.track_best:
+            self.validation_loss_curve_ = np.asarray(learner.val_curve, dtype=np.float64)
         self.components_ = learner.D.detach().cpu().numpy()
         self.weights_ = {k: v.detach().cpu().numpy() for k, v in state.params.items()}
         self.alpha_ = learner.alpha
         self.support_selection_ = float(learner.support)
+        self.variant_ = learner.variant
         state.params = {k: v.detach() for k, v in state.params.items()}
         self._train_state = state.state_dict()
 
@@ -421,10 +440,13 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
         td = torch_dtype(dtype if dtype is not None else self.components_.dtype)
         net = self._trained_with  # the structure the weights were trained for
         module = LISTA(torch.as_tensor(self.components_), net["n_layers"], alpha=self.alpha_,
-                       variant=net["variant"], support_selection=self.support_selection_,
+                       variant=self.variant_, support_selection=self.support_selection_,
                        dtype=td, device=device)
         module.load_state_dict({k: torch.as_tensor(v) for k, v in self.weights_.items()})
         return module.requires_grad_(False)
+
+    def _batch_size_for(self, n_codes, dtype):
+        return max(int(self.batch_size), default_batch_size(n_codes, dtype))
 
     def _transform_state(self, device, dtype):
         return self.to_module(device, numpy_dtype(dtype))

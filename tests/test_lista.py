@@ -237,6 +237,60 @@ def test_variants_and_objective_loss(variant):
     assert np.all(np.isfinite(enc.history_["loss"]))
 
 
+
+@pytest.mark.parametrize(("variant", "lr"), [("lista_cp", 30.0), ("lista", 3.0)])
+def test_fit_keeps_the_best_validation_epoch(variant, lr):
+    # a learning rate far too large makes passes blow up: fit must end on the
+    # best parameters it saw (the untrained network included), restarting from
+    # them at a lower rate rather than drifting on from a spike
+    D, X, _ = _problem(n=500)
+    enc = LISTAEncoder(D, n_layers=4, alpha=0.1, variant=variant, lr=lr, max_iter=6,
+                       validation_fraction=0.0, random_state=0, device="cpu").fit(X)
+    curve = enc.validation_loss_curve_
+    assert curve.shape == (6,) and np.all(np.isfinite(curve))
+    # with no row held out the validation rows are all of X (fewer than 1024)
+    Xt = torch.as_tensor(X)
+    scale = float(0.5 * Xt.pow(2).sum(1).mean())
+
+    def loss(net):
+        with torch.no_grad():
+            return float(net.objective(Xt, net(Xt)).mean()) / scale
+
+    untrained = loss(LISTA(torch.as_tensor(D), 4, alpha=0.1, variant=variant,
+                           support_selection=enc.support_selection_))
+    assert curve[0] > 10 * untrained  # the first pass blew up
+    assert loss(enc.to_module()) == pytest.approx(min(untrained, curve.min()), rel=1e-9)
+    assert curve[-1] < 1.5 * untrained  # and the restarts at lower rates recovered
+
+
+
+def test_auto_variant_alista_for_random_lista_cp_for_learned_dictionaries():
+    # ALISTA's fixed weight beats ISTA on a random dictionary and loses to it on
+    # one learned from natural patches; "auto" must pick by exactly that test
+    from skdict.datasets import load_natural_patches
+
+    X = load_natural_patches(patch_size=6, n_patches=3000, normalize=True, random_state=0,
+                             dtype=np.float64)
+    X = X[np.linalg.norm(X, axis=1) > 0]
+    learned = LCASparseCoder(n_components=72, alpha=0.1, fit_algorithm="exact", max_iter=3,
+                             random_state=0).fit(X[:2500]).components_
+    Dr, Xr, _ = _problem(n=400, K=60, P=20)
+    for D, Xv, expected in [(Dr, Xr, "alista"), (learned, X[2500:], "lista_cp")]:
+        enc = LISTAEncoder(D, n_layers=4, alpha=0.1, max_iter=1, validation_fraction=0.0,
+                           random_state=0, device="cpu").fit(Xv)
+        assert enc.variant == "auto" and enc.variant_ == expected
+        x = torch.as_tensor(Xv)
+        with torch.no_grad():
+            f = {v: float(net.objective(x, net(x)).sum()) for v in ("alista", "lista_cp")
+                 for net in [LISTA(torch.as_tensor(D), 4, alpha=0.1, variant=v,
+                                   support_selection=enc.support_selection_)]}
+        assert (f["alista"] <= f["lista_cp"]) == (expected == "alista"), f
+        # the trained network is of the chosen variant, and so is to_module()
+        assert enc.to_module().variant == expected
+        assert ("S" in enc.weights_) is False and ("gamma" in enc.weights_) == (
+            expected == "alista")
+
+
 def test_dtypes_and_seed():
     D, X, _ = _problem(n=300)
     params = dict(n_layers=3, alpha=0.1, max_iter=2, random_state=3, device="cpu")
