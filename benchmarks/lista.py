@@ -27,6 +27,8 @@ Sections (every contender runs in this process on the same held-out rows):
    and the encode throughput of the
    trained encoder's ``transform`` against ``SparseCoder(algorithm="exact")``
    (rows per second; the exact solver on a subset when the run is large).
+4. ``--sections default``: the wall time of ``LISTAEncoder(D, alpha=0.05).fit(X)``
+   with every other parameter at its default, 20000 x 250 rows, 500 atoms.
 
 The training time of every encoder is printed with its CPU time.
 """
@@ -281,6 +283,24 @@ def section_patches(args, device):
     return summary
 
 
+def section_default(args, device):
+    """``LISTAEncoder(D, alpha=0.05).fit(X)`` at every other default, on the
+    compressed-sensing problem at full size (20000 rows, 250 features, 500 atoms;
+    the issue's budget: 3 minutes on 2 CPU cores)."""
+    from skdict import LISTAEncoder
+
+    D, X, _ = compressed_sensing(20000, None, seed=0)
+    t, c = time.perf_counter(), _cpu_seconds()
+    enc = LISTAEncoder(D, alpha=0.05, device=device, random_state=0).fit(X)
+    wall, cpu = time.perf_counter() - t, _cpu_seconds() - c
+    print(f"\ndefault fit, 20000 x 250, 500 atoms: {wall:.1f} s wall, {cpu:.1f} s CPU; "
+          f"variant_ {enc.variant_!r}, support {enc.support_selection_:g}, {enc.n_iter_} "
+          f"epochs, {enc.n_steps_} steps; validation gap at 16 layers "
+          f"{enc.layer_gap_[-1]:.4g}")
+    return [{"setting": "default fit 20k x 250 x 500", "variant": enc.variant_,
+             "gap@16": enc.layer_gap_[-1], "train s": wall, "train cpu s": cpu}]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
@@ -299,7 +319,7 @@ def main(argv=None):
     p.add_argument("--throughput-rows", type=int, default=1_000_000)
     p.add_argument("--exact-rows", type=int, default=50_000,
                    help="rows the exact solver encodes for its rows/s")
-    p.add_argument("--sections", nargs="+", default=["cs", "patches"])
+    p.add_argument("--sections", nargs="+", default=["cs", "patches", "default"])
     args = p.parse_args(argv)
     if args.quick:
         args.n_train, args.n_test, args.n_dict = 4000, 300, 5000
@@ -314,6 +334,8 @@ def main(argv=None):
         summary += section_cs(args, args.device)
     if "patches" in args.sections:
         summary += section_patches(args, args.device)
+    if "default" in args.sections and not args.quick:
+        summary += section_default(args, args.device)
     print_table(summary, ["setting", "variant", "NMSE@16 dB", "gap@16", "FISTA iters to match",
                           "ISTA iters to match", "train s", "train cpu s"],
                 "Summary: 16 layers vs FISTA / ISTA (target: FISTA needs >= 64 iterations); "
