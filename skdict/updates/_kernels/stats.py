@@ -4,7 +4,7 @@
   atoms ``k % n_threads == t`` and scans every pair, so the scattered writes need
   no lock and no sort. Reference: ``index_put_(accumulate=True)``.
 * :func:`batch_pairs` -- the strictly upper co-occurrence entries of one batch of
-  fixed-width codes, coalesced and sorted by ``(row, col)``. When ``K**2 < 2**32`` a
+  fixed-width codes, coalesced and sorted by ``(row, col)``. When ``K <= 65536`` a
   pair is packed with its float32 product into one uint64 (key in the high bits),
   so one plain ``np.sort`` (vectorised in numpy) replaces ``np.unique``'s argsort
   and inverse. Reference: the torch / numpy path of
@@ -119,7 +119,8 @@ def batch_pairs(idx, vals, K):
     keys = np.empty(n_pairs, dtype=np.int64)
     pv = np.empty(n_pairs, dtype=vals.dtype)
     _pairs_keys(idx, vals, np.int64(K), keys, pv)
-    if vals.dtype == np.float32 and K * K < 2**32:
+    # largest key (K - 2) * K + K - 1 stays below the all-ones sentinel up to K = 65536
+    if vals.dtype == np.float32 and K * (K - 1) < 2**32:
         packed = np.empty(n_pairs, dtype=np.uint64)
         _pack(keys, pv.view(np.uint32), packed)
         packed.sort()
