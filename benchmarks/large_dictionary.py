@@ -199,6 +199,7 @@ def part_profile(args, peak):
     """Per-phase time of the training step, by wrapping the functions it calls."""
     import skdict.large as large_mod
     import skdict.training.collapsed as coll_mod
+    import skdict.updates.sparse_stats as ss_mod
     from skdict.updates import SparseStats
 
     X, _ = load_rows(args.n_rows)
@@ -207,8 +208,9 @@ def part_profile(args, peak):
           f"{2 * args.s} routed candidates), mean of {n_steps} steps after a warm-up "
           "epoch of 4 steps")
     print("| K | step ms | routing (GEMM + top-s) | GEMM bound of routing | codes | "
-          "statistics | atom refresh | resampling | rest | rows/s | fraction of bound |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "statistics (B / batch pairs / merge+prune) | atom refresh | resampling | "
+          "decode | rest | rows/s | fraction of bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for K in args.ks:
         acc = {}
 
@@ -224,31 +226,33 @@ def part_profile(args, peak):
         est = CollapsedDictionaryLearner(K, n_nonzero_coefs=args.s, batch_size=args.batch,
                                          dict_init=init, random_state=0, device="cpu")
         est.partial_fit(X[:4 * args.batch])
-        saved = (large_mod.route_topk, large_mod.active_gram, large_mod.active_lstsq,
-                 SparseStats.update, coll_mod.refresh_atoms, coll_mod.resample_dead_atoms)
-        large_mod.route_topk = timed("routing", saved[0])
-        large_mod.active_gram = timed("codes", saved[1])
-        large_mod.active_lstsq = timed("codes", saved[2])
-        SparseStats.update = timed("statistics", saved[3])
-        coll_mod.refresh_atoms = timed("refresh", saved[4])
-        coll_mod.resample_dead_atoms = timed("resampling", saved[5])
-        step = coll_mod.CollapsedLearner.step
-        coll_mod.CollapsedLearner.step = timed("step", step)
+        patches = [(large_mod, "route_topk", "routing"), (large_mod, "active_gram", "codes"),
+                   (large_mod, "active_lstsq", "codes"), (SparseStats, "update", "statistics"),
+                   (ss_mod, "accumulate_B", "B"), (ss_mod, "batch_cooccurrence", "pairs"),
+                   (SparseStats, "_add_offdiag", "merge"),
+                   (coll_mod, "refresh_atoms", "refresh"),
+                   (coll_mod, "resample_dead_atoms", "resampling"),
+                   (coll_mod, "topk_decode", "decode"),
+                   (coll_mod.CollapsedLearner, "step", "step")]
+        saved = [getattr(obj, name) for obj, name, _ in patches]
+        for (obj, name, key), fn in zip(patches, saved, strict=True):
+            setattr(obj, name, timed(key, fn))
         try:
             est.partial_fit(X[4 * args.batch:(4 + n_steps) * args.batch])
         finally:
-            (large_mod.route_topk, large_mod.active_gram, large_mod.active_lstsq,
-             SparseStats.update, coll_mod.refresh_atoms, coll_mod.resample_dead_atoms) = saved
-            coll_mod.CollapsedLearner.step = step
+            for (obj, name, _), fn in zip(patches, saved, strict=True):
+                setattr(obj, name, fn)
         ms = {k: 1000 * v / n_steps for k, v in acc.items()}
+        g = lambda k, ms=ms: ms.get(k, 0.0)  # noqa: E731
         bound = 1000 * args.batch * 2 * K * 384 / (peak * 1e9)
-        rest = ms["step"] - sum(ms.get(k, 0) for k in
-                                ("routing", "codes", "statistics", "refresh", "resampling"))
+        rest = ms["step"] - sum(g(k) for k in ("routing", "codes", "statistics", "refresh",
+                                               "resampling", "decode"))
         rate = args.batch / (ms["step"] / 1000)
-        print(f"| {K} | {ms['step']:.0f} | {ms.get('routing', 0):.0f} | {bound:.0f} | "
-              f"{ms.get('codes', 0):.0f} | {ms.get('statistics', 0):.0f} | "
-              f"{ms.get('refresh', 0):.0f} | {ms.get('resampling', 0):.0f} | {rest:.0f} | "
-              f"{rate:.0f} | {bound / ms['step']:.0%} |", flush=True)
+        print(f"| {K} | {ms['step']:.0f} | {g('routing'):.0f} | {bound:.0f} | "
+              f"{g('codes'):.0f} | {g('statistics'):.0f} ({g('B'):.0f} / {g('pairs'):.0f} / "
+              f"{g('merge'):.0f}) | {g('refresh'):.0f} | {g('resampling'):.0f} | "
+              f"{g('decode'):.0f} | {rest:.0f} | {rate:.0f} | {bound / ms['step']:.0%} |",
+              flush=True)
 
 
 def _faiss_index(D, kind, nlist, nprobe):

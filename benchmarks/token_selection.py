@@ -88,15 +88,24 @@ def table_a(T, Q, n_lasso, lasso_alpha, thr_alpha):
               f"{dense[:, :k].sum(1).mean():.3f}")
 
 
+def _layer3_params():
+    """The bundled model's encoder.layer.3 self-attention weights, float32 CPU tensors,
+    keyed ``encoder.layer.3.attention.self.{query,key,value}.{weight,bias}``."""
+    from skdict.datasets import minilm_model
+
+    model, _ = minilm_model("cpu")
+    pre = "encoder.layer.3.attention.self."
+    return {pre + n: t.detach().float().cpu()
+            for n, t in model.encoder.layer[3].attention.self.named_parameters()}
+
+
 def _softmax(S):
     e = np.exp(S - S.max(1, keepdims=True))
     return e / e.sum(1, keepdims=True)
 
 
 def table_b(T, Q, thr_alpha):
-    from skdict._minilm import _state_dict
-
-    p = _state_dict()
+    p = _layer3_params()
     pre = "encoder.layer.3.attention.self."
 
     def lin(x, name):
@@ -201,7 +210,6 @@ def lasso_speed(T, Q, alpha=5.0, n_q=20):
 def long_context_states(n_tokens):
     """Layer-3 MiniLM states of corpus passages concatenated in order, and the
     model's layer-3 q/k/v projections: (12, L, 32) each."""
-    from skdict._minilm import _state_dict
     from skdict.datasets import load_minilm_corpus, minilm_token_activations
 
     texts = load_minilm_corpus()
@@ -213,7 +221,7 @@ def long_context_states(n_tokens):
             rows.append(act[1:-1])
             total += len(act) - 2
     X = torch.from_numpy(np.concatenate(rows)[:n_tokens])
-    p = _state_dict()
+    p = _layer3_params()
     pre = "encoder.layer.3.attention.self."
 
     def proj(name):

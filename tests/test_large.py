@@ -160,18 +160,41 @@ def test_route_approx_recall_grows_with_probes_and_falls_back():
 
 
 # -------------------------------------------------------------- active lstsq
+@pytest.mark.parametrize("s", [7, 8])  # 8: the 4 x 4 tiled kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_active_gram_kernel_matches_torch(dtype):
+def test_active_gram_kernel_matches_torch(dtype, s):
     from skdict.solvers.active_lstsq import _active_gram_torch, active_gram
 
     g = torch.Generator().manual_seed(0)
     D = torch.randn(300, 24, generator=g, dtype=dtype)
     X = torch.randn(50, 24, generator=g, dtype=dtype)
-    idx = torch.stack([torch.randperm(300, generator=g)[:7] for _ in range(50)])
+    idx = torch.stack([torch.randperm(300, generator=g)[:s] for _ in range(50)])
     G, c = active_gram(X, D, idx)
     G0, c0 = _active_gram_torch(X, D, idx, 16)
     torch.testing.assert_close(G, G0)
     torch.testing.assert_close(c, c0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_cholesky_matches_torch_and_flags_failed_rows(dtype):
+    from skdict.solvers._kernels.chol import ridge_cholesky_solve
+    from skdict.solvers.active_lstsq import _spd_solve, _spd_solve_torch
+
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(50, 12, 20, generator=g, dtype=dtype)
+    G = M @ M.mT
+    G[3, 2, 2] = -5.0  # indefinite: the kernel flags it
+    G[4] = float("nan")
+    c = torch.randn(50, 12, generator=g, dtype=dtype)
+    a, bad = ridge_cholesky_solve(G.numpy(), c.numpy(), 1e-7)
+    assert bad.tolist() == [i in (3, 4) for i in range(50)]
+    ref = _spd_solve_torch(G, c, 1e-7)
+    ok = torch.from_numpy(~bad)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(torch.from_numpy(a)[ok], ref[ok], rtol=tol, atol=tol)
+    # failed rows go through the guarded torch path (NaN stays NaN)
+    out = _spd_solve(G, c, 1e-7)
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol, equal_nan=True)
 
 
 def test_active_lstsq_matches_numpy():

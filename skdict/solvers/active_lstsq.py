@@ -51,6 +51,19 @@ def _active_gram_torch(X, D, indices, chunk):
 
 
 def _spd_solve(G, c, ridge):
+    if (G.device.type == "cpu" and G.dtype in (torch.float32, torch.float64)
+            and c.dtype == G.dtype and not G.requires_grad and not c.requires_grad):
+        from ._kernels.chol import ridge_cholesky_solve
+
+        a, bad = ridge_cholesky_solve(G.contiguous().numpy(), c.contiguous().numpy(), ridge)
+        a, bad = torch.from_numpy(a), torch.from_numpy(bad)
+        if bool(bad.any()):  # the guarded torch path for the rows that failed
+            a[bad] = _spd_solve_torch(G[bad], c[bad], ridge)
+        return a
+    return _spd_solve_torch(G, c, ridge)
+
+
+def _spd_solve_torch(G, c, ridge):
     s = G.shape[-1]
     eye = torch.eye(s, dtype=G.dtype, device=G.device)
     scale = G.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(torch.finfo(G.dtype).tiny)

@@ -52,7 +52,16 @@ def add_rows(out, index, src):
 
 def accumulate_B(B: torch.Tensor, X: torch.Tensor, indices: torch.Tensor,
                  values: torch.Tensor, *, chunk: int = 1024):
-    """``B[k] += sum_i a_ik x_i`` over the active pairs, in place, via ``index_add``."""
+    """``B[k] += sum_i a_ik x_i`` over the active pairs, in place: on CPU by a
+    compiled scatter (:func:`skdict.updates._kernels.stats.scatter_rows`), elsewhere
+    via ``index_add``."""
+    if B.device.type == "cpu" and B.dtype in (torch.float32, torch.float64):
+        from ._kernels.stats import scatter_rows
+
+        scatter_rows(B.numpy(), X.detach().to(B.dtype).contiguous().numpy(),
+                     indices.contiguous().numpy(),
+                     values.detach().to(B.dtype).contiguous().numpy())
+        return B
     n, s = indices.shape
     P = X.shape[1]
     for r0 in range(0, n, chunk):
@@ -77,6 +86,18 @@ def batch_cooccurrence(indices: torch.Tensor, values: torch.Tensor, n_components
     if s < 2:
         empty = torch.zeros(0, dtype=torch.long, device=v.device)
         return diag, empty, empty.clone(), torch.zeros(0, dtype=v.dtype, device=v.device)
+    if v.device.type == "cpu" and v.dtype in (torch.float32, torch.float64):
+        from ._kernels.stats import batch_pairs
+
+        rows, cols, vals = batch_pairs(indices.contiguous().numpy(),
+                                       v.detach().contiguous().numpy(), n_components)
+        return diag, torch.from_numpy(rows), torch.from_numpy(cols), torch.from_numpy(vals)
+    return (diag, *_pairs_torch(indices, v, n_components))
+
+
+def _pairs_torch(indices, v, n_components):
+    """Reference (and device) path of the coalesced upper co-occurrence entries."""
+    s = indices.shape[1]
     iu = torch.triu_indices(s, s, offset=1, device=v.device)
     ri = indices[:, iu[0]].reshape(-1)
     ci = indices[:, iu[1]].reshape(-1)
@@ -85,8 +106,7 @@ def batch_cooccurrence(indices: torch.Tensor, values: torch.Tensor, n_components
     hi = torch.maximum(ri, ci)
     keep = (pv != 0) & (lo != hi)
     lo, hi, pv = lo[keep], hi[keep], pv[keep]
-    rows, cols, vals = _coalesce(lo, hi, pv, n_components)
-    return diag, rows, cols, vals
+    return _coalesce(lo, hi, pv, n_components)
 
 
 def _coalesce(rows, cols, vals, K):
@@ -195,6 +215,22 @@ class SparseStats:
         self._add_offdiag(r, c, v)
 
     def _add_offdiag(self, r, c, v):
+        """Add coalesced, ``(row, col)``-sorted entries; prune to ``max_nnz``."""
+        if v.numel() and self.vals.device.type == "cpu":
+            # both lists are sorted: one linear merge (no sort), compiled
+            from ._kernels.stats import merge_sorted
+
+            rows, cols, vals = merge_sorted(
+                self.rows.numpy(), self.cols.numpy(), self.vals.numpy(),
+                r.numpy(), c.numpy(), v.to(self.vals.dtype).numpy(),
+                self.n_components, self.max_nnz)
+            self.rows, self.cols = torch.from_numpy(rows), torch.from_numpy(cols)
+            self.vals = torch.from_numpy(vals)
+        elif v.numel():
+            self._add_offdiag_torch(r, c, v)
+
+    def _add_offdiag_torch(self, r, c, v):
+        """Reference (and device) path of :meth:`_add_offdiag`."""
         if v.numel():
             rows = torch.cat([self.rows, r])
             cols = torch.cat([self.cols, c])

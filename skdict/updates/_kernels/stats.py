@@ -1,0 +1,198 @@
+"""Compiled CPU kernels of the sparse statistics of :class:`skdict.updates.SparseStats`.
+
+* :func:`scatter_rows` -- ``B[idx[i, j]] += vals[i, j] * X[i]``. Each thread owns the
+  atoms ``k % n_threads == t`` and scans every pair, so the scattered writes need
+  no lock and no sort. Reference: ``index_put_(accumulate=True)``.
+* :func:`batch_pairs` -- the strictly upper co-occurrence entries of one batch of
+  fixed-width codes, coalesced and sorted by ``(row, col)``. When ``K <= 65536`` a
+  pair is packed with its float32 product into one uint64 (key in the high bits),
+  so one plain ``np.sort`` (vectorised in numpy) replaces ``np.unique``'s argsort
+  and inverse. Reference: the torch / numpy path of
+  :func:`skdict.updates.sparse_stats.batch_cooccurrence`.
+* :func:`merge_sorted` -- two coalesced, ``(row, col)``-sorted entry lists summed
+  by one linear merge (the accumulated list and a batch's), then pruned to the
+  ``max_nnz`` largest ``|value|`` keeping the order (ties by position).
+  Reference: concatenation, ``np.unique`` and ``np.partition``
+  (:meth:`skdict.updates.SparseStats._add_offdiag_torch`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import get_num_threads, njit, prange
+
+from ...solvers._kernels.select import _parallel, _twins
+
+__all__ = ["scatter_rows", "batch_pairs", "merge_sorted"]
+
+
+def _scatter_impl(B, X, idx, vals, n_parts):
+    n, s = idx.shape
+    P = X.shape[1]
+    for t in prange(n_parts):
+        for i in range(n):
+            for j in range(s):
+                k = idx[i, j]
+                if k % n_parts != t:
+                    continue
+                v = vals[i, j]
+                if v == 0:
+                    continue
+                for p in range(P):
+                    B[k, p] += v * X[i, p]
+
+
+_scatter = _twins(_scatter_impl, True)
+
+
+def scatter_rows(B, X, idx, vals):
+    """In place ``B[idx[i, j]] += vals[i, j] * X[i]`` (B, X, vals of one dtype)."""
+    if idx.size:
+        _parallel(_scatter)(B, X, idx, vals, max(1, get_num_threads()))
+    return B
+
+
+@njit(cache=True, nogil=True)
+def _pairs_keys(idx, vals, K, keys, pv):
+    n, s = idx.shape
+    e = 0
+    for i in range(n):
+        for a in range(s):
+            ia = idx[i, a]
+            for b in range(a + 1, s):
+                ib = idx[i, b]
+                v = vals[i, a] * vals[i, b]
+                if v == 0 or ia == ib:
+                    keys[e] = -1
+                else:
+                    lo, hi = (ia, ib) if ia < ib else (ib, ia)
+                    keys[e] = lo * K + hi
+                pv[e] = v
+                e += 1
+
+
+@njit(cache=True, nogil=True)
+def _coalesce_sorted(keys, pv, order, K, rows, cols, out):
+    m = -1
+    last = -1
+    acc = 0.0
+    for e in range(order.shape[0]):
+        key = keys[order[e]]
+        if key < 0:
+            continue
+        v = np.float64(pv[order[e]])
+        if key != last:
+            if m >= 0:
+                out[m] = acc
+            m += 1
+            rows[m] = key // K
+            cols[m] = key % K
+            last = key
+            acc = v
+        else:
+            acc += v
+    if m >= 0:
+        out[m] = acc
+    return m + 1
+
+
+@njit(cache=True, nogil=True)
+def _pack(keys, bits, out):
+    for e in range(keys.shape[0]):
+        if keys[e] < 0:
+            out[e] = np.uint64(0xFFFFFFFFFFFFFFFF)
+        else:
+            out[e] = (np.uint64(keys[e]) << np.uint64(32)) | np.uint64(bits[e])
+
+
+def batch_pairs(idx, vals, K):
+    """Coalesced strictly upper co-occurrence ``(rows, cols, vals)`` of one batch
+    of codes ``idx``, ``vals`` (n, s), sorted by ``(row, col)``; sums in float64,
+    returned in ``vals``' dtype."""
+    n, s = idx.shape
+    n_pairs = n * (s * (s - 1) // 2)
+    rows = np.empty(n_pairs, dtype=np.int64)
+    cols = np.empty(n_pairs, dtype=np.int64)
+    out = np.empty(n_pairs, dtype=np.float64)
+    if n_pairs == 0:
+        return rows, cols, out.astype(vals.dtype)
+    keys = np.empty(n_pairs, dtype=np.int64)
+    pv = np.empty(n_pairs, dtype=vals.dtype)
+    _pairs_keys(idx, vals, np.int64(K), keys, pv)
+    # largest key (K - 2) * K + K - 1 stays below the all-ones sentinel up to K = 65536
+    if vals.dtype == np.float32 and K * (K - 1) < 2**32:
+        packed = np.empty(n_pairs, dtype=np.uint64)
+        _pack(keys, pv.view(np.uint32), packed)
+        packed.sort()
+        keys = (packed >> np.uint64(32)).astype(np.int64)
+        keys[keys == 0xFFFFFFFF] = -1
+        pv = (packed & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.float32)
+        order = np.arange(n_pairs)
+    else:
+        order = np.argsort(keys, kind="stable")
+    m = _coalesce_sorted(keys, pv, order, np.int64(K), rows, cols, out)
+    return rows[:m].copy(), cols[:m].copy(), out[:m].astype(vals.dtype)
+
+
+@njit(cache=True, nogil=True)
+def _merge(r1, c1, v1, r2, c2, v2, K, rows, cols, out):
+    i = j = m = 0
+    n1, n2 = v1.shape[0], v2.shape[0]
+    while i < n1 or j < n2:
+        k1 = r1[i] * K + c1[i] if i < n1 else np.int64(-1)
+        k2 = r2[j] * K + c2[j] if j < n2 else np.int64(-1)
+        if j >= n2 or (i < n1 and k1 < k2):
+            rows[m], cols[m], out[m] = r1[i], c1[i], v1[i]
+            i += 1
+        elif i >= n1 or k2 < k1:
+            rows[m], cols[m], out[m] = r2[j], c2[j], v2[j]
+            j += 1
+        else:
+            rows[m], cols[m] = r1[i], c1[i]
+            out[m] = np.float64(v1[i]) + np.float64(v2[j])
+            i += 1
+            j += 1
+        m += 1
+    return m
+
+
+@njit(cache=True, nogil=True)
+def _keep_largest(rows, cols, vals, thr, n_keep):
+    """Compact in place the entries with ``|v| > thr``, then the first ties."""
+    above = 0
+    for e in range(vals.shape[0]):
+        if abs(vals[e]) > thr:
+            above += 1
+    ties = n_keep - above
+    m = 0
+    for e in range(vals.shape[0]):
+        a = abs(vals[e])
+        if a > thr:
+            keep = True
+        elif a == thr and ties > 0:
+            keep = True
+            ties -= 1
+        else:
+            keep = False
+        if keep:
+            rows[m], cols[m], vals[m] = rows[e], cols[e], vals[e]
+            m += 1
+    return m
+
+
+def merge_sorted(r1, c1, v1, r2, c2, v2, K, max_nnz):
+    """``(r1, c1, v1) + (r2, c2, v2)`` (both coalesced and sorted by ``(row, col)``),
+    coalesced, sorted, pruned to the ``max_nnz`` largest ``|value|``."""
+    n = v1.shape[0] + v2.shape[0]
+    rows = np.empty(n, dtype=np.int64)
+    cols = np.empty(n, dtype=np.int64)
+    out = np.empty(n, dtype=v1.dtype)
+    m = _merge(r1, c1, v1, r2, c2, v2.astype(v1.dtype, copy=False), np.int64(K),
+               rows, cols, out)
+    rows, cols, out = rows[:m], cols[:m], out[:m]
+    if m > max_nnz:
+        a = np.abs(out)  # numpy's introselect beats a scalar quickselect here
+        thr = np.partition(a, m - max_nnz)[m - max_nnz] if max_nnz > 0 else np.inf
+        m = _keep_largest(rows, cols, out, out.dtype.type(thr), np.int64(max_nnz))
+        rows, cols, out = rows[:m], cols[:m], out[:m]
+    return rows.copy(), cols.copy(), out.copy()
