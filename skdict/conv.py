@@ -366,12 +366,17 @@ class ConvDictionaryLearning(_ConvCodingMixin, TrainedEstimatorMixin, BaseSparse
         Coding of each minibatch during ``fit``.
     fit_max_iter : int, default=50
         Iteration cap of ``fit_algorithm`` per minibatch.
-    inference_tol : float, default=1e-3
-        Relative duality gap at which the coding of a minibatch stops in ``fit``.
+    inference_tol : float, default=None
+        Where the coding of a minibatch stops in ``fit``: the scaled ADMM
+        residuals (``fit_algorithm="admm"``, circular boundary) or the relative
+        duality gap; None means 1e-3. With ADMM on the circular boundary each
+        training image's codes, dual and penalty are kept between visits (up to
+        256 MB of them) and warm-start its next coding.
     transform_algorithm : {"admm", "fista", "ista", "lca"}, default="admm"
     transform_max_iter : int, default=500
-    transform_tol : float, default=1e-4
-        Relative duality gap at which ``transform`` stops.
+    transform_tol : float, default=None
+        Where ``transform`` stops, as ``tol`` of :class:`ConvSparseCoder`
+        (None: 1e-3 on the scaled ADMM residuals, else a 1e-4 duality gap).
     dict_update_iter : int, default=10
         Projected-gradient (FISTA) steps of the filter update per minibatch.
     positive_code : bool, default=False
@@ -439,10 +444,10 @@ class ConvDictionaryLearning(_ConvCodingMixin, TrainedEstimatorMixin, BaseSparse
         "tol": [Interval(numbers.Real, 0, None, closed="left")],
         "fit_algorithm": [_ALGORITHMS],
         "fit_max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
-        "inference_tol": [Interval(numbers.Real, 0, None, closed="left")],
+        "inference_tol": [Interval(numbers.Real, 0, None, closed="left"), None],
         "transform_algorithm": [_ALGORITHMS],
         "transform_max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
-        "transform_tol": [Interval(numbers.Real, 0, None, closed="left")],
+        "transform_tol": [Interval(numbers.Real, 0, None, closed="left"), None],
         "dict_update_iter": [Interval(numbers.Integral, 1, None, closed="left")],
         "positive_code": ["boolean"],
         "dict_init": ["array-like", torch.Tensor, None],
@@ -457,8 +462,8 @@ class ConvDictionaryLearning(_ConvCodingMixin, TrainedEstimatorMixin, BaseSparse
 
     def __init__(self, n_filters=32, filter_shape=(8, 8), *, alpha=1.0, image_shape=None,
                  boundary="circular", max_iter=10, n_steps=None, tol=0.0, batch_size=4,
-                 fit_algorithm="admm", fit_max_iter=50, inference_tol=1e-3,
-                 transform_algorithm="admm", transform_max_iter=500, transform_tol=1e-4,
+                 fit_algorithm="admm", fit_max_iter=50, inference_tol=None,
+                 transform_algorithm="admm", transform_max_iter=500, transform_tol=None,
                  dict_update_iter=10, positive_code=False, dict_init=None, forget_window=16,
                  dead_window=64, shuffle=True, random_state=None, device="auto",
                  callbacks=None, verbose=False, sparse_output=True):
@@ -497,6 +502,9 @@ class ConvDictionaryLearning(_ConvCodingMixin, TrainedEstimatorMixin, BaseSparse
 
     def _coding_tol(self):
         return self.transform_tol
+
+    def _fit_tol(self):
+        return _tol_for(self.fit_algorithm, self.inference_tol, residual=1e-3, gap=1e-3)
 
     def _check_params(self):
         fs = tuple(self.filter_shape)
