@@ -184,7 +184,6 @@ def cbpdn(op, X, alpha, *, rho=None, Y0=None, U0=None, positive=False, max_iter=
     fused = _use_kernels(kernels, device)
     if fused:
         Dh1 = Dh.reshape(M, -1).numpy() if Cn == 1 else None
-        Dhc1 = Dhc.reshape(M, -1).numpy() if Cn == 1 else None
         _set_threads()
 
     def factors(r):
@@ -215,7 +214,7 @@ def cbpdn(op, X, alpha, *, rho=None, Y0=None, U0=None, positive=False, max_iter=
         nb = Y.shape[0]
         fft.forward()  # spec = -DFT(y - u)
         if fused and Cn == 1:
-            _k.freq_step(fft.spec.numpy().reshape(nb, M, -1), Dh1, Dhc1,
+            _k.freq_step(fft.spec.numpy().reshape(nb, M, -1), Dh1,
                          shat.numpy().reshape(nb, -1), inv.numpy().reshape(nb, -1))
         else:
             _freq_step_torch(fft.spec, Dh, Dhc, shat, inv)

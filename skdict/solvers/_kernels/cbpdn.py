@@ -21,32 +21,33 @@ from numba import njit, prange
 
 __all__ = ["freq_step", "real_step", "real_step_stats"]
 
-_BLK = 512
+_BLK = 256
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath=True)
-def freq_step(W, Dh, Dhc, shat, inv):  # pragma: no cover - compiled
+def freq_step(W, Dh, shat, inv):  # pragma: no cover - compiled
     """In place on ``W`` ``(n, M, F)`` (the spectrum of ``-(y - u)``):
     ``W_m <- W_m - conj(d_m) (s + sum_k d_k W_k) inv``, i.e. minus the spectrum
-    of the x-update. ``Dh``, ``Dhc``: ``(M, F)``; ``shat``: ``(n, F)``;
-    ``inv``: ``(n, F)`` real."""
+    of the x-update. ``Dh``: ``(M, F)``; ``shat``: ``(n, F)``; ``inv``:
+    ``(n, F)`` real. A job is one block of frequencies for every image: the
+    filters' block is read from memory once and stays in cache."""
     n, M, F = W.shape
     nb = (F + _BLK - 1) // _BLK
-    for job in prange(n * nb):
-        i = job // nb
-        f0 = (job % nb) * _BLK
+    for job in prange(nb):
+        f0 = job * _BLK
         f1 = min(F, f0 + _BLK)
         acc = np.empty(f1 - f0, dtype=W.dtype)
-        for f in range(f0, f1):
-            acc[f - f0] = shat[i, f]
-        for m in range(M):
+        for i in range(n):
             for f in range(f0, f1):
-                acc[f - f0] += W[i, m, f] * Dh[m, f]
-        for f in range(f0, f1):
-            acc[f - f0] *= inv[i, f]
-        for m in range(M):
+                acc[f - f0] = shat[i, f]
+            for m in range(M):
+                for f in range(f0, f1):
+                    acc[f - f0] += W[i, m, f] * Dh[m, f]
             for f in range(f0, f1):
-                W[i, m, f] -= acc[f - f0] * Dhc[m, f]
+                acc[f - f0] *= inv[i, f]
+            for m in range(M):
+                for f in range(f0, f1):
+                    W[i, m, f] -= acc[f - f0] * Dh[m, f].conjugate()
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath=True)
