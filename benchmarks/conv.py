@@ -16,7 +16,9 @@ Tikhonov low-pass, ``sporco.signal.tikhonov_filter(s, 5, 16)``).
   the time to an objective within 1e-4 (relative) of it: sporco ``ConvBPDN``
   (default options, timed per iteration through its callback, the callback's
   own time excluded) vs skdict's ADMM (``skdict.solvers.cbpdn``, timed the
-  same way at its residual checks, every 10 iterations). Also skdict
+  same way at its residual checks, every 10 iterations; for float64 input it
+  runs float32 iterations to residual 1e-3 first, then float64, and the
+  ``float64 (mixed=False)`` row is float64 throughout). Also skdict
   ``ConvSparseCoder`` as a user calls it, at its defaults (``tol=None``: 1e-3
   on the scaled residuals), timed whole: its relative objective and its time
   over sporco's (``default_ratio``).
@@ -129,7 +131,7 @@ def sporco_cbpdn(D, S, alpha, n_iter, dtype, eval_every=5):
     return trace
 
 
-def skdict_admm(filters, S, alpha, n_iter, dtype, device="cpu", trace=False):
+def skdict_admm(filters, S, alpha, n_iter, dtype, device="cpu", trace=False, mixed=True):
     """skdict's CBPDN ADMM (:func:`skdict.solvers.cbpdn.cbpdn`) for ``n_iter``
     iterations (no stopping test); (seconds, maps), or with ``trace`` (seconds
     at each residual check, the callback's own time excluded, objective) per
@@ -153,7 +155,8 @@ def skdict_admm(filters, S, alpha, n_iter, dtype, device="cpu", trace=False):
     _sync(device)
     t0[0] = time.perf_counter()
     op = conv_operator(filters, (H, W), device=device, dtype=tdt)
-    res = cbpdn(op, X, alpha, max_iter=n_iter, tol=0, callback=cb if trace else None)
+    res = cbpdn(op, X, alpha, max_iter=n_iter, tol=0, callback=cb if trace else None,
+                mixed=mixed)
     _sync(device)
     el = time.perf_counter() - t0[0]
     if trace:
@@ -195,6 +198,14 @@ def run_coding(args):
         sk = skdict_admm(filters, S, ALPHA, args.skdict_iter, dt, trace=True)
         sk_hit = next(((k, t) for k, t, o in sk if o <= target), None)
         sk_k, sk_t = sk_hit if sk_hit else (None, None)
+        extra = []
+        if dt == np.float64:  # float64 arithmetic throughout (no float32 first phase)
+            pure = skdict_admm(filters, S, ALPHA, args.skdict_iter, dt, trace=True, mixed=False)
+            p_hit = next(((k, t) for k, t, o in pure if o <= target), None)
+            extra.append({"dtype": "float64 (mixed=False)", "skdict_iters": p_hit and p_hit[0],
+                        "skdict_s": p_hit and p_hit[1],
+                        "skdict_s_per_iter": pure[-1][1] / pure[-1][0],
+                        "ratio": (p_hit[1] / hit[1]) if p_hit and hit else None})
         # the estimator at its defaults (tol=None: 1e-3 on the scaled residuals)
         coder = ConvSparseCoder(filters.astype(dt), alpha=ALPHA, image_shape=S.shape[1:],
                                 device="cpu")
@@ -212,6 +223,7 @@ def run_coding(args):
                     "ratio": (sk_t / sp_t) if sk_t and sp_t else None,
                     "ConvSparseCoder_s": el_est, "its_rel_obj": rel,
                     "default_ratio": (el_est / sp_t) if sp_t else None})
+        out.extend(extra)
     print(f"optimum (lowest of both) {f_opt:.8f}; target {target:.8f}")
     print_table(out, ["dtype", "sporco_iters", "sporco_s", "sporco_s_per_iter", "skdict_iters",
                       "skdict_s", "skdict_s_per_iter", "ratio", "ConvSparseCoder_s",

@@ -341,10 +341,10 @@ def test_cbpdn_warm_start_gives_the_cold_solution(rng):
 
     op = conv_operator(rng.standard_normal((4, 3, 3)) / 2, (10, 12))
     X = torch.tensor(rng.standard_normal((3, op.n_features)))
-    cold = cbpdn(op, X, 0.3, tol=1e-10, max_iter=5000, return_dual=True)
+    cold = cbpdn(op, X, 0.3, tol=1e-10, max_iter=5000, return_dual=True, mixed=False)
     # restarting from (y, u, rho) stops at the first check with the same codes
     warm = cbpdn(op, X, 0.3, Y0=cold.codes, U0=cold.dual, rho=cold.rho, tol=1e-10,
-                 max_iter=5000)
+                 max_iter=5000, mixed=False)
     assert warm.n_iter == 10 and warm.converged
     torch.testing.assert_close(warm.codes, cold.codes, rtol=0, atol=1e-8)
     # from a perturbed start (another problem's solution) it reaches the same optimum
@@ -352,6 +352,11 @@ def test_cbpdn_warm_start_gives_the_cold_solution(rng):
     again = cbpdn(op, X, 0.3, Y0=other.codes, U0=other.dual, rho=other.rho, tol=1e-10,
                   max_iter=5000)
     torch.testing.assert_close(again.codes, cold.codes, rtol=0, atol=1e-7)
+    # float32 first, then float64 (the default): the float64 solution at tight tol
+    mixed = cbpdn(op, X, 0.3, tol=1e-10, max_iter=5000)
+    assert mixed.codes.dtype == torch.float64 and mixed.converged
+    torch.testing.assert_close(mixed.codes, cold.codes, rtol=0, atol=1e-7)
+    assert float(mixed.history[-1]) < 1e-10
     # float32 keeps its dtype; the rows stop separately
     r32 = cbpdn(conv_operator(op.filters.float(), (1, 10, 12)), X.float(), 0.3, tol=1e-4)
     assert r32.codes.dtype == torch.float32 and r32.rho.dtype == torch.float32

@@ -96,7 +96,7 @@ def _rowsq(t):
 def cbpdn(op, X, alpha, *, rho=None, Y0=None, U0=None, positive=False, max_iter=500,
           tol=1e-3, relax=1.8, check_every=10, balance=True, rsdl_target=None,
           rsdl_ratio=1.2, return_dual=False, backend="auto", kernels="auto",
-          callback=None):
+          callback=None, mixed=True, switch_tol=1e-3):
     """ADMM for ``min_z 0.5 ||sum_m d_m * z_m - x||^2 + alpha ||z||_1`` per image.
 
     Parameters
@@ -141,6 +141,14 @@ def cbpdn(op, X, alpha, *, rho=None, Y0=None, U0=None, positive=False, max_iter=
         Called at every check as ``callback(it, rows, Y)``: the iteration, the
         original indices of the rows still running and their maps ``Y``
         ``(rows, M, Hm, Wm)`` (read only).
+    mixed : bool, default=True
+        float64 input: iterate in float32 until both scaled residuals are
+        below ``max(tol, switch_tol)``, then, if ``tol < switch_tol``, go on in
+        float64 from there (warm start) to ``tol``. At residuals of 1e-3 the
+        rounding of float32 (1e-7) does not matter, and its iterations cost
+        about half. False: float64 throughout (e.g. to warm-start a tight
+        solve from a solution already near ``tol``).
+    switch_tol : float, default=1e-3
 
     Returns
     -------
@@ -148,6 +156,12 @@ def cbpdn(op, X, alpha, *, rho=None, Y0=None, U0=None, positive=False, max_iter=
     """
     if op.boundary != "circular":
         raise ValueError("cbpdn needs a circular operator; use skdict.solvers.admm")
+    kw = dict(positive=positive, relax=relax, check_every=check_every, balance=balance,
+              rsdl_target=rsdl_target, rsdl_ratio=rsdl_ratio, backend=backend,
+              kernels=kernels)
+    if mixed and X.dtype == torch.float64 and max_iter > 0:
+        return _mixed(op, X, alpha, rho, Y0, U0, max_iter, tol, switch_tol, return_dual,
+                      callback, kw)
     n = X.shape[0]
     dtype, device = X.dtype, X.device
     M, Cn = op.n_filters, op.n_channels
@@ -332,3 +346,29 @@ def _real_step_torch(a, Y, V, thr, relax, scale, positive, stats):
     if stats is not None:
         stats[:, 3] = _rowsq(Y - Yold).cpu()
         stats[:, 4] = _rowsq(V - Y).cpu()
+
+
+def _mixed(op, X, alpha, rho, Y0, U0, max_iter, tol, switch_tol, return_dual, callback, kw):
+    """:func:`cbpdn` in float32 to ``max(tol, switch_tol)``, then float64."""
+    from ..operators.conv import ConvOperator
+
+    op32 = ConvOperator(op.filters.detach().float(), op.image_shape, op.boundary)
+
+    def f32(t):
+        return None if t is None else t.float()
+
+    first = cbpdn(op32, X.float(), alpha, rho=rho, Y0=f32(Y0), U0=f32(U0), max_iter=max_iter,
+                  tol=max(tol, switch_tol), return_dual=True, callback=callback, mixed=False,
+                  **kw)
+    left = max_iter - first.n_iter
+    if left <= 0 or tol >= switch_tol:  # done: float32 met tol (or ran out)
+        dual = first.dual.double() if return_dual else None
+        return CBPDNResult(first.codes.double(), first.n_iter, first.history,
+                           first.converged, first.rho.double(), dual, first.n_iters)
+    off = first.n_iter
+    cb = None if callback is None else (lambda it, rows, Y: callback(it + off, rows, Y))
+    second = cbpdn(op, X, alpha, rho=first.rho.double(), Y0=first.codes.double(),
+                   U0=first.dual.double(), max_iter=left, tol=tol, return_dual=return_dual,
+                   callback=cb, mixed=False, **kw)
+    return CBPDNResult(second.codes, off + second.n_iter, first.history + second.history,
+                       second.converged, second.rho, second.dual, first.n_iters + second.n_iters)
