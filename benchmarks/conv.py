@@ -145,11 +145,12 @@ def skdict_admm(filters, S, alpha, n_iter, dtype, device="cpu", trace=False, mix
     n, H, W = S.shape
     X = torch.as_tensor(S.reshape(n, -1), dtype=tdt, device=device)
     out, excluded, t0 = [], [0.0], [None]
+    Zall = np.zeros((n, filters.shape[0], H, W))  # rows that stopped keep their codes
 
     def cb(it, rows, Y):
         t = time.perf_counter()
-        Z = Y.reshape(n, -1, H, W).cpu().double().numpy()
-        out.append((it, t - t0[0] - excluded[0], objective(S, Z, filters, alpha)))
+        Zall[rows.cpu().numpy()] = Y.reshape(-1, filters.shape[0], H, W).cpu().double().numpy()
+        out.append((it, t - t0[0] - excluded[0], objective(S, Zall, filters, alpha)))
         excluded[0] += time.perf_counter() - t
 
     _sync(device)
