@@ -557,7 +557,9 @@ class ConvDictionaryLearning(_ConvCodingMixin, TrainedEstimatorMixin, BaseSparse
         self.components_ = state.D.detach().cpu().numpy().reshape(self._filter_dims(shape))
         self.image_shape_ = shape
         self.n_resampled_ = state.n_resampled
-        self._train_state = state.state_dict()
+        # the run's state is dropped after this: export views, not copies (~0.35 s
+        # per partial_fit with 136 MB of statistics and the warm starts)
+        self._train_state = state.state_dict(copy_arrays=False)
         self.map_shape_ = tuple(self._map_shape())
 
     @_fit_context(prefer_skip_nested_validation=True)
