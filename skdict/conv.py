@@ -383,7 +383,7 @@ class ConvDictionaryLearning(_ConvCodingMixin, TrainedEstimatorMixin, BaseSparse
         The defaults (20, 40) reached sporco's held-out objective in the
         fewest epochs and least time of the settings tried on the benchmark
         (``benchmarks/conv.py``, 32 8x8 filters: (50, 10) took 30 epochs, (20, 40)
-        9, (10, 40) 10, (20, 20) 15).
+        9, (10, 40) 10, (20, 20) 15); at (20, 40) in 0.48x sporco's time.
     positive_code : bool, default=False
     dict_init : array-like, default=None
         Initial filters, shaped like ``components_``; None draws random image
