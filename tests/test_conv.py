@@ -298,3 +298,115 @@ def test_plot_dictionary_shows_conv_filters(rng):
     assert fig.axes[0].images[0].get_array().shape == (5, 5, 3)
     fig = plot_dictionary(rng.standard_normal((4, 2, 5, 5)))
     assert fig.axes[0].images[0].get_array().shape == (5, 10)
+
+
+# ------------------------------------------------------------------ CBPDN (fused ADMM)
+def _obj(op, X, Z, alpha):
+    R = X - op.forward(Z)
+    return 0.5 * (R * R).sum(1) + alpha * Z.abs().sum(1)
+
+
+@pytest.mark.parametrize("positive", [False, True])
+@pytest.mark.parametrize("shape, fshape", SHAPES)
+def test_cbpdn_kernels_and_backends_reach_the_fista_optimum(shape, fshape, positive, rng):
+    from skdict.operators._fft import fftw_available
+    from skdict.solvers.cbpdn import cbpdn
+
+    op = conv_operator(rng.standard_normal(fshape) / 2, shape)
+    X = torch.tensor(rng.standard_normal((3, op.n_features)))
+    ref = fista(op.adjoint(X), op, 0.3, xnorm2=(X * X).sum(1), positive=positive, tol=1e-12,
+                max_iter=50000).codes
+    o_ref = _obj(op, X, ref, 0.3)
+    combos = [("torch", "torch"), ("torch", "numba")]
+    if fftw_available():
+        combos += [("fftw", "numba"), ("fftw", "torch")]
+    first = None
+    for backend, kernels in combos:
+        res = cbpdn(op, X, 0.3, positive=positive, tol=1e-9, max_iter=5000, backend=backend,
+                    kernels=kernels)
+        assert res.converged and bool((res.n_iters < 5000).all())
+        assert float(((_obj(op, X, res.codes, 0.3) - o_ref) / o_ref).abs().max()) < 1e-10
+        if positive:
+            assert bool((res.codes >= 0).all())
+        else:
+            assert _kkt(op, X, res.codes, 0.3, 1e-6) < 1e-4
+        # the same iterations, whichever transforms and kernels
+        first = res if first is None else first
+        np.testing.assert_array_equal(res.n_iters.numpy(), first.n_iters.numpy())
+        torch.testing.assert_close(res.codes, first.codes, rtol=0, atol=1e-8)
+
+
+def test_cbpdn_warm_start_gives_the_cold_solution(rng):
+    from skdict.solvers.cbpdn import cbpdn
+
+    op = conv_operator(rng.standard_normal((4, 3, 3)) / 2, (10, 12))
+    X = torch.tensor(rng.standard_normal((3, op.n_features)))
+    cold = cbpdn(op, X, 0.3, tol=1e-10, max_iter=5000, return_dual=True, mixed=False)
+    # restarting from (y, u, rho) stops at the first check with the same codes
+    warm = cbpdn(op, X, 0.3, Y0=cold.codes, U0=cold.dual, rho=cold.rho, tol=1e-10,
+                 max_iter=5000, mixed=False)
+    assert warm.n_iter == 10 and warm.converged
+    torch.testing.assert_close(warm.codes, cold.codes, rtol=0, atol=1e-8)
+    # from a perturbed start (another problem's solution) it reaches the same optimum
+    other = cbpdn(op, X.flip(0), 0.3, tol=1e-4, return_dual=True)
+    again = cbpdn(op, X, 0.3, Y0=other.codes, U0=other.dual, rho=other.rho, tol=1e-10,
+                  max_iter=5000)
+    torch.testing.assert_close(again.codes, cold.codes, rtol=0, atol=1e-7)
+    # float32 first, then float64 (the default): the float64 solution at tight tol
+    mixed = cbpdn(op, X, 0.3, tol=1e-10, max_iter=5000)
+    assert mixed.codes.dtype == torch.float64 and mixed.converged
+    torch.testing.assert_close(mixed.codes, cold.codes, rtol=0, atol=1e-7)
+    assert float(mixed.history[-1]) < 1e-10
+    # float32 keeps its dtype; the rows stop separately
+    r32 = cbpdn(conv_operator(op.filters.float(), (1, 10, 12)), X.float(), 0.3, tol=1e-4)
+    assert r32.codes.dtype == torch.float32 and r32.rho.dtype == torch.float32
+
+
+def test_cbpdn_residual_stop_bounds_the_objective(rng):
+    # natural-image-like data: smooth filters and sparse maps plus noise
+    from skdict.solvers.cbpdn import cbpdn
+
+    f = rng.standard_normal((8, 5, 5))
+    op = conv_operator(f / np.linalg.norm(f.reshape(8, -1), axis=1)[:, None, None], (24, 24))
+    Z = torch.tensor(rng.standard_normal((4, op.n_atoms)) * (rng.random((4, op.n_atoms)) < 0.05))
+    X = op.forward(Z) + 0.05 * torch.tensor(rng.standard_normal((4, op.n_features)))
+    oracle = _obj(op, X, cbpdn(op, X, 0.1, tol=1e-11, max_iter=20000).codes, 0.1)
+    for tol, rel in [(1e-3, 1e-3), (1e-4, 1e-5)]:
+        res = cbpdn(op, X, 0.1, tol=tol, max_iter=20000)
+        assert res.converged and res.history[-1] < tol
+        gap = (_obj(op, X, res.codes, 0.1) - oracle) / oracle
+        assert float(gap.max()) < rel and float(gap.min()) > -1e-12
+
+
+def test_coder_default_tol_uses_the_residual_stop(rng):
+    filters = rng.standard_normal((3, 4, 4))
+    X = _images(rng)
+    coder = ConvSparseCoder(filters, alpha=0.3, image_shape=(12, 12), device="cpu").fit(X)
+    exact = ConvSparseCoder(filters, alpha=0.3, image_shape=(12, 12), device="cpu",
+                            tol=1e-10, transform_max_iter=20000).fit(X)
+    assert coder._objective(X) <= exact._objective(X) * (1 + 1e-3)
+    assert coder.get_params()["tol"] is None
+
+
+def test_dictionary_learning_keeps_warm_starts_in_its_state(rng):
+    from skdict.training.conv import ConvState
+
+    X = rng.standard_normal((6, 144))
+    cdl = ConvDictionaryLearning(3, (3, 3), alpha=0.2, image_shape=(12, 12), max_iter=2,
+                                 batch_size=4, random_state=0, device="cpu").fit(X)
+    st = cdl._train_state
+    # one row per training image: its codes, dual and penalty
+    assert st["warm_Y"].shape == (6, 3 * 144) and st["warm_U"].shape == (6, 3 * 144)
+    assert st["warm_keys"].shape[0] == 6 and st["warm_rho"].shape == (6,)
+    # save / restore: the state rebuilds, and a pickled model continues the same way
+    back = ConvState.from_state_dict(st, device="cpu", dtype=torch.float64)
+    np.testing.assert_array_equal(back.warm_Y.numpy(), st["warm_Y"])
+    twin = pickle.loads(pickle.dumps(cdl))
+    cdl.partial_fit(X)
+    twin.partial_fit(X)
+    np.testing.assert_array_equal(twin.components_, cdl.components_)
+    # warm codes are those of the images they are keyed to: the same image, with
+    # its rows reordered, keeps its own entry
+    before = cdl._train_state["warm_Y"].copy()
+    cdl.partial_fit(X[::-1].copy())
+    assert cdl._train_state["warm_Y"].shape == before.shape

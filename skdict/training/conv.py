@@ -13,6 +13,7 @@ import torch
 from .._backend import torch_dtype
 from ..functional import encode_block
 from ..operators import ConvOperator
+from ..solvers.cbpdn import cbpdn, default_rho
 from ..updates import (
     dead_atoms,
     forgetting_factor,
@@ -24,6 +25,31 @@ from ..updates.conv import ConvStats, conv_filter_update, conv_statistics_update
 from .state import TrainState
 
 __all__ = ["ConvLearner", "ConvState", "random_patches"]
+
+# memory for the ADMM warm starts (codes and dual of every training image); past
+# it, new images start cold
+_WARM_BYTES = 256 * 2**20
+_N_PROBES = 15
+
+
+def _fingerprint(Xb):
+    """Each image's values at ``_N_PROBES`` fixed positions and its sum: a key
+    that tells the training images apart (a collision only costs a worse warm
+    start, never a wrong solution)."""
+    n, p = Xb.shape
+    idx = torch.linspace(0, p - 1, min(p, _N_PROBES), device=Xb.device).long()
+    return torch.cat([Xb[:, idx], Xb.sum(1, keepdim=True)], 1)
+
+
+def _match(keys, probe):
+    """For each row of ``probe``, the index of an equal row of ``keys`` or -1."""
+    out = torch.full((probe.shape[0],), -1, dtype=torch.long, device=probe.device)
+    if keys is None or keys.shape[0] == 0:
+        return out
+    eq = (probe[:, None, :] == keys[None, :, :]).all(2)  # (b, n_keys)
+    hit = eq.any(1)
+    out[hit] = eq[hit].float().argmax(1)
+    return out
 
 
 @dataclass
@@ -39,6 +65,13 @@ class ConvState(TrainState):
     since_used: torch.Tensor = None
     n_resampled: int = 0
     generator: torch.Generator = None
+    # warm starts of the CBPDN ADMM, one row per training image seen (while
+    # they fit in _WARM_BYTES): a fingerprint of the image, its codes, scaled
+    # dual and penalty
+    warm_keys: torch.Tensor = None
+    warm_Y: torch.Tensor = None
+    warm_U: torch.Tensor = None
+    warm_rho: torch.Tensor = None
 
 
 def random_patches(images, n, kernel_shape, generator):
@@ -98,18 +131,55 @@ class ConvLearner:
             generator=generator,
         )
 
+    def _code(self, state, Xb, op):
+        """Codes of the minibatch: CBPDN warm-started from each image's last
+        codes and dual when the fit algorithm is ADMM on the circular
+        boundary, else the registered solver."""
+        est = self.est
+        if est.fit_algorithm != "admm" or op.boundary != "circular":
+            return encode_block(Xb, op, algorithm=est.fit_algorithm, alpha=est.alpha,
+                                positive=est.positive_code, max_iter=est.fit_max_iter,
+                                tol=est._fit_tol())
+        b, K = Xb.shape[0], op.n_atoms
+        keys = _fingerprint(Xb)
+        slot = _match(state.warm_keys, keys)
+        hit = slot >= 0
+        Y0 = U0 = None
+        rho = torch.full((b,), default_rho(est.alpha), dtype=torch.float64, device=Xb.device)
+        if bool(hit.any()):
+            Y0 = torch.zeros((b, K), dtype=Xb.dtype, device=Xb.device)
+            U0 = torch.zeros_like(Y0)
+            Y0[hit] = state.warm_Y[slot[hit]]
+            U0[hit] = state.warm_U[slot[hit]]
+            rho[hit] = state.warm_rho[slot[hit]].double()
+        res = cbpdn(op, Xb, est.alpha, rho=rho, Y0=Y0, U0=U0, positive=est.positive_code,
+                    max_iter=est.fit_max_iter, tol=est._fit_tol(), return_dual=True)
+        if bool(hit.any()):
+            state.warm_Y[slot[hit]] = res.codes[hit]
+            state.warm_U[slot[hit]] = res.dual[hit]
+            state.warm_rho[slot[hit]] = res.rho[hit]
+        new = ~hit
+        n_have = 0 if state.warm_keys is None else state.warm_keys.shape[0]
+        room = _WARM_BYTES // (2 * K * Xb.element_size()) - n_have
+        if bool(new.any()) and room > 0:
+            take = torch.nonzero(new).flatten()[:room]
+            parts = [(state.warm_keys, keys[take]), (state.warm_Y, res.codes[take]),
+                     (state.warm_U, res.dual[take]), (state.warm_rho, res.rho[take])]
+            state.warm_keys, state.warm_Y, state.warm_U, state.warm_rho = (
+                new_ if old is None else torch.cat([old, new_]) for old, new_ in parts)
+        return res
+
     def step(self, state, Xb):
         est = self.est
         op = self._op(state.D)
-        res = encode_block(Xb, op, algorithm=est.fit_algorithm, alpha=est.alpha,
-                           positive=est.positive_code, max_iter=est.fit_max_iter,
-                           tol=est.inference_tol)
+        res = self._code(state, Xb, op)
         codes = res.codes
-        R = Xb - op.forward(codes)
-        loss = (0.5 * (R * R).sum(1) + est.alpha * codes.abs().sum(1)).mean()
         b = Xb.shape[0]
         zh = torch.fft.rfft2(op.maps(codes))
         xh = torch.fft.rfft2(op._embed(op.images(Xb)), s=op.map_shape)
+        # the residual from the code DFTs the statistics need anyway
+        R = Xb - op._crop(torch.fft.irfft2(op._synth_hat(zh), s=op.map_shape)).reshape(b, -1)
+        loss = (0.5 * (R * R).sum(1) + est.alpha * codes.abs().sum(1)).mean()
         beta = forgetting_factor(state.n_steps, b, est.forget_window)
         conv_statistics_update(state.A, state.B, zh, xh, beta)
         state.D = conv_filter_update(state.D, state.A, state.B, op.map_shape,

@@ -16,16 +16,19 @@ __all__ = ["TrainState", "to_portable", "from_portable"]
 _GEN = "__torch_generator__"
 
 
-def to_portable(value):
-    """Tensors -> numpy arrays, generators -> their state, recursively (dicts, lists)."""
+def to_portable(value, copy_arrays=True):
+    """Tensors -> numpy arrays, generators -> their state, recursively (dicts, lists).
+    ``copy_arrays=False``: CPU tensors are exported as views of their memory (for a state
+    that is dropped afterwards)."""
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy().copy()
+        out = value.detach().cpu().numpy()
+        return out.copy() if copy_arrays or value.device.type != "cpu" else out
     if isinstance(value, torch.Generator):
         return {_GEN: value.get_state().numpy().copy(), "device": str(value.device)}
     if isinstance(value, dict):
-        return {k: to_portable(v) for k, v in value.items()}
+        return {k: to_portable(v, copy_arrays) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(to_portable(v) for v in value)
+        return type(value)(to_portable(v, copy_arrays) for v in value)
     return copy.deepcopy(value)
 
 
@@ -90,9 +93,11 @@ class TrainState:
         return type(self)(**{f.name: _clone(getattr(self, f.name))
                              for f in dataclasses.fields(self)})
 
-    def state_dict(self) -> dict:
-        """Portable contents: numpy arrays and python values only."""
-        out = {f.name: to_portable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+    def state_dict(self, copy_arrays=True) -> dict:
+        """Portable contents: numpy arrays and python values only (``copy_arrays=False``:
+        views of the CPU tensors, for a state not used afterwards)."""
+        out = {f.name: to_portable(getattr(self, f.name), copy_arrays)
+               for f in dataclasses.fields(self)}
         out["history"] = {k: np.asarray(v, dtype=np.float64)
                           for k, v in self.history_arrays().items()}
         out["epoch_loss"] = np.asarray(self.epoch_loss, dtype=np.float64)

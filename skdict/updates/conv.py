@@ -19,6 +19,8 @@ products per frequency and small FFTs: no pass over the images.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["ConvStats", "conv_statistics_update", "conv_filter_update"]
@@ -56,6 +58,42 @@ def _project(D):
     return D / nrm.reshape(-1, *([1] * (D.ndim - 1)))
 
 
+def _support_dfts(map_shape, kernel_shape, dtype, device):
+    """``rfft2(d, s=map_shape)`` of ``(..., kh, kw)`` filters and the ``kh x kw``
+    corner of ``irfft2(g, s=map_shape)``, as small matrix products: the filters
+    have ``kh * kw`` taps and the projection keeps as many, so the full
+    transforms (the inverse especially: torch's CPU c2r) would compute
+    ``H * W`` values to use ``kh * kw`` of them."""
+    H, W = map_shape
+    kh, kw = kernel_shape
+    Wf = W // 2 + 1
+    ctype = torch.complex64 if dtype == torch.float32 else torch.complex128
+    u = torch.arange(H, dtype=torch.float64, device=device)
+    v = torch.arange(Wf, dtype=torch.float64, device=device)
+    p = torch.arange(kh, dtype=torch.float64, device=device)
+    q = torch.arange(kw, dtype=torch.float64, device=device)
+    Eh = torch.polar(torch.ones(H, kh, dtype=torch.float64, device=device),
+                     -2 * math.pi * torch.outer(u, p) / H).to(ctype)  # (H, kh)
+    Ew = torch.polar(torch.ones(kw, Wf, dtype=torch.float64, device=device),
+                     -2 * math.pi * torch.outer(q, v) / W).to(ctype)  # (kw, Wf)
+    # inverse along H (complex), then the real inverse along W: the columns
+    # 1 .. ceil(W / 2) - 1 stand for their conjugate twins too
+    w = torch.full((Wf,), 2.0, dtype=torch.float64, device=device)
+    w[0] = 1.0
+    if W % 2 == 0:
+        w[-1] = 1.0
+    Fh = Eh.conj().T.contiguous() / H  # (kh, H)
+    Fw = (Ew.conj().T * (w / W).to(ctype)[:, None]).contiguous()  # (Wf, kw)
+
+    def fwd(d):
+        return Eh @ (d.to(ctype) @ Ew)
+
+    def inv(g):
+        return ((Fh @ g) @ Fw).real
+
+    return fwd, inv
+
+
 def conv_filter_update(D, A, B, map_shape, *, n_iter=10, L=None):
     """Filters ``D`` ``(M, C, kh, kw)`` minimising the surrogate by ``n_iter``
     FISTA steps from ``D``, then scaled to unit norm; returns the new filters.
@@ -70,10 +108,11 @@ def conv_filter_update(D, A, B, map_shape, *, n_iter=10, L=None):
         return D
     step = 1.0 / (1.01 * L)
 
+    fwd, inv = _support_dfts(map_shape, (kh, kw), D.dtype, D.device)
+
     def grad(Dk):
-        dh = torch.fft.rfft2(Dk, s=map_shape).permute(2, 3, 0, 1)  # (F1, F2, M, C)
-        g = torch.fft.irfft2((A @ dh - B).permute(2, 3, 0, 1), s=map_shape)
-        return g[..., :kh, :kw]
+        dh = fwd(Dk).permute(2, 3, 0, 1)  # (F1, F2, M, C)
+        return inv((A @ dh - B).permute(2, 3, 0, 1))
 
     x, y, t = D, D, 1.0
     for _ in range(int(n_iter)):
