@@ -50,6 +50,18 @@ def freq_step(W, Dh, shat, inv):  # pragma: no cover - compiled
                     W[i, m, f] -= acc[f - f0] * Dh[m, f].conjugate()
 
 
+@njit(cache=True, inline="always")
+def _shrink(v, t, positive):  # pragma: no cover - compiled
+    """Soft threshold of one value (one-sided when ``positive``)."""
+    if positive:
+        return max(v - t, 0.0)
+    if v > t:
+        return v - t
+    if v < -t:
+        return v + t
+    return 0.0
+
+
 @njit(cache=True, parallel=True, nogil=True, fastmath=True)
 def real_step(a, Y, V, thr, ca, cy, positive):  # pragma: no cover - compiled
     """In place, rows ``(n, L)``: ``v += ca a + cy y``, ``y = S_thr(v)``,
@@ -63,14 +75,7 @@ def real_step(a, Y, V, thr, ca, cy, positive):  # pragma: no cover - compiled
         t = thr[i]
         for k in range(k0, k1):
             v = V[i, k] + ca * a[i, k] + cy * Y[i, k]
-            if positive:
-                yn = max(v - t, 0.0)
-            elif v > t:
-                yn = v - t
-            elif v < -t:
-                yn = v + t
-            else:
-                yn = 0.0
+            yn = _shrink(v, t, positive)
             V[i, k] = v
             Y[i, k] = yn
             a[i, k] = v - 2.0 * yn
@@ -94,14 +99,7 @@ def real_step_stats(a, Y, V, thr, ca, cy, positive, xs, stats):  # pragma: no co
             ak = a[i, k]
             y = Y[i, k]
             v = V[i, k] + ca * ak + cy * y
-            if positive:
-                yn = max(v - t, 0.0)
-            elif v > t:
-                yn = v - t
-            elif v < -t:
-                yn = v + t
-            else:
-                yn = 0.0
+            yn = _shrink(v, t, positive)
             x = xs * float(ak)
             s0 += x * x
             s1 += float(y) * y
