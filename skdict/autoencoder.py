@@ -83,7 +83,7 @@ class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator
     Decoder rows (``components_``) have unit norm: training parametrises each
     row by a free vector whose direction is the row and whose norm is folded
     into the encoder (SAELens' ``rescale_acts_by_decoder_norm``). These vectors
-    start at norm 0.1, so an Adam step turns the rows by a large angle early in
+    start at norm 0.2, so an Adam step turns the rows by a large angle early in
     training and by smaller ones as their norms grow. ``W_enc`` starts as
     ``0.1 * W_dec.T`` (``W_dec.T`` for ``"jumprelu"``, whose ``bandwidth`` is in
     units of those pre-activations) and ``b_dec`` at the data mean (or geometric

@@ -209,7 +209,38 @@ def test_partial_fit_resumes_exactly_after_pickling(planted):
     clone.partial_fit(X[300:])
     np.testing.assert_array_equal(clone.components_, est.components_)
     np.testing.assert_array_equal(clone.history_["loss"], est.history_["loss"])
-    assert clone.n_iter_ == est.n_iter_ == 10 + 1  # max_iter epochs, then one call
+    # max_iter="auto": 300 rows are far below the row budget, so the 100-pass cap,
+    # then one call
+    assert clone.n_iter_ == est.n_iter_ == 100 + 1
+
+
+def test_auto_max_iter_trains_on_a_row_budget(planted, monkeypatch):
+    # "auto" makes the fewest whole passes that reach the row budget (1 to 100);
+    # an int is still a fixed number of passes
+    import skdict.lca
+
+    X, _ = planted
+    kw = dict(n_components=8, alpha=0.2, batch_size=100, random_state=0, device="cpu")
+    assert LCASparseCoder().max_iter == "auto"
+    monkeypatch.setattr(skdict.lca, "AUTO_ROWS", 1000)
+    est = LCASparseCoder(**kw).fit(X[:300])
+    assert (est.n_iter_, est.n_steps_) == (4, 12)
+    est = LCASparseCoder(**kw).fit(X)  # 600 rows: 2 passes reach 1000
+    assert (est.n_iter_, est.n_steps_) == (2, 12)
+    est = LCASparseCoder(**kw).fit([X[:150], X[150:300]])  # a re-iterable stream
+    assert (est.n_iter_, est.n_steps_) == (4, 16)
+    monkeypatch.setattr(skdict.lca, "AUTO_ROWS", 500)
+    assert LCASparseCoder(**kw).fit(X).n_iter_ == 1  # at least one pass
+    monkeypatch.setattr(skdict.lca, "AUTO_ROWS", 1000)
+    monkeypatch.setattr(skdict.lca, "AUTO_MAX_PASSES", 3)
+    assert LCASparseCoder(**kw).fit(X[:300]).n_iter_ == 3
+    assert LCASparseCoder(max_iter=5, **kw).fit(X[:300]).n_iter_ == 5
+    # the same passes as the equivalent int, so the same dictionary
+    monkeypatch.setattr(skdict.lca, "AUTO_MAX_PASSES", 100)
+    np.testing.assert_array_equal(LCASparseCoder(**kw).fit(X[:300]).components_,
+                                  LCASparseCoder(max_iter=4, **kw).fit(X[:300]).components_)
+    with pytest.raises(ValueError, match="max_iter"):
+        LCASparseCoder(max_iter="many", **kw).fit(X)
 
 
 def test_stream_of_minibatches_matches_the_array(planted):

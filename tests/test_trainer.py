@@ -116,6 +116,39 @@ def test_state_dict_round_trip_resumes_exactly(src):
         MeanState.from_state_dict({**d, "bogus": 1})
 
 
+def test_row_budget_makes_whole_passes(src, rng):
+    # n_rows: the fewest whole passes whose rows reach the budget, within [1, max_iter]
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    res = Trainer(max_iter=100, n_rows=250, batch_size=32).run(MeanLearner(), src, generator=gen())
+    assert (res.n_epochs, res.n_steps, res.state.n_seen, res.stopped) == (3, 12, 300, "n_rows")
+    res = Trainer(max_iter=100, n_rows=300, batch_size=32).run(MeanLearner(), src, generator=gen())
+    assert (res.n_epochs, res.state.n_seen) == (3, 300)
+    res = Trainer(max_iter=2, n_rows=1000, batch_size=32).run(MeanLearner(), src, generator=gen())
+    assert (res.n_epochs, res.stopped) == (2, "max_iter")
+    res = Trainer(max_iter=100, n_rows=10, batch_size=32).run(MeanLearner(), src, generator=gen())
+    assert (res.n_epochs, res.n_steps) == (1, 4)
+    t = Trainer(max_iter=100, n_rows=250)
+    assert [t.n_passes(n) for n in (100, 250, 251, 10**6, 1)] == [3, 1, 1, 1, 100]
+    assert Trainer(max_iter=7).n_passes(100) == 7
+    # n_steps overrides the budget
+    res = Trainer(n_steps=5, n_rows=10, batch_size=32).run(MeanLearner(), src, generator=gen())
+    assert res.n_steps == 5
+    # a re-iterable stream of unknown length is counted as it is read
+    blocks = [rng.standard_normal((10, 2)) for _ in range(3)]
+    res = Trainer(max_iter=100, n_rows=65, batch_size=4).run(
+        MeanLearner(), as_source(blocks, estimator=_Est(), reset=True))
+    assert (res.n_epochs, res.state.n_seen) == (3, 90)
+    # a one-pass generator is read once, without the ran-out warning (the budget
+    # is not a request for more passes)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = Trainer(max_iter=100, n_rows=65, batch_size=4).run(
+            MeanLearner(), as_source((b for b in blocks), estimator=_Est(), reset=True))
+    assert (res.n_epochs, res.state.n_seen) == (1, 30)
+
+
 def test_one_pass_stream_is_read_once(rng):
     blocks = [rng.standard_normal((10, 2)) for _ in range(3)]
     src = as_source((b for b in blocks), estimator=_Est(), reset=True)

@@ -65,6 +65,11 @@ class TrainedEstimatorMixin:
                 "to train a new one."
             )
 
+    def _pass_budget(self):
+        """``(max_iter, n_rows)`` of ``fit``'s :class:`Trainer`: ``max_iter``
+        passes, no row budget (an estimator with a row budget overrides this)."""
+        return self.max_iter, None
+
     # fit data-parallel when a torch.distributed process group is initialised
     _data_parallel = False
 
@@ -138,9 +143,11 @@ class TrainedEstimatorMixin:
         if prepare is not None:
             src = prepare(src, y, generator, single_pass)
         tol = getattr(self, self._epoch_tol_param) if self._epoch_tol_param else 0.0
+        max_iter, n_rows = (1, None) if single_pass else self._pass_budget()
         trainer = Trainer(
-            max_iter=1 if single_pass else self.max_iter,
+            max_iter=max_iter,
             n_steps=None if single_pass else self.n_steps,
+            n_rows=n_rows,
             tol=tol,
             callbacks=self.callbacks,
             verbose=self.verbose,

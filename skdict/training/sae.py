@@ -33,8 +33,13 @@ AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 # rows the initialisation (input scale, decoder bias) is estimated from
 _INIT_ROWS = 65536
-# raw norm of the decoder rows at initialisation (SAELens' decoder_init_norm)
-DECODER_INIT_NORM = 0.1
+# raw norm of the decoder rows at initialisation (SAELens' decoder_init_norm is
+# 0.1). It sets how far the first Adam steps turn the rows (about lr / norm per
+# entry) against how far they move the encoder (raw rows 0.1 / norm). TopK,
+# d_sae 6144, k 32, MiniLM layer 3, lr 8.2e-3, held-out FVU at 12 / 60 / 300
+# steps: 0.304 / 0.148 / 0.1012 at 0.1, 0.283 / 0.147 / 0.1010 at 0.2
+# (0.283 / 0.147 at 0.3, 0.297 at 12 steps at 0.5).
+DECODER_INIT_NORM = 0.2
 
 
 def effective_params(P):

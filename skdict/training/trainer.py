@@ -36,7 +36,7 @@ class TrainResult:
     state: TrainState
     n_epochs: int
     n_steps: int
-    stopped: str  # "max_iter", "n_steps", "tol", "callback", "exhausted"
+    stopped: str  # "max_iter", "n_steps", "n_rows", "tol", "callback", "exhausted"
 
 
 class Trainer:
@@ -45,9 +45,16 @@ class Trainer:
     Parameters
     ----------
     max_iter : int, default=1
-        Passes over the data when ``n_steps`` is None.
+        Passes over the data when ``n_steps`` is None (the most passes when
+        ``n_rows`` is set).
     n_steps : int, default=None
-        Exact number of steps (cycling over the data); overrides ``max_iter``.
+        Exact number of steps (cycling over the data); overrides ``max_iter``
+        and ``n_rows``.
+    n_rows : int, default=None
+        Row budget when ``n_steps`` is None: passes continue until the rows seen
+        by this run reach ``n_rows`` (whole passes, at least one, at most
+        ``max_iter``), so a small training set is visited more often than a
+        large one. A source of unknown length is counted as it is read.
     tol : float, default=0.0
         Stop when the epoch mean loss improves by less than ``tol * |previous|``
         for ``n_iter_no_change`` consecutive epochs; 0 never stops early.
@@ -70,10 +77,11 @@ class Trainer:
     objects as they were when the state passed in was a copy.
     """
 
-    def __init__(self, *, max_iter=1, n_steps=None, tol=0.0, n_iter_no_change=1,
+    def __init__(self, *, max_iter=1, n_steps=None, n_rows=None, tol=0.0, n_iter_no_change=1,
                  callbacks=None, verbose=0, desc=None, batch_size=256, shuffle=True):
         self.max_iter = max_iter
         self.n_steps = n_steps
+        self.n_rows = n_rows
         self.tol = tol
         self.n_iter_no_change = n_iter_no_change
         self.callbacks = list(callbacks or [])
@@ -81,6 +89,14 @@ class Trainer:
         self.desc = desc
         self.batch_size = batch_size
         self.shuffle = shuffle
+
+    def n_passes(self, n_samples):
+        """Passes over ``n_samples`` rows when ``n_steps`` is None: ``max_iter``,
+        or under a row budget the fewest whole passes that reach ``n_rows``
+        (between 1 and ``max_iter``)."""
+        if self.n_rows is None:
+            return int(self.max_iter)
+        return int(min(self.max_iter, max(1, -(-int(self.n_rows) // max(1, int(n_samples))))))
 
     def _bar(self, source):
         if not self.verbose:
@@ -90,7 +106,7 @@ class Trainer:
         if self.n_steps is not None:
             total = self.n_steps
         elif source.n_samples is not None:
-            total = self.max_iter * -(-source.n_samples // self.batch_size)
+            total = self.n_passes(source.n_samples) * -(-source.n_samples // self.batch_size)
         else:
             total = None
         return tqdm(total=total, desc=self.desc, unit="batch")
@@ -126,7 +142,7 @@ class Trainer:
             max_epochs = 1 if one_pass else int(self.max_iter)
         end_epoch = getattr(learner, "end_epoch", None)
         bar = self._bar(source)
-        steps = epochs = 0
+        steps = epochs = rows = 0
         stopped = "max_iter"
         prev = None
         no_change = 0
@@ -138,6 +154,7 @@ class Trainer:
                     metrics = learner.step(state, Xb)
                     state.n_steps += 1
                     state.n_seen += int(Xb.shape[0])
+                    rows += int(Xb.shape[0])
                     steps += 1
                     for k, v in metrics.items():
                         if isinstance(v, torch.Tensor):
@@ -187,13 +204,17 @@ class Trainer:
                 prev = cur
                 if one_pass:
                     stopped = "exhausted"
+                elif self.n_steps is None and self.n_rows is not None and rows >= self.n_rows:
+                    stopped = "n_rows"
         finally:
             if bar is not None:
                 bar.close()
         if one_pass and stopped in ("exhausted", "max_iter"):
             wanted = (f"n_steps={self.n_steps}" if self.n_steps is not None and steps < self.n_steps
                       else f"max_iter={self.max_iter}" if self.n_steps is None
-                      and self.max_iter > 1 else None)
+                      and self.max_iter > 1 and self.n_rows is None
+                      # a row budget is met by whatever rows the stream holds
+                      else None)
             if wanted is not None:
                 warnings.warn(
                     f"The one-pass iterator ran out after {steps} steps ({wanted} was asked "
