@@ -375,11 +375,12 @@ def main(argv=None):
         for s in steps:
             best_lab = min(sae_rows, key=lambda lab: sae_rows[lab][s]["fvu"])
             best = sae_rows[best_lab][s]
+            ratio = sk[s]["tokens_s"] / best["tokens_s"]
             print(
                 f"{s:4d} steps: skdict defaults FVU {sk[s]['fvu']:.4f} vs SAELens best "
                 f"{best['fvu']:.4f} ({best_lab}): "
                 f"{'met' if sk[s]['fvu'] <= best['fvu'] else 'MISSED'}; "
-                f"tokens/s {sk[s]['tokens_s'] / best['tokens_s']:.2f}x"
+                f"tokens/s {ratio:.2f}x ({'met' if ratio >= 4 else 'MISSED'} at 4x)"
             )
         for lr in same:
             mine, theirs = rows.get(f"skdict lr={lr:g}"), sae_rows.get(f"SAELens lr={lr:g}")

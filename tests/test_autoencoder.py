@@ -660,3 +660,16 @@ def test_rows_read_by_training_are_checked_as_read():
         assert np.isfinite(sae.components_).all()
     finally:
         S._INIT_ROWS = old
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch", "list"])
+def test_fit_leaves_the_input_untouched_and_scale_is_the_rms(kind):
+    X, _, _ = _planted(n=256, dtype=np.float32)
+    X = 3.0 * X + 1.0
+    ref = X.copy()
+    data = {"numpy": X, "torch": torch.from_numpy(X), "list": [X[:128], X[128:]]}[kind]
+    sae = _small(n_steps=2).fit(data)
+    np.testing.assert_array_equal(X, ref)  # the sample is scaled in place, not X
+    rows = 128 if kind == "list" else 256  # a stream's sample is its first batch
+    rms = np.sqrt((ref[:rows].astype(np.float64) ** 2).sum(1).mean() / ref.shape[1])
+    assert sae.input_scale_ == pytest.approx(rms, rel=1e-6)

@@ -136,9 +136,12 @@ class SAELearner:
         d = X0.shape[1]
         scale = 1.0
         if est.normalize_input:
-            ms = float(_mean_rows((X0.double() ** 2).sum(1, keepdim=True), comm)[0])
+            # row norms in the data's dtype, their squares summed in float64: no
+            # float64 copy of the sample
+            sq = torch.linalg.vector_norm(X0, dim=1, keepdim=True).double() ** 2
+            ms = float(_mean_rows(sq, comm)[0])
             scale = math.sqrt(ms / d) if ms > 0 else 1.0
-        X0 = X0 / scale
+        X0 = X0.div_(scale)  # the sample is a copy of the rows, never the caller's array
         W = init_atoms(K, d, method="gaussian", generator=generator, device=self.device,
                        dtype=td)
         if est.b_dec_init == "mean":
