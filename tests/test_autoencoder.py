@@ -580,7 +580,12 @@ def test_fit_decays_lr_over_the_known_number_of_steps():
     sae = _small(n_steps=None, max_iter=2, lr=1e-2, lr_decay=0.5).fit(X)
     np.testing.assert_allclose(sae.history_["lr"],
                                1e-2 * np.array([1] * 4 + [.8, .6, .4, .2]), rtol=1e-12)
-    # a stream of unknown length keeps the rate
+    # a list of blocks has a known length (blocks of 100, 100, 56 rows: 2 + 2 + 1
+    # batches of 64); a generator does not, and keeps the rate
+    sae = _small(n_steps=None, max_iter=1, lr=1e-2, lr_decay=0.4).fit(
+        [X[:100], X[100:200], X[200:]])
+    np.testing.assert_allclose(sae.history_["lr"], 1e-2 * np.array([1] * 3 + [2 / 3, 1 / 3]),
+                               rtol=1e-12)
     sae = _small(n_steps=None, max_iter=1, lr=1e-2, lr_decay=0.5).fit(
         b for b in np.array_split(X, 4))
     np.testing.assert_allclose(sae.history_["lr"], 1e-2, rtol=1e-12)

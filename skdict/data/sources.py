@@ -267,6 +267,17 @@ class StreamSource(RowSource):
         self._it = it  # continuation of the first pass
         self._passes = 0
 
+    def n_batches(self, batch_size):
+        """Batches of one pass of a list or tuple of blocks (each cut into
+        batches of ``batch_size`` rows); None for other iterables."""
+        if not isinstance(self._X, (list, tuple)):
+            return None
+        bs = max(1, int(batch_size))
+        try:
+            return sum(-(-_n_rows(b) // bs) for b in self._X)
+        except (TypeError, ValueError):  # a bad block: reading it raises the clear error
+            return None
+
     def _unwrap(self, block):
         if isinstance(block, (list, tuple)) and len(block) > 0 and isinstance(
             block[0], torch.Tensor

@@ -105,7 +105,7 @@ class Trainer:
         if self.n_steps is not None:
             return int(self.n_steps)
         per_pass = source.n_batches(self.batch_size)
-        if per_pass is None:
+        if per_pass is None or (self.n_rows is not None and source.n_samples is None):
             return None
         return self.n_passes(source.n_samples) * per_pass
 
