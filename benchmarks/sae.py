@@ -300,7 +300,8 @@ def main(argv=None):
         args.steps, args.lrs, args.n_tokens = "12,60", "1e-3,4e-3", 100_000
         args.only = ",".join(n for n in args.only.split(",") if n in ("skdict", "saelens"))
     steps, lrs = _ints(args.steps), _floats(args.lrs)
-    same = {"all": lrs, "none": []}.get(args.same_lr) or _floats(args.same_lr)
+    same = {"all": lrs, "none": []}.get(args.same_lr)
+    same = _floats(args.same_lr) if same is None else same
     only = args.only.split(",")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -342,18 +343,28 @@ def main(argv=None):
 
     # ---- quality at equal steps
     rows = {}  # label -> {steps: result}
+
+    def progress(label):  # each row as it finishes: a long run that is cut short says something
+        res = rows[label]
+        print(f"  done: {label}: " + ", ".join(
+            f"{s}: {res[s]['fvu']:.4f} ({res[s]['tokens_s']:.0f} tok/s)" if "error" not in res[s]
+            else f"{s}: {res[s]['error']}" for s in steps), flush=True)
+
     if "skdict" in only:
         rows["skdict defaults"] = {
             s: attempt(run_skdict, X_train, X_test, args, device, steps=s) for s in steps}
+        progress("skdict defaults")
         for lr in same:
             rows[f"skdict lr={lr:g}"] = {
                 s: attempt(run_skdict, X_train, X_test, args, device, lr=lr, steps=s)
                 for s in steps}
+            progress(f"skdict lr={lr:g}")
     if "saelens" in only:
         for lr in lrs:
             r = attempt(run_saelens, X_train, X_test, args, device, lr=lr, checkpoints=steps)
             rows[f"SAELens lr={lr:g}"] = (
                 {s: r for s in steps} if "error" in r else r)
+            progress(f"SAELens lr={lr:g}")
     print()
     head = "".join(f" {f'FVU@{s}':>9s}" for s in steps) + "".join(
         f" {f'tok/s@{s}':>10s}" for s in steps)
@@ -375,11 +386,12 @@ def main(argv=None):
         for s in steps:
             best_lab = min(sae_rows, key=lambda lab: sae_rows[lab][s]["fvu"])
             best = sae_rows[best_lab][s]
+            ratio = sk[s]["tokens_s"] / best["tokens_s"]
             print(
                 f"{s:4d} steps: skdict defaults FVU {sk[s]['fvu']:.4f} vs SAELens best "
                 f"{best['fvu']:.4f} ({best_lab}): "
                 f"{'met' if sk[s]['fvu'] <= best['fvu'] else 'MISSED'}; "
-                f"tokens/s {sk[s]['tokens_s'] / best['tokens_s']:.2f}x"
+                f"tokens/s {ratio:.2f}x ({'met' if ratio >= 4 else 'MISSED'} at 4x)"
             )
         for lr in same:
             mine, theirs = rows.get(f"skdict lr={lr:g}"), sae_rows.get(f"SAELens lr={lr:g}")

@@ -48,13 +48,15 @@ def is_torch(X):
     return isinstance(X, torch.Tensor)
 
 
-def check_input(estimator, X, *, reset, dtype_default=np.float64):
+def check_input(estimator, X, *, reset, dtype_default=np.float64, ensure_finite=True):
     """Validate ``X`` for an skdict estimator and record its feature count.
 
     Returns ``(X, dtype)`` where ``X`` is a 2-D numpy array (possibly a memmap,
     never copied when it is already float32/float64 C-or-F contiguous), a scipy
     CSR matrix, or a 2-D floating torch tensor left on its device; and ``dtype``
     is the numpy floating dtype of the computation (float32 or float64).
+    ``ensure_finite=False`` leaves the NaN / infinity check to the caller (who
+    checks the rows it reads).
     """
     name = type(estimator).__name__
     if is_torch(X) and X.layout != torch.strided:
@@ -80,7 +82,7 @@ def check_input(estimator, X, *, reset, dtype_default=np.float64):
             )
         if X.dtype not in (torch.float32, torch.float64):
             X = X.to(torch.float64 if not X.is_floating_point() else torch.float32)
-        if not bool(torch.isfinite(X).all()):
+        if ensure_finite and not bool(torch.isfinite(X).all()):
             raise ValueError(
                 "Input X contains NaN or infinity. Remove or impute non-finite values "
                 f"before calling {name}."
@@ -109,6 +111,7 @@ def check_input(estimator, X, *, reset, dtype_default=np.float64):
         ensure_min_features=1,
         order=None,
         copy=False,
+        ensure_all_finite=ensure_finite,
     )
     if sp.issparse(X):
         X = sp.csr_matrix(X)

@@ -152,6 +152,13 @@ class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator
         Learning rate; None means ``min(1e-2, 5e-3 / sqrt(n_components / 2**14))``
         (Gao et al.'s scaling with ``n_components``, at the rate that trained best
         on MiniLM activations at 12 and 60 steps: ``8.2e-3`` for 6144 latents).
+    lr_decay : float, default=0.2
+        Fraction of the steps of ``fit``, at its end, over which the learning
+        rate falls linearly towards 0 (a constant rate, then a linear decay),
+        when ``fit`` knows how many steps it will take: ``n_steps``, or
+        ``max_iter`` passes over an array. 0 keeps the rate constant.
+        ``partial_fit`` and iterables of batches (unknown length) train at
+        the constant rate ``lr``, also after a ``fit`` that decayed it.
     batch_size : int, default=4096
         Rows per training step and per transform batch.
     n_steps : int, default=None
@@ -207,7 +214,7 @@ class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator
         Fraction of latents dead (not fired for ``dead_window`` tokens).
     history_ : dict of str to ndarray
         Per training step: ``"loss"``, ``"fvu"`` (of the batch), ``"l0"``,
-        ``"dead_fraction"``, ``"aux_loss"``, ``"k"`` (and ``"threshold"``, the
+        ``"dead_fraction"``, ``"aux_loss"``, ``"k"``, ``"lr"`` (and ``"threshold"``, the
         mean threshold, for ``"jumprelu"``).
     loss_curve_ : ndarray
         Mean training loss of each epoch.
@@ -237,6 +244,8 @@ class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator
     """
 
     _data_parallel = True  # see skdict.distributed.torch
+    # a fit of a few steps reads a small part of a large array: check what it reads
+    _finite_check = "read"
 
     _parameter_constraints: dict = {
         "n_components": [Interval(numbers.Integral, 1, None, closed="left")],
@@ -251,6 +260,7 @@ class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator
         "dead_window": [Interval(numbers.Integral, 0, None, closed="left")],
         "k_schedule": [AdaptiveSparsityScheduler, None],
         "lr": [Interval(numbers.Real, 0, None, closed="neither"), None],
+        "lr_decay": [Interval(numbers.Real, 0, 1, closed="both")],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "n_steps": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
@@ -282,6 +292,7 @@ class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator
         dead_window=10_000_000,
         k_schedule=None,
         lr=None,
+        lr_decay=0.2,
         batch_size=4096,
         n_steps=None,
         max_iter=10,
@@ -309,6 +320,7 @@ class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator
         self.dead_window = dead_window
         self.k_schedule = k_schedule
         self.lr = lr
+        self.lr_decay = lr_decay
         self.batch_size = batch_size
         self.n_steps = n_steps
         self.max_iter = max_iter

@@ -346,7 +346,8 @@ def test_save_load_resumes_exactly(tmp_path, sparsity):
     optimizer moments, variant buffers, k schedule and batch order are saved."""
     X, _, _ = _planted(n=256, dtype=np.float32)  # 4 batches of 64: one epoch = N = 4
     sched = AdaptiveSparsityScheduler(6, 2, warmup_steps=6)
-    kw = dict(sparsity=sparsity, batch_size=64, dead_window=100, lr=3e-3,
+    # lr_decay=0: a fit of 8 steps decays over its own end, not over the 4th step
+    kw = dict(sparsity=sparsity, batch_size=64, dead_window=100, lr=3e-3, lr_decay=0.0,
               k_schedule=sched if sparsity == "topk" else None)
     full = _small(n_steps=8, **kw).fit(X)
     half = _small(n_steps=4, **kw).fit(X)
@@ -555,3 +556,126 @@ def test_sparse_training_on_cuda_matches_cpu(sparsity):
     gpu = KSparseAutoencoder(device="cuda", **kw).fit(X)
     np.testing.assert_allclose(gpu.components_, cpu.components_, rtol=1e-3, atol=1e-4)
     assert abs(gpu.score(X) - cpu.score(X)) < 1e-3
+
+
+# ------------------------------------------------------------------ learning-rate schedule
+def test_lr_factor_is_constant_then_linear_to_near_zero():
+    from skdict.training.optim import lr_factor
+
+    got = [lr_factor(i, 10, 0.3) for i in range(10)]
+    assert got == [1.0] * 7 + [0.75, 0.5, 0.25]
+    # 0.3 * 10 is 3 decay steps despite rounding; 1.0 decays every step
+    assert [lr_factor(i, 4, 1.0) for i in range(4)] == [0.8, 0.6, 0.4, 0.2]
+    assert [lr_factor(i, 5, 0.0) for i in range(5)] == [1.0] * 5
+    assert lr_factor(3, None, 0.5) == 1.0  # unknown length: constant
+    assert lr_factor(0, 1, 0.2) == 0.5  # a one-step run still decays that step
+
+
+def test_fit_decays_lr_over_the_known_number_of_steps():
+    X, _, _ = _planted(n=256)
+    sae = _small(n_steps=10, lr=1e-2, lr_decay=0.3).fit(X)
+    np.testing.assert_allclose(sae.history_["lr"], 1e-2 * np.array([1] * 7 + [.75, .5, .25]),
+                               rtol=1e-12)
+    # max_iter passes over an array of known length: 2 passes of 4 batches
+    sae = _small(n_steps=None, max_iter=2, lr=1e-2, lr_decay=0.5).fit(X)
+    np.testing.assert_allclose(sae.history_["lr"],
+                               1e-2 * np.array([1] * 4 + [.8, .6, .4, .2]), rtol=1e-12)
+    # a list of blocks has a known length (blocks of 100, 100, 56 rows: 2 + 2 + 1
+    # batches of 64); a generator does not, and keeps the rate
+    sae = _small(n_steps=None, max_iter=1, lr=1e-2, lr_decay=0.4).fit(
+        [X[:100], X[100:200], X[200:]])
+    np.testing.assert_allclose(sae.history_["lr"], 1e-2 * np.array([1] * 3 + [2 / 3, 1 / 3]),
+                               rtol=1e-12)
+    sae = _small(n_steps=None, max_iter=1, lr=1e-2, lr_decay=0.5).fit(
+        b for b in np.array_split(X, 4))
+    np.testing.assert_allclose(sae.history_["lr"], 1e-2, rtol=1e-12)
+
+
+def test_lr_decay_zero_is_the_constant_rate():
+    X, _, _ = _planted(n=256)
+    a = _small(n_steps=8, lr=1e-2, lr_decay=0.0).fit(X)
+    np.testing.assert_allclose(a.history_["lr"], 1e-2, rtol=1e-12)
+    b = _small(n_steps=8, lr=1e-2, lr_decay=0.5).fit(X)
+    # same first half of the run, then smaller steps
+    np.testing.assert_array_equal(a.history_["loss"][:5], b.history_["loss"][:5])
+    assert not np.allclose(a.components_, b.components_)
+
+
+@pytest.mark.parametrize("how", ["fitted", "pickled", "saved"])
+def test_partial_fit_after_a_decayed_fit_trains_at_the_set_rate(how, tmp_path):
+    """The optimizer state saved by fit carries the decayed rate of its last
+    step; partial_fit (unknown horizon) trains at ``lr`` again, and a changed
+    ``lr`` takes effect."""
+    X, _, _ = _planted(n=256)
+    sae = _small(n_steps=8, lr=1e-2, lr_decay=0.5).fit(X)
+    assert sae.history_["lr"][-1] == pytest.approx(0.2e-2)
+    if how == "pickled":
+        sae = pickle.loads(pickle.dumps(sae))
+    elif how == "saved":
+        sae.save(tmp_path / "m")
+        sae = KSparseAutoencoder.load(tmp_path / "m")
+    sae.partial_fit(X)
+    np.testing.assert_allclose(sae.history_["lr"][8:], 1e-2, rtol=1e-12)
+    sae.set_params(lr=3e-3).partial_fit(X)
+    np.testing.assert_allclose(sae.history_["lr"][12:], 3e-3, rtol=1e-12)
+    assert sae.n_steps_ == 16
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5])
+def test_lr_decay_out_of_range(bad):
+    with pytest.raises(ValueError, match="lr_decay"):
+        _small(lr_decay=bad).fit(np.ones((8, 3)))
+
+
+# ------------------------------------------------------------------ finiteness per batch
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_nan_row_is_named_and_failed_fit_keeps_the_model(kind):
+    X, _, _ = _planted(n=256, dtype=np.float32)
+    sae = _small(n_steps=4).fit(X)
+    W, n_in = sae.components_.copy(), sae.n_features_in_
+    bad = np.concatenate([X, X[:, :1]], axis=1)  # another feature count...
+    bad[137, 5] = np.inf  # ...and a non-finite row
+    bad = bad if kind == "numpy" else torch.from_numpy(bad)
+    with pytest.raises(ValueError, match=r"NaN or infinity \(row 137\)"):
+        sae.fit(bad)
+    np.testing.assert_array_equal(W, sae.components_)
+    assert sae.n_features_in_ == n_in and sae.n_steps_ == 4
+    nan = X.copy()
+    nan[3, 0] = np.nan
+    with pytest.raises(ValueError, match=r"\(row 3\)"):
+        sae.partial_fit(nan if kind == "numpy" else torch.from_numpy(nan))
+    np.testing.assert_array_equal(W, sae.components_)
+    with pytest.raises(ValueError, match="NaN"):  # transform checks all of X
+        sae.transform(nan)
+
+
+def test_rows_read_by_training_are_checked_as_read():
+    """With more rows than the initialisation sample, a non-finite row is found
+    by the batch that reads it (and the error names it)."""
+    import skdict.training.sae as S
+
+    X, _, _ = _planted(n=512, dtype=np.float32)
+    X[400, 1] = np.nan
+    old = S._INIT_ROWS
+    S._INIT_ROWS = 16  # a sample that (with this seed) misses row 400
+    try:
+        with pytest.raises(ValueError, match=r"\(row 400\)"):
+            _small(n_steps=None, max_iter=1, shuffle=False).fit(X)
+        # two steps in row order never read it
+        sae = _small(n_steps=2, shuffle=False).fit(X)
+        assert np.isfinite(sae.components_).all()
+    finally:
+        S._INIT_ROWS = old
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch", "list"])
+def test_fit_leaves_the_input_untouched_and_scale_is_the_rms(kind):
+    X, _, _ = _planted(n=256, dtype=np.float32)
+    X = 3.0 * X + 1.0
+    ref = X.copy()
+    data = {"numpy": X, "torch": torch.from_numpy(X), "list": [X[:128], X[128:]]}[kind]
+    sae = _small(n_steps=2).fit(data)
+    np.testing.assert_array_equal(X, ref)  # the sample is scaled in place, not X
+    rows = 128 if kind == "list" else 256  # a stream's sample is its first batch
+    rms = np.sqrt((ref[:rows].astype(np.float64) ** 2).sum(1).mean() / ref.shape[1])
+    assert sae.input_scale_ == pytest.approx(rms, rel=1e-6)

@@ -81,10 +81,11 @@ def _resolve_dtype(dtype, data_dtype):
     return np.dtype(dtype)
 
 
-def _nonfinite_error(name):
+def _nonfinite_error(name, row=None):
+    where = "" if row is None else f" (row {row})"
     return ValueError(
-        "Input X contains NaN or infinity. Remove or impute non-finite values before "
-        f"calling {name}."
+        f"Input X contains NaN or infinity{where}. Remove or impute non-finite values "
+        f"before calling {name}."
     )
 
 
@@ -146,6 +147,12 @@ class RowSource:
         """
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def n_batches(self, batch_size):
+        """Batches of one pass (None when the number of rows is unknown)."""
+        if self.n_samples is None:
+            return None
+        return -(-int(self.n_samples) // max(1, int(batch_size)))
+
     def ordered(self, batch_size, *, device, dtype=None):
         """``(start, stop, Xb)`` over all rows in order."""
         start = 0
@@ -181,14 +188,18 @@ class ArraySource(RowSource):
             out = X.index_select(0, idx).to(device=device, dtype=tdtype)
         else:
             out = _to_tensor(X[np.asarray(idx)], device, tdtype)
-        return self._checked(out)
+        return self._checked(out, lambda i: int(idx[i]))
 
     def _slice(self, start, stop, device, tdtype):
-        return self._checked(_to_tensor(self.X[start:stop], device, tdtype))
+        return self._checked(_to_tensor(self.X[start:stop], device, tdtype),
+                             lambda i: start + i)
 
-    def _checked(self, Xb):
+    def _checked(self, Xb, row_of):
+        """``Xb`` after the finiteness check of rows read lazily; ``row_of`` maps a
+        row of ``Xb`` to its row of ``X`` (for the error)."""
         if self._check_finite and not bool(torch.isfinite(Xb).all()):
-            raise _nonfinite_error(self._name)
+            bad = int((~torch.isfinite(Xb)).any(1).nonzero()[0, 0])
+            raise _nonfinite_error(self._name, row_of(bad))
         return Xb
 
     def batches(self, batch_size, *, device, shuffle=False, generator=None, dtype=None):
@@ -255,6 +266,17 @@ class StreamSource(RowSource):
         self._first = first
         self._it = it  # continuation of the first pass
         self._passes = 0
+
+    def n_batches(self, batch_size):
+        """Batches of one pass of a list or tuple of blocks (each cut into
+        batches of ``batch_size`` rows); None for other iterables."""
+        if not isinstance(self._X, (list, tuple)):
+            return None
+        bs = max(1, int(batch_size))
+        try:
+            return sum(-(-_n_rows(b) // bs) for b in self._X)
+        except (TypeError, ValueError):  # a bad block: reading it raises the clear error
+            return None
 
     def _unwrap(self, block):
         if isinstance(block, (list, tuple)) and len(block) > 0 and isinstance(
@@ -482,7 +504,8 @@ def _check_lazy_2d(X, estimator, reset, kind):
     return X.dtype if X.dtype in (np.float32, np.float64) else np.float64
 
 
-def as_source(X, *, estimator, reset, dtype=None, allow_stream=True) -> RowSource:
+def as_source(X, *, estimator, reset, dtype=None, allow_stream=True,
+              finite="all") -> RowSource:
     """Validate ``X`` at the estimator boundary and wrap it as a :class:`RowSource`.
 
     Parameters
@@ -498,6 +521,11 @@ of batches
         become float64).
     allow_stream : bool, default=True
         Accept iterables of batches (training); transforms pass False.
+    finite : {"all", "read"}, default="all"
+        When an in-memory array is checked for NaN / infinity: all of it now, or
+        only the rows read, as they are read (a training run of a few steps
+        over a large array then does not pay for a pass over all of it). A
+        memory map, a dask array and a stream are always checked as read.
     """
     name = type(estimator).__name__
     if isinstance(X, (list, tuple)) and len(X) == 0:
@@ -521,6 +549,10 @@ of batches
         data_dtype = _check_lazy_2d(X, estimator, reset, "memmap")
         return ArraySource(X, _resolve_dtype(dtype, data_dtype), name=name,
                            check_finite_per_batch=True)
-    X, data_dtype = check_input(estimator, X, reset=reset)
-    return ArraySource(X, _resolve_dtype(dtype, data_dtype), name=name)
+    if finite not in ("all", "read"):
+        raise ValueError(f"finite must be 'all' or 'read', got {finite!r}.")
+    lazy = finite == "read"
+    X, data_dtype = check_input(estimator, X, reset=reset, ensure_finite=not lazy)
+    return ArraySource(X, _resolve_dtype(dtype, data_dtype), name=name,
+                       check_finite_per_batch=lazy)
 

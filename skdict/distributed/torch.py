@@ -254,9 +254,12 @@ class ShardSource(RowSource):
         w = self.comm.world
         return max(1, int(batch_size) // w + (1 if rank < int(batch_size) % w else 0))
 
+    def n_batches(self, batch_size):
+        return max(-(-n // self.local_batch_size(batch_size, r))
+                   for r, n in enumerate(self.counts))
+
     def batches(self, batch_size, *, device, shuffle=False, generator=None, dtype=None):
-        steps = max(-(-n // self.local_batch_size(batch_size, r))
-                    for r, n in enumerate(self.counts))
+        steps = self.n_batches(batch_size)
         bs = self.local_batch_size(batch_size)
         done = 0
         for Xb in self.source.batches(bs, device=device, shuffle=shuffle, generator=generator,

@@ -41,6 +41,9 @@ class TrainedEstimatorMixin:
     """
 
     _epoch_tol_param = None  # name of the parameter that stops on the epoch loss, if any
+    # "read": an array is checked for NaN / infinity row batch by row batch as
+    # training reads it (see as_source), not whole before the run
+    _finite_check = "all"
 
     # parameters the saved training state depends on (optimizer moments, variant
     # buffers): partial_fit refuses to continue when one of them has changed
@@ -81,7 +84,8 @@ class TrainedEstimatorMixin:
         n_rows = getattr(X, "shape", (None,))[0]
         if n_rows != 0:
             try:
-                src = as_source(X, estimator=self, reset=first, dtype=self._train_dtype(first))
+                src = as_source(X, estimator=self, reset=first, dtype=self._train_dtype(first),
+                            finite=self._finite_check)
                 if src.is_stream:
                     raise ValueError(
                         f"{name} trains data-parallel on arrays; under torch.distributed "
@@ -113,7 +117,8 @@ class TrainedEstimatorMixin:
 
             comm = world_comm()
         if comm is None:
-            src = as_source(X, estimator=self, reset=first, dtype=self._train_dtype(first))
+            src = as_source(X, estimator=self, reset=first, dtype=self._train_dtype(first),
+                            finite=self._finite_check)
         else:
             src, counts = self._shard_source(X, comm, first)
         if comm is None:
@@ -155,6 +160,9 @@ class TrainedEstimatorMixin:
             batch_size=int(self.batch_size),
             shuffle=self.shuffle,
         )
+        plan = getattr(learner, "plan", None)
+        if plan is not None:  # the run's length, for learners with a schedule over it
+            plan(None if single_pass else trainer.planned_steps(src))
         result = trainer.run(learner, src, state=state, generator=generator, device=device,
                              dtype=learner.dtype)
         state = result.state

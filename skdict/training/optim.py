@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["make_optimizer", "OPTIMIZERS"]
+__all__ = ["make_optimizer", "OPTIMIZERS", "lr_factor"]
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -25,3 +27,18 @@ def make_optimizer(name, params, lr, *, betas=(0.9, 0.999), eps=1e-8):
         return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, fused=True)
     except (RuntimeError, ValueError, TypeError):  # device / dtype without a fused kernel
         return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, foreach=True)
+
+
+def lr_factor(step, total, decay):
+    """Multiplier of the learning rate at ``step`` (0-based) of a run of ``total``
+    steps: 1, then over the last ``n = ceil(decay * total)`` steps a linear fall
+    ``n / (n + 1), ..., 1 / (n + 1)`` (towards 0 without reaching it, so every
+    step still moves). ``total=None`` (unknown length) or ``decay=0``: 1."""
+    if total is None or decay <= 0:
+        return 1.0
+    total = int(total)
+    n_decay = min(total, math.ceil(decay * total - 1e-9))  # 0.3 * 10 is 3, not 4
+    left = total - int(step)  # steps left, this one included
+    if left > n_decay:
+        return 1.0
+    return max(left, 1) / (n_decay + 1)

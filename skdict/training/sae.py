@@ -23,7 +23,7 @@ import torch
 from ..encoders.base import preactivations
 from ..losses import auxk_loss, batch_variance, fvu_loss
 from ..updates.atoms import dead_atoms, init_atoms, update_since_used
-from .optim import make_optimizer
+from .optim import lr_factor, make_optimizer
 from .state import TrainState
 
 __all__ = ["AUTOCAST", "PARAMS", "SAELearner", "SAEState", "effective_params"]
@@ -110,6 +110,9 @@ class SAELearner:
         self.opt = None
         self.k_schedule = copy.deepcopy(est.k_schedule)
         self._pre_buf = {}
+        self.lr = est._lr()
+        self.total = None  # steps of this run when known (see plan)
+        self.run_step = 0
         self.comm = None  # a skdict.distributed.torch.Comm under a process group
 
     def use_comm(self, comm):
@@ -133,9 +136,12 @@ class SAELearner:
         d = X0.shape[1]
         scale = 1.0
         if est.normalize_input:
-            ms = float(_mean_rows((X0.double() ** 2).sum(1, keepdim=True), comm)[0])
+            # row norms in the data's dtype, their squares summed in float64: no
+            # float64 copy of the sample
+            sq = torch.linalg.vector_norm(X0, dim=1, keepdim=True).double() ** 2
+            ms = float(_mean_rows(sq, comm)[0])
             scale = math.sqrt(ms / d) if ms > 0 else 1.0
-        X0 = X0 / scale
+        X0 = X0.div_(scale)  # the sample is a copy of the rows, never the caller's array
         W = init_atoms(K, d, method="gaussian", generator=generator, device=self.device,
                        dtype=td)
         if est.b_dec_init == "mean":
@@ -163,10 +169,16 @@ class SAELearner:
             params = [state.params[k] for k in (*PARAMS, *extra)]
             for p in params:
                 p.requires_grad_(True)
-            self.opt = make_optimizer(self.est.optimizer, params, self.est._lr())
+            self.opt = make_optimizer(self.est.optimizer, params, self.lr)
             if state.optimizer is not None:
                 self.opt.load_state_dict(state.optimizer)
         return self.opt
+
+    def plan(self, total):
+        """This run will take ``total`` steps (None: unknown, or a ``partial_fit``
+        call, which trains at the constant rate ``lr``)."""
+        self.total = total
+        self.run_step = 0
 
     def finish(self, state):
         """Write the optimizer's state into ``state`` after a run."""
@@ -242,6 +254,11 @@ class SAELearner:
                                             torch.nan_to_num(out.l0.detach()) * B_local]))
             loss, fvus[-1], aux = tot[0], tot[1], tot[2]
             out.l0 = tot[3] / B
+        # set every step: a resumed optimizer state carries the rate its last run ended at
+        lr = self.lr * lr_factor(self.run_step, self.total, self.est.lr_decay)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        self.run_step += 1
         opt.step()
         if self.k_schedule is not None:
             thr = self.k_schedule.accuracy_threshold
@@ -254,6 +271,7 @@ class SAELearner:
             "dead_fraction": dead_fraction,
             "aux_loss": aux.detach(),
             "k": float(k),
+            "lr": lr,
         }
         metrics.update(out.metrics)
         return metrics

@@ -98,18 +98,23 @@ class Trainer:
             return int(self.max_iter)
         return int(min(self.max_iter, max(1, -(-int(self.n_rows) // max(1, int(n_samples))))))
 
+    def planned_steps(self, source):
+        """Steps a run over ``source`` will take when nothing stops it early
+        (``n_steps``, or whole passes over a source of known length); None for a
+        source of unknown length."""
+        if self.n_steps is not None:
+            return int(self.n_steps)
+        per_pass = source.n_batches(self.batch_size)
+        if per_pass is None or (self.n_rows is not None and source.n_samples is None):
+            return None
+        return self.n_passes(source.n_samples) * per_pass
+
     def _bar(self, source):
         if not self.verbose:
             return None
         from tqdm.auto import tqdm
 
-        if self.n_steps is not None:
-            total = self.n_steps
-        elif source.n_samples is not None:
-            total = self.n_passes(source.n_samples) * -(-source.n_samples // self.batch_size)
-        else:
-            total = None
-        return tqdm(total=total, desc=self.desc, unit="batch")
+        return tqdm(total=self.planned_steps(source), desc=self.desc, unit="batch")
 
     def run(self, learner, source, *, state=None, generator=None, device=None, dtype=None):
         """Train ``learner`` on ``source``.
