@@ -20,7 +20,7 @@ from .training.lista import LISTALearner, LISTAState
 
 __all__ = ["LISTAEncoder"]
 
-_DEFAULT_LR = {"lista": 0.03, "lista_cp": 0.3, "alista": 0.3}
+_DEFAULT_LR = {"lista": 0.03, "lista_cp": 0.3, "alista": 0.3, "lfista": 0.03}
 
 
 def _learn_on_rank0(learner, rows, comm):
