@@ -45,7 +45,7 @@ import torch
 from ._common import machine_info, natural_patches, print_table
 
 COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-VARIANTS = ("lista", "lista_cp", "alista")
+VARIANTS = ("lista", "lista_cp", "alista", "lfista")
 
 
 def _cpu_seconds():

@@ -25,12 +25,12 @@ __all__ = ["LISTALearner", "LISTAState", "exact_codes"]
 _TARGET_BATCH = 4096
 # rows the validation metrics use when no rows are held out
 _FALLBACK_VAL_ROWS = 1024
-# per-parameter factors on the relative learning rate. lfista's momentum makes
-# the unrolled iteration unstable once W_k's norm outgrows FISTA's step 1 / L:
-# W at the thresholds' rate (0.03) spiked the 8x8-patch training to gaps of
-# 1e6 within 6 epochs, at a third of it it trains smoothly; beta (about 0.6)
-# moves by about 0.003 a step.
-_LR_FACTOR = {"lfista": {"W": 1 / 3, "beta": 1 / 6}}
+# lfista's learning-rate units, in FISTA's step 1 / L (momentum: absolute).
+# Its momentum makes the unrolled iteration unstable once W_k outgrows the step:
+# on 8x8 patches W at the thresholds' rate (lr / L) spiked the held-out gap to
+# 1e6 within 6 epochs, at a third of it it trains (0.0027 after 12 epochs)
+_LFISTA_LR_UNITS = {"W": 1 / 3, "theta": 1.0}
+_LFISTA_BETA_UNIT = 0.1
 
 
 @dataclass
@@ -284,8 +284,11 @@ class LISTALearner:
         # fallback scale of a parameter that starts at zero: thresholds and steps
         # are on the scale of 1 / L
         unit = 1.0 / module.lipschitz
-        factor = _LR_FACTOR.get(self.variant, {})
-        lr_scale = {k: (_rms(p) or unit) * factor.get(k, 1.0) for k, p in params.items()}
+        if self.variant == "lfista":
+            lr_scale = {k: _LFISTA_LR_UNITS[k] * unit for k in ("W", "theta")}
+            lr_scale["beta"] = _LFISTA_BETA_UNIT
+        else:
+            lr_scale = {k: (_rms(p) or unit) for k, p in params.items()}
         return LISTAState(params=params, lr_scale=lr_scale, generator=generator)
 
     def _module(self, state):
