@@ -191,6 +191,8 @@ def test_modules_bad_arguments():
         LISTA(D, n_layers=0)
     with pytest.raises(ValueError, match="variant"):
         LISTA(D, variant="nope")
+    with pytest.raises(ValueError, match="lfista"):  # the error lists the variants
+        LISTA(D, variant="fista")
     with pytest.raises(ValueError, match="n_iter"):
         LCALayer(3, 5, n_iter=0)
     with pytest.raises(ValueError, match="shape"):
@@ -223,6 +225,24 @@ def test_trained_encoder_beats_ista_on_held_out_rows(trained):
     assert enc.layer_gap_.shape == (5,) and enc.layer_nmse_ is None
     assert enc.layer_gap_[-1] < enc.layer_gap_[0]
     assert enc.score(Xh) == pytest.approx(-float(F_lista) / len(Xh), rel=1e-10)
+
+
+def test_trained_lfista_beats_fista_on_held_out_rows():
+    # learned FISTA starts as FISTA; training must improve on it, held out
+    D, X, _ = _problem(n=1200)
+    enc = LISTAEncoder(D, n_layers=5, alpha=0.1, variant="lfista", max_iter=15,
+                       random_state=0, device="cpu").fit(X[:1000])
+    Xh, Dt = X[1000:], torch.as_tensor(D)
+
+    def F(A):
+        return float(lasso_objective_dense(torch.as_tensor(Xh), torch.as_tensor(A), Dt,
+                                           0.1).sum())
+
+    F_star = F(SparseCoder(D, alpha=0.1, device="cpu").transform(Xh).toarray())
+    gap_lfista = (F(enc.transform(Xh).toarray()) - F_star) / F_star
+    gap_fista = (F(_fista_numpy(Xh, D, 0.1, 5)[-1]) - F_star) / F_star
+    assert gap_lfista < 0.5 * gap_fista, (gap_lfista, gap_fista)
+    assert enc.variant_ == "lfista" and enc.weights_["beta"].shape == (5,)
 
 
 def test_transform_is_csr_of_the_module(trained):
