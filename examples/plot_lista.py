@@ -14,9 +14,10 @@ many more iterations for.
 * On **natural image patches**, LISTA becomes a fast ``transform`` for the dictionary
   of an :class:`skdict.LCASparseCoder`: trained to minimise the lasso objective
   for that dictionary, it encodes new patches in a fixed number of matrix products.
-  The default ``variant="auto"`` picks ALISTA or ``"lista_cp"`` by which untrained
-  network codes held-out rows better (``variant_``): here, a complete 64-atom
-  dictionary, ALISTA's analytic weight is close to the inverse and wins.
+  The default ``variant="auto"`` picks ALISTA when its untrained network codes
+  held-out rows at least as well as ISTA, else learned FISTA (``"lfista"``; see
+  ``variant_``): here, a complete 64-atom dictionary, ALISTA's analytic weight is
+  close to the inverse and wins.
 """
 
 # %%

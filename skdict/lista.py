@@ -20,7 +20,7 @@ from .training.lista import LISTALearner, LISTAState
 
 __all__ = ["LISTAEncoder"]
 
-_DEFAULT_LR = {"lista": 0.03, "lista_cp": 0.3, "alista": 0.3}
+_DEFAULT_LR = {"lista": 0.03, "lista_cp": 0.3, "alista": 0.3, "lfista": 0.03}
 
 
 def _learn_on_rank0(learner, rows, comm):
@@ -85,7 +85,7 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
     alpha : float, default=None
         L1 weight of the lasso. None takes the dictionary estimator's ``alpha``
         when it has one (e.g. an :class:`LCASparseCoder`), else 1.0.
-    variant : {"auto", "lista", "lista_cp", "alista"}, default="auto"
+    variant : {"auto", "lista", "lista_cp", "alista", "lfista"}, default="auto"
         ``"alista"``: the analytic weight of Liu et al. (2019), computed from the
         dictionary; only a step size and a threshold are learned per layer, so
         it trains fastest and needs the fewest rows, but it can only be as good
@@ -94,9 +94,13 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
         natural data. ``"lista_cp"``: coupled weights, ``a + (x - a D) W_k``
         (Chen et al. 2018), one learned matrix and threshold per layer.
         ``"lista"``: untied weights ``W_k``, ``S_k`` and per-atom thresholds in
-        every layer. ``"auto"`` takes ``"alista"`` when its untrained network
-        codes the validation rows at least as well as ISTA with the same
-        depth, else ``"lista_cp"`` (see ``variant_``). See :mod:`skdict.nn.lista`.
+        every layer. ``"lfista"``: learned FISTA, ``"lista_cp"`` with a learned
+        momentum per layer and per-atom thresholds, starting as FISTA; the most
+        accurate on coherent dictionaries (learned from natural data), where
+        FISTA's momentum is what beats ISTA. ``"auto"`` takes ``"alista"`` when
+        its untrained network codes the validation rows at least as well as
+        ISTA with the same depth, else ``"lfista"`` (see ``variant_``). See
+        :mod:`skdict.nn.lista`.
     support_selection : float or "auto", default="auto"
         Largest fraction of each row's codes passed through a layer unshrunk
         (Chen et al.'s support selection), reached at 70 % of the depth; 0
@@ -125,6 +129,10 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
         ``lr`` times its initial root-mean-square per step. None: 0.3 for
         ``"lista_cp"`` and ``"alista"``, 0.03 for ``"lista"`` (whose ``S_k`` are
         near the identity, so the same relative step moves them much further).
+        ``"lfista"`` counts in FISTA's step ``1 / L`` instead (default 0.03:
+        thresholds move by ``lr / L``, weights by a third of it, momentum by
+        ``lr / 10`` per step): its momentum turns the iteration unstable when
+        the weights outgrow the step.
         ``fit`` decays it to zero over its steps (cosine); ``partial_fit`` uses
         it as is.
     validation_fraction : float, default=0.1

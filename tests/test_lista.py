@@ -16,7 +16,7 @@ from skdict.solvers import ista, lasso_objective_dense, lca
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-VARIANTS = ["lista", "lista_cp", "alista"]
+VARIANTS = ["lista", "lista_cp", "alista", "lfista"]
 
 
 def _problem(n=600, K=40, P=20, density=0.1, seed=0, dtype=np.float64):
@@ -44,6 +44,38 @@ def test_untrained_layers_are_ista_iterates(variant):
     for k, a in enumerate(layers, start=1):
         ref = _ista(X, D, 0.1, k)
         torch.testing.assert_close(a, ref, rtol=1e-10, atol=1e-12)
+
+
+def _fista_numpy(X, D, alpha, n_iter):
+    """Plain FISTA from zero (Beck & Teboulle 2009, no restart), written out in
+    numpy as the closed-form oracle of the untrained learned FISTA."""
+    L = np.linalg.eigvalsh(D @ D.T)[-1]
+    a = np.zeros((X.shape[0], D.shape[0]))
+    y, t, out = a.copy(), 1.0, []
+    for _ in range(n_iter):
+        z = y - (y @ D - X) @ D.T / L
+        a_new = np.sign(z) * np.maximum(np.abs(z) - alpha / L, 0.0)
+        t_new = (1 + np.sqrt(1 + 4 * t * t)) / 2
+        y = a_new + (t - 1) / t_new * (a_new - a)
+        a, t = a_new, t_new
+        out.append(a)
+    return out
+
+
+def test_untrained_lfista_layers_are_fista_iterates():
+    D, X, _ = _problem(n=50)
+    net = LISTA(torch.as_tensor(D), n_layers=8, alpha=0.1, variant="lfista")
+    with torch.no_grad():
+        layers = net(torch.as_tensor(X), all_layers=True)
+    ref = _fista_numpy(X, D, 0.1, 8)
+    for a, r in zip(layers, ref, strict=True):
+        np.testing.assert_allclose(a.numpy(), r, rtol=1e-10, atol=1e-12)
+    # and not ISTA's: momentum changes the iterates from the third on
+    assert np.abs(ref[2] - _ista(X, D, 0.1, 3).numpy()).max() > 1e-3
+    # FISTA's momentum: 0 for the first two layers, then (t_k - 1) / t_{k+1}
+    np.testing.assert_allclose(net.beta.detach().numpy()[:4],
+                               [0.0, 0.0, 0.28175352512532087, 0.434042782780302],
+                               rtol=1e-12)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -159,6 +191,8 @@ def test_modules_bad_arguments():
         LISTA(D, n_layers=0)
     with pytest.raises(ValueError, match="variant"):
         LISTA(D, variant="nope")
+    with pytest.raises(ValueError, match="lfista"):  # the error lists the variants
+        LISTA(D, variant="fista")
     with pytest.raises(ValueError, match="n_iter"):
         LCALayer(3, 5, n_iter=0)
     with pytest.raises(ValueError, match="shape"):
@@ -191,6 +225,24 @@ def test_trained_encoder_beats_ista_on_held_out_rows(trained):
     assert enc.layer_gap_.shape == (5,) and enc.layer_nmse_ is None
     assert enc.layer_gap_[-1] < enc.layer_gap_[0]
     assert enc.score(Xh) == pytest.approx(-float(F_lista) / len(Xh), rel=1e-10)
+
+
+def test_trained_lfista_beats_fista_on_held_out_rows():
+    # learned FISTA starts as FISTA; training must improve on it, held out
+    D, X, _ = _problem(n=1200)
+    enc = LISTAEncoder(D, n_layers=5, alpha=0.1, variant="lfista", max_iter=15,
+                       random_state=0, device="cpu").fit(X[:1000])
+    Xh, Dt = X[1000:], torch.as_tensor(D)
+
+    def F(A):
+        return float(lasso_objective_dense(torch.as_tensor(Xh), torch.as_tensor(A), Dt,
+                                           0.1).sum())
+
+    F_star = F(SparseCoder(D, alpha=0.1, device="cpu").transform(Xh).toarray())
+    gap_lfista = (F(enc.transform(Xh).toarray()) - F_star) / F_star
+    gap_fista = (F(_fista_numpy(Xh, D, 0.1, 5)[-1]) - F_star) / F_star
+    assert gap_lfista < 0.5 * gap_fista, (gap_lfista, gap_fista)
+    assert enc.variant_ == "lfista" and enc.weights_["beta"].shape == (5,)
 
 
 def test_transform_is_csr_of_the_module(trained):
@@ -235,6 +287,14 @@ def test_variants_and_objective_loss(variant):
     assert enc.layer_nmse_ is None
     assert enc.layer_gap_[-1] < enc.layer_gap_[0]
     assert np.all(np.isfinite(enc.history_["loss"]))
+    # the fitted encoder pickles, and so does the network it was trained as
+    again = pickle.loads(pickle.dumps(enc))
+    np.testing.assert_array_equal(again.transform(X[:30]).toarray(),
+                                  enc.transform(X[:30]).toarray())
+    net = pickle.loads(pickle.dumps(enc.to_module()))
+    assert net.variant == variant
+    np.testing.assert_array_equal(net(torch.as_tensor(X[:30])).numpy(),
+                                  enc.transform(X[:30]).toarray())
 
 
 
@@ -264,7 +324,7 @@ def test_fit_keeps_the_best_validation_epoch(variant, lr):
 
 
 
-def test_auto_variant_alista_for_random_lista_cp_for_learned_dictionaries():
+def test_auto_variant_alista_for_random_lfista_for_learned_dictionaries():
     # ALISTA's fixed weight beats ISTA on a random dictionary and loses to it on
     # one learned from natural patches; "auto" must pick by exactly that test
     from skdict.datasets import load_natural_patches
@@ -275,7 +335,7 @@ def test_auto_variant_alista_for_random_lista_cp_for_learned_dictionaries():
     learned = LCASparseCoder(n_components=72, alpha=0.1, fit_algorithm="exact", max_iter=3,
                              random_state=0).fit(X[:2500]).components_
     Dr, Xr, _ = _problem(n=400, K=60, P=20)
-    for D, Xv, expected in [(Dr, Xr, "alista"), (learned, X[2500:], "lista_cp")]:
+    for D, Xv, expected in [(Dr, Xr, "alista"), (learned, X[2500:], "lfista")]:
         enc = LISTAEncoder(D, n_layers=4, alpha=0.1, max_iter=1, validation_fraction=0.0,
                            random_state=0, device="cpu").fit(Xv)
         assert enc.variant == "auto" and enc.variant_ == expected
@@ -288,7 +348,7 @@ def test_auto_variant_alista_for_random_lista_cp_for_learned_dictionaries():
         # the trained network is of the chosen variant, and so is to_module()
         assert enc.to_module().variant == expected
         assert ("S" in enc.weights_) is False and ("gamma" in enc.weights_) == (
-            expected == "alista")
+            expected == "alista") and ("beta" in enc.weights_) == (expected == "lfista")
 
 
 def test_dtypes_and_seed():

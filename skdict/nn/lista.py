@@ -21,6 +21,15 @@ Variants (layer ``k`` maps ``a_k`` to ``a_{k+1}``, ``a_0 = 0``):
     weight ``W`` of :func:`alista_weight`; only the scalars ``gamma_k`` and
     ``theta_k`` are learned.
 
+``"lfista"`` (learned FISTA: LISTA-CP with momentum)
+    ``z_k = a_k + beta_k (a_k - a_{k-1})``, ``a_{k+1} = eta(z_k + (x - z_k D) W_k,
+    theta_k)`` with per-layer ``W_k``, momentum ``beta_k`` and per-atom
+    thresholds ``theta_k``. Initialised to FISTA (``W_k = D^T / L``, ``theta_k =
+    alpha / L``, ``beta_k = (t_k - 1) / t_{k+1}`` of Beck & Teboulle), so layer
+    ``k`` of the untrained network is FISTA's ``k``-th iterate. On coherent
+    dictionaries (learned from natural data) momentum is what makes FISTA beat
+    ISTA, and the coupled variants above start from ISTA and lose it.
+
 ``eta`` is the soft threshold; with support selection (Chen et al. 2018) the
 largest ``p_k`` fraction of each row's entries (by magnitude) that pass the
 threshold are kept unshrunk. ``p_k`` grows linearly from 0 at the first layer to
@@ -28,19 +37,23 @@ threshold are kept unshrunk. ``p_k`` grows linearly from 0 at the first layer to
 
 The analytic initialisation (``W_k = D^T / L``, ``S_k = I - D D^T / L``,
 ``theta_k = alpha / L``) makes every layer of ``"lista"`` and ``"lista_cp"``
-without support selection one ISTA step: the untrained network *is* ISTA.
+without support selection one ISTA step: the untrained network *is* ISTA (and
+the untrained ``"lfista"`` is FISTA without restart).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 from ..penalties import soft_threshold
 
-__all__ = ["LISTA", "VARIANTS", "alista_weight", "support_fractions", "lipschitz_constant"]
+__all__ = ["LISTA", "VARIANTS", "alista_weight", "fista_momentum", "support_fractions",
+           "lipschitz_constant"]
 
-VARIANTS = ("lista", "lista_cp", "alista")
+VARIANTS = ("lista", "lista_cp", "alista", "lfista")
 # fraction of the depth over which the support-selection fraction ramps up
 _SS_RAMP = 0.7
 
@@ -91,6 +104,16 @@ def alista_weight(D, rcond=None):
     return (MD / scale).to(D.dtype)
 
 
+def fista_momentum(n_layers):
+    """FISTA's momentum of each layer, ``beta_k = (t_k - 1) / t_{k+1}`` with
+    ``t_1 = 1``, ``t_{k+1} = (1 + sqrt(1 + 4 t_k^2)) / 2`` (Beck & Teboulle 2009);
+    layer 0 starts from zero, where momentum has nothing to act on (0)."""
+    t = [1.0]
+    for _ in range(int(n_layers)):
+        t.append(0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t[-1] * t[-1])))
+    return [0.0] + [(t[k - 1] - 1.0) / t[k] for k in range(1, int(n_layers))]
+
+
 def support_fractions(n_layers, support_selection):
     """Support-selection fraction of each layer: 0 at the first layer, rising
     linearly to ``support_selection`` at 70 % of the depth."""
@@ -129,7 +152,7 @@ class LISTA(nn.Module):
     n_layers : int, default=16
     alpha : float, default=1.0
         L1 weight of the lasso the initialisation follows.
-    variant : {"lista", "lista_cp", "alista"}, default="lista"
+    variant : {"lista", "lista_cp", "alista", "lfista"}, default="lista"
     support_selection : float, default=0.0
         Largest fraction of each row's entries kept unshrunk (reached at 70 %
         of the depth); 0 disables support selection.
@@ -140,15 +163,18 @@ class LISTA(nn.Module):
     Attributes
     ----------
     W : torch.nn.Parameter or buffer
-        ``(n_layers, n_features, n_components)`` (``"lista"``, ``"lista_cp"``);
+        ``(n_layers, n_features, n_components)`` (``"lista"``, ``"lista_cp"``,
+        ``"lfista"``);
         the analytic ``(n_features, n_components)`` buffer for ``"alista"``.
     S : torch.nn.Parameter
         ``(n_layers, n_components, n_components)`` (``"lista"`` only).
     theta : torch.nn.Parameter
-        Thresholds: ``(n_layers, n_components)`` for ``"lista"``, ``(n_layers,)``
-        otherwise.
+        Thresholds: ``(n_layers, n_components)`` for ``"lista"`` and
+        ``"lfista"``, ``(n_layers,)`` otherwise.
     gamma : torch.nn.Parameter
         Step sizes ``(n_layers,)`` (``"alista"`` only).
+    beta : torch.nn.Parameter
+        Momentum ``(n_layers,)`` (``"lfista"`` only; ``beta[0]`` is unused).
 
     Examples
     --------
@@ -203,12 +229,16 @@ class LISTA(nn.Module):
             return
         W = (D.T / L).expand(n, P, K).clone()
         self.W = nn.Parameter(W)
+        if variant == "lfista":
+            self.beta = nn.Parameter(torch.tensor(fista_momentum(n), dtype=dtype,
+                                                  device=D.device))
+        if variant in ("lista", "lfista"):
+            self.theta = nn.Parameter(torch.full((n, K), self.alpha / L, dtype=dtype,
+                                                 device=D.device))
         if variant == "lista":
             eye = torch.eye(K, dtype=dtype, device=D.device)
             self.S = nn.Parameter((eye - D @ D.T / L).expand(n, K, K).clone())
-            self.theta = nn.Parameter(torch.full((n, K), self.alpha / L, dtype=dtype,
-                                                 device=D.device))
-        else:
+        elif variant == "lista_cp":
             self.theta = nn.Parameter(torch.full((n,), self.alpha / L, dtype=dtype,
                                                  device=D.device))
 
@@ -230,6 +260,17 @@ class LISTA(nn.Module):
             outs.append(a)
             for k in range(1, n):
                 a = _eta(torch.addmm(xw[:, k], a, self.S[k]), theta[k], self._keep[k])
+                outs.append(a)
+        elif self.variant == "lfista":
+            D = self.D
+            a = prev = x.new_zeros(())  # a_0 = a_{-1} = 0
+            for k in range(self.n_layers):
+                if k == 0:
+                    v = x @ self.W[0]
+                else:
+                    z = a + self.beta[k] * (a - prev)
+                    v = z + (x - z @ D) @ self.W[k]
+                prev, a = a, _eta(v, theta[k], self._keep[k])
                 outs.append(a)
         else:
             D = self.D
