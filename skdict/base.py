@@ -30,6 +30,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._backend import default_batch_size, numpy_dtype, resolve_device, torch_dtype
 from ._validation import DEVICE_CONSTRAINT as _DEVICE_CONSTRAINT
 from ._validation import is_torch as _is_torch
+from ._validation import validate_params_if_changed
 from .data.codes import CSRBuilder, as_codes
 from .data.sources import as_source, is_dask
 from .solvers.decode import sparse_decode, topk_decode
@@ -194,7 +195,7 @@ class SparseCodingMixin(ClassNamePrefixFeaturesOutMixin, TransformerMixin):
     def _check_current_params(self):
         """Parameters may have changed (``set_params``) since ``fit``: every call
         that uses them validates them, as ``fit`` did."""
-        self._validate_params()
+        validate_params_if_changed(self)
         check = getattr(self, "_check_params", None)
         if check is not None:
             check()

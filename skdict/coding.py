@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numbers
+import weakref
 
+import numpy as np
 import torch
 from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
@@ -13,12 +15,21 @@ from ._validation import (
     check_dictionary,
     check_n_nonzero_coefs,
     restore_input_attrs_on_error,
+    validate_params_if_changed,
 )
 from .base import BaseSparseCoder
 from .functional import BlockEncoder
 from .solvers.registry import get_solver, solver_names
 
 __all__ = ["SparseCoder"]
+
+# Each coder's dictionary operators (device copies, Gram) kept between transform
+# calls: at a thousand rows, building them again was a tenth of an exact encode.
+# Keyed weakly by the coder (transform must not change its __dict__) and checked
+# against a copy of the dictionary, so set_params or an in-place edit rebuilds them.
+_OPERATORS = weakref.WeakKeyDictionary()
+# atoms up to which the operators are kept: a (K, K) Gram of 4096 atoms is 128 MB
+_CACHE_MAX_ATOMS = 4096
 
 
 class SparseCoder(BaseSparseCoder):
@@ -148,7 +159,7 @@ class SparseCoder(BaseSparseCoder):
             check_n_nonzero_coefs(self.n_nonzero_coefs, self.n_components_)
 
     def _check_ready(self):
-        self._validate_params()
+        validate_params_if_changed(self)
         self._check_params()
         self._device()
 
@@ -173,8 +184,9 @@ class SparseCoder(BaseSparseCoder):
         return self
 
     def _transform_state(self, device, dtype):
-        return BlockEncoder(
-            self.components_,
+        D = self.components_
+        enc = BlockEncoder(
+            D,
             self.algorithm,
             device=device,
             dtype=dtype,
@@ -185,6 +197,12 @@ class SparseCoder(BaseSparseCoder):
             tol=self.tol,
             param_names={"max_iter": "transform_max_iter"},
         )
+        if D.shape[0] <= _CACHE_MAX_ATOMS:
+            kept = _OPERATORS.get(self)
+            if kept is None or kept[0].dtype != D.dtype or not np.array_equal(kept[0], D):
+                kept = _OPERATORS[self] = (D.copy(), {})
+            enc._ops = kept[1]
+        return enc
 
     def _encode(self, Xb, encoder):
         return encoder.codes(Xb)

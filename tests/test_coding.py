@@ -260,3 +260,35 @@ def test_fit_on_a_dataframe_keeps_and_checks_feature_names():
         coder.fit(df.iloc[:, :3])
     np.testing.assert_array_equal(coder.feature_names_in_, list("abcd"))
     assert not hasattr(coder.fit(df.to_numpy()), "feature_names_in_")
+
+
+def test_transform_after_a_transform_sees_every_change(problem):
+    """The operators and the parameter validation kept between transform calls
+    never serve a stale dictionary or let an invalid parameter through."""
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    X, D = problem
+    D = D.copy()
+    coder = SparseCoder(D, alpha=0.1, device="cpu")
+    first = coder.transform(X).toarray()
+    before = dict(coder.__dict__)
+    np.testing.assert_array_equal(coder.transform(X).toarray(), first)
+    assert coder.__dict__.keys() == before.keys()  # transform keeps nothing on the coder
+
+    D[:3] = -D[:3]  # edited in place: the codes of those atoms flip sign
+    flipped = coder.transform(X).toarray()
+    fresh = SparseCoder(D.copy(), alpha=0.1, device="cpu").transform(X).toarray()
+    np.testing.assert_array_equal(flipped, fresh)
+    np.testing.assert_allclose(flipped[:, :3], -first[:, :3], atol=1e-12)
+
+    coder.set_params(dictionary=D[::-1].copy())  # a new dictionary: reversed atoms
+    np.testing.assert_allclose(coder.transform(X).toarray(), fresh[:, ::-1], atol=1e-12)
+
+    coder.alpha = -1.0  # assigned directly, not through set_params
+    with pytest.raises(InvalidParameterError, match="alpha"):
+        coder.transform(X)
+    coder.alpha = 0.1
+    with pytest.raises(ValueError, match="NaN"):
+        coder.transform(np.where(np.arange(X.size).reshape(X.shape) == 5, np.nan, X))
+    with pytest.raises(ValueError, match="19 features, but SparseCoder is expecting 20"):
+        coder.transform(X[:, :19])

@@ -34,6 +34,11 @@ def make_csr(data, indices, indptr, shape):
     return out
 
 
+def _joined(parts):
+    """The pieces end to end; a single piece as it is (no copy)."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 class CSRBuilder:
     """Accumulate CSR rows batch by batch, holding only sparse pieces on the host.
 
@@ -84,14 +89,14 @@ class CSRBuilder:
         self._counts.append(counts.detach().cpu().numpy())
 
     def build(self):
-        counts = np.concatenate(self._counts) if self._counts else np.zeros(0, np.int64)
+        counts = _joined(self._counts) if self._counts else np.zeros(0, np.int64)
         nnz = int(counts.sum())
         idx_dtype = np.int32 if max(nnz, self.n_columns) < 2**31 - 1 else np.int64
         indptr = np.zeros(len(counts) + 1, dtype=idx_dtype)
         np.cumsum(counts, out=indptr[1:])
         if self._data:
-            data = np.concatenate(self._data).astype(self.dtype, copy=False)
-            indices = np.concatenate(self._indices).astype(idx_dtype, copy=False)
+            data = _joined(self._data).astype(self.dtype, copy=False)
+            indices = _joined(self._indices).astype(idx_dtype, copy=False)
         else:
             data = np.zeros(0, self.dtype)
             indices = np.zeros(0, idx_dtype)
