@@ -276,3 +276,19 @@ def test_a_stream_of_torch_sparse_batches(rng):
     for _ in range(2):  # the first pass replays the validated first block
         got = torch.cat(list(src.batches(3, device="cpu"))).numpy()
         np.testing.assert_array_equal(got, X)
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("loader_bs, bs", [(16, 16), (16, 5), (7, 32)])
+def test_dataloader_stream_knows_its_batches(drop_last, loader_bs, bs):
+    """A DataLoader over a sized dataset has a known number of training batches
+    (the learning-rate schedule needs it): exactly the batches a pass yields."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    X = torch.randn(50, 3)
+    loader = DataLoader(TensorDataset(X), batch_size=loader_bs, drop_last=drop_last)
+    src = StreamSource(loader, estimator=_Est(), reset=True, dtype=None)
+    read = sum(1 for _ in src.batches(bs, device="cpu"))
+    assert src.n_batches(bs) == read
+    assert StreamSource((x for x in [X.numpy()]), estimator=_Est(), reset=True,
+                        dtype=None).n_batches(bs) is None

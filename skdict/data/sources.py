@@ -238,6 +238,22 @@ class ArraySource(RowSource):
                           self._tdtype(dtype))
 
 
+def _loader_batches(loader, bs):
+    """Batches of ``bs`` rows in one pass of a ``DataLoader`` that yields blocks of
+    ``loader.batch_size`` rows of a sized dataset (its default sampler), else None."""
+    from torch.utils.data import DataLoader
+
+    if not isinstance(loader, DataLoader) or loader.batch_size is None:
+        return None
+    try:
+        n = len(loader.dataset)
+    except TypeError:  # an iterable-style dataset: the length is unknown
+        return None
+    B = int(loader.batch_size)
+    last = 0 if loader.drop_last else n % B
+    return (n // B) * -(-B // bs) + (-(-last // bs) if last else 0)
+
+
 class StreamSource(RowSource):
     """An iterable of 2-D batches, validated block by block."""
 
@@ -269,10 +285,11 @@ class StreamSource(RowSource):
 
     def n_batches(self, batch_size):
         """Batches of one pass of a list or tuple of blocks (each cut into
-        batches of ``batch_size`` rows); None for other iterables."""
-        if not isinstance(self._X, (list, tuple)):
-            return None
+        batches of ``batch_size`` rows), or of a torch ``DataLoader`` with a fixed
+        batch size over a sized dataset; None for other iterables."""
         bs = max(1, int(batch_size))
+        if not isinstance(self._X, (list, tuple)):
+            return _loader_batches(self._X, bs)
         try:
             return sum(-(-_n_rows(b) // bs) for b in self._X)
         except (TypeError, ValueError):  # a bad block: reading it raises the clear error
