@@ -307,13 +307,17 @@ def sparse_attention(
             allowed = causal if allowed is None else (allowed & causal)
         if allowed is not None:
             s = s.masked_fill(~allowed, float("-inf"))
-        w = sparse_weights(s, method, alpha=alpha, k=k, empty=empty)
+        with torch.no_grad():
+            allowed_sum += torch.isfinite(s).sum().double().cpu()
+        if method == "topk":  # s is this chunk's own: the weights may overwrite it
+            w = _topk_weights(s, k, inplace=True)
+        else:
+            w = sparse_weights(s, method, alpha=alpha, k=k, empty=empty)
         outs.append(w @ value)
         with torch.no_grad():
             nz = (w != 0).sum(-1)
             nnz_sum += nz.sum().double().cpu()
             nnz_max = max(nnz_max, int(nz.max()) if nz.numel() else 0)
-            allowed_sum += torch.isfinite(s).sum().double().cpu()
         if need_weights:
             weights.append(w)
     if not outs:  # no queries: an empty output of the right shape

@@ -9,13 +9,13 @@ Why not ``torch.topk`` / a quickselect: with a budget that is a large share of
 the row (the ``k`` best of ``2 k`` preselected candidates) both move the row
 around many times; a threshold is all the softmax needs. Here the threshold is
 found by counting: each pass counts the entries at or above a guess (a compare
-and an add, vectorised), the guesses interpolate the row's empirical
-distribution between two bracketing values (bisection on the order-preserving
-integer keys of the floats when interpolation stalls), and once at most
-``_SMALL`` entries remain between the brackets the remaining candidates are
-walked down one distinct value at a time. The softmax then takes the exponential
-of the kept entries only, with a polynomial ``exp`` for float32 (the system
-``expf`` is a scalar call and would dominate).
+and an add, vectorised; the row stays in L1 between passes), the guesses
+interpolate the counts between two bracketing values (regula falsi, Illinois
+variant; a midpoint when the interpolation lands on a bracket), and the last
+step reads the threshold off as the smallest entry of an exactly-``k`` bracket,
+or walks down the distinct values below the upper bracket. The softmax then
+takes the exponential of the kept entries only, with a polynomial ``exp`` for
+float32 (the system ``expf`` is a scalar call and would dominate).
 
 Rows this kernel does not decide (NaN or ``+inf`` scores, or ties at the
 threshold, where the reference keeps an implementation-defined subset) are
