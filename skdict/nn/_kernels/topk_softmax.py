@@ -1,6 +1,6 @@
 """Row-wise top-``k`` softmax on CPU: the exact ``k``-th largest score of each
-row and the softmax over the entries at or above it, in one compiled pass per
-row.
+row and the softmax over the entries at or above it, in one compiled kernel
+(rows in parallel, each row's passes while it sits in cache).
 
 Reference: ``skdict.nn.sparse_weights(s, "topk", k=k)`` (``torch.topk``, then a
 softmax over the kept scores, ``-inf`` entries and fully masked rows giving 0).
@@ -35,7 +35,7 @@ __all__ = ["topk_softmax_rows"]
 
 # remaining candidates below which the threshold is walked down value by value
 _SMALL = 2
-# rows per parallel task (one key buffer each)
+# rows per parallel task (one set of scratch rows each)
 _ROWS_PER_TASK = 16
 
 # float32 exp: exp(y) = 2^n * exp(r), n = round(y / ln 2), r = y - n ln 2 with
