@@ -307,13 +307,17 @@ def sparse_attention(
             allowed = causal if allowed is None else (allowed & causal)
         if allowed is not None:
             s = s.masked_fill(~allowed, float("-inf"))
-        w = sparse_weights(s, method, alpha=alpha, k=k, empty=empty)
+        with torch.no_grad():
+            allowed_sum += torch.isfinite(s).sum().double().cpu()
+        if method == "topk":  # s is this chunk's own: the weights may overwrite it
+            w = _topk_weights(s, k, inplace=True)
+        else:
+            w = sparse_weights(s, method, alpha=alpha, k=k, empty=empty)
         outs.append(w @ value)
         with torch.no_grad():
             nz = (w != 0).sum(-1)
             nnz_sum += nz.sum().double().cpu()
             nnz_max = max(nnz_max, int(nz.max()) if nz.numel() else 0)
-            allowed_sum += torch.isfinite(s).sum().double().cpu()
         if need_weights:
             weights.append(w)
     if not outs:  # no queries: an empty output of the right shape
@@ -800,7 +804,7 @@ def _block_attention(query, key, value, attn_mask, *, k, block_size, is_causal, 
             else:
                 w = torch.softmax(s, dim=-1)
         elif method == "topk":
-            w = _topk_weights(s, k)
+            w = _topk_weights(s, k, inplace=True)
         else:
             w = sparse_weights(s, method, alpha=alpha, k=k, empty=empty)
         outs.append((w @ Vg).view(B, c * bs, Ev))
@@ -836,32 +840,49 @@ def _block_attention(query, key, value, attn_mask, *, k, block_size, is_causal, 
     return out, info
 
 
-def _topk_weights(s, k):
+def _topk_weights(s, k, inplace=False):
     """Softmax over the ``k`` best entries of each row of ``s`` (``-inf``: masked).
 
-    On CPU the ``k``-th largest value of each row comes from a compiled
-    selection (:func:`skdict.solvers._kernels.select.kth_largest`, no sort) and
-    the weights are one masked softmax; elsewhere, and for rows with ties at the
-    threshold, ``torch.topk``.
+    On CPU (float32 / float64) the threshold and the weights come from one
+    compiled pass per row (:func:`skdict.nn._kernels.topk_softmax.topk_softmax_rows`);
+    without autograd the weights are written over ``s`` when ``inplace`` (the
+    caller's own score block). Under autograd the kernel only supplies each
+    row's threshold and the weights are a masked softmax of ``s`` in torch.
+    Elsewhere, and for rows the kernel leaves to the reference (ties at the
+    threshold, NaN or ``+inf`` scores), :func:`sparse_weights`.
     """
     n = s.shape[-1]
     if k is None or k >= n:
         return topk_softmax(s)
     if s.device.type != "cpu" or s.dtype not in (torch.float32, torch.float64):
         return sparse_weights(s, "topk", k=k)
-    from ..solvers._kernels.select import kth_largest
+    from ._kernels.topk_softmax import topk_softmax_rows
 
+    grad = torch.is_grad_enabled() and s.requires_grad
     flat = s.detach().reshape(-1, n)
-    thr, ties = kth_largest(flat.numpy(), int(k))
-    thr = torch.from_numpy(thr).view(*s.shape[:-1], 1)
-    if bool(torch.isinf(thr).any()):  # rows with fewer than k allowed keys (or none)
-        return sparse_weights(s, "topk", k=k)
-    w = torch.softmax(s.masked_fill(s < thr, float("-inf")), dim=-1)
-    if ties.any():  # more than k entries at or above the threshold: exact top-k rows
-        rows = torch.from_numpy(np.flatnonzero(ties))
-        w2 = sparse_weights(s.reshape(-1, n)[rows], "topk", k=k)
-        w = w.reshape(-1, n).index_copy(0, rows, w2).view(s.shape)
-    return w
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+        inplace = False
+    x = flat.numpy()
+    if grad or not inplace:
+        w_np, thr, flag = topk_softmax_rows(x, int(k))
+    else:
+        w_np, thr, flag = topk_softmax_rows(x, int(k), out=x)
+    rows = torch.from_numpy(np.flatnonzero(flag)) if flag.any() else None
+    if grad:
+        thr = torch.from_numpy(thr).view(*s.shape[:-1], 1)
+        if rows is not None:  # any value: these rows are replaced below
+            thr = thr.reshape(-1, 1).index_fill(0, rows, float("-inf")).view(thr.shape)
+        w = topk_softmax(s.masked_fill(s < thr, float("-inf")))
+        if rows is not None:
+            s2 = s.reshape(-1, n)
+            w = w.reshape(-1, n).index_copy(0, rows, sparse_weights(s2[rows], "topk", k=k))
+            w = w.view(s.shape)
+        return w
+    w = torch.from_numpy(w_np)
+    if rows is not None:  # the kernel left these rows' scores untouched
+        w.index_copy_(0, rows, sparse_weights(flat[rows], "topk", k=k))
+    return w.view(s.shape)
 
 
 def _allowed_count(L, S, is_causal, key_valid, full_valid, B):
