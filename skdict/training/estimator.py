@@ -85,7 +85,7 @@ class TrainedEstimatorMixin:
         if n_rows != 0:
             try:
                 src = as_source(X, estimator=self, reset=first, dtype=self._train_dtype(first),
-                            finite=self._finite_check)
+                                finite=self._finite_check)
                 if src.is_stream:
                     raise ValueError(
                         f"{name} trains data-parallel on arrays; under torch.distributed "
