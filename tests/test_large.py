@@ -85,6 +85,129 @@ def test_running_topk_kernel_float32():
     torch.testing.assert_close(v, v0)
 
 
+# ------------------------------------------------- certified bfloat16 screening
+def _same_top(v, i, v0, i0, X, D, positive):
+    """Equal scores (float32 rounding), and equal atoms except where an atom
+    left out scores exactly as one kept (a tie at the cut)."""
+    torch.testing.assert_close(v, v0, rtol=1e-5, atol=1e-5)
+    S = X.double() @ D.double().T
+    S = S if positive else S.abs()
+    for r in range(X.shape[0]):
+        a, b = set(i[r].tolist()), set(i0[r].tolist())
+        if a != b:
+            cut = float(S[r, i0[r]].min())
+            assert all(abs(float(S[r, j]) - cut) <= 1e-5 * max(1.0, cut) for j in a ^ b)
+
+
+@pytest.mark.parametrize("positive", [False, True])
+@pytest.mark.parametrize("s", [1, 7, 40])
+def test_screened_routing_is_exact(positive, s):
+    g = torch.Generator().manual_seed(s)
+    D = _dict(5000, 48, seed=s, dtype=torch.float32)
+    D[4000:4010] = D[:10]  # duplicate atoms: exact ties
+    X = torch.randn(300, 48, generator=g) * 3
+    X[0] = 0  # every score 0: the shortlist stays empty and the row falls back
+    v, i = route_topk(X, D, s, positive=positive, screen=True)
+    v0, i0 = route_dense(X, D, s, positive=positive)
+    assert v.dtype == torch.float32 and i.shape == (300, s)
+    assert (v[:, :-1] >= v[:, 1:]).all()  # sorted
+    _same_top(v, i, v0, i0, X, D, positive)
+
+
+def test_screened_routing_falls_back_on_near_ties(monkeypatch):
+    # atoms closer than bfloat16 can tell apart: the certificate must fail on
+    # those rows and the float32 path give the exact answer
+    import skdict.solvers.routing as routing
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 32, generator=g)
+    D = base + 1e-4 * torch.randn(4096, 32, generator=g)
+    D = D / D.norm(dim=1, keepdim=True)
+    X = torch.randn(64, 32, generator=g)
+    seen = []
+    orig = routing._route_topk_cpu
+    monkeypatch.setattr(routing, "_route_topk_cpu",
+                        lambda Xs, *a: seen.append(Xs.shape[0]) or orig(Xs, *a))
+    v, i = route_topk(X, D, 5, screen=True)
+    assert sum(seen) == 64  # no row could be certified
+    v0, i0 = route_dense(X, D, 5)
+    _same_top(v, i, v0, i0, X, D, False)
+
+
+def test_screened_routing_certifies_separated_rows(monkeypatch):
+    import skdict.solvers.routing as routing
+
+    D = _dict(8192, 64, seed=3, dtype=torch.float32)
+    X = D[:100] * 5 + 0.01 * torch.randn(100, 64, generator=torch.Generator().manual_seed(1))
+    seen = []
+    orig = routing._route_topk_cpu
+    monkeypatch.setattr(routing, "_route_topk_cpu",
+                        lambda Xs, *a: seen.append(Xs.shape[0]) or orig(Xs, *a))
+    v, i = route_topk(X, D, 1, screen=True)
+    assert sum(seen) == 0  # each row's own atom wins by far: all certified
+    assert torch.equal(i[:, 0], torch.arange(100))
+
+
+@pytest.mark.parametrize("absval", [True, False])
+def test_bfloat16_keys_preserve_order(absval):
+    from skdict.solvers._kernels.screen import _key_abs, _key_signed, key_values
+
+    bits = np.arange(1 << 16, dtype=np.uint32)
+    vals = (bits << 16).view(np.float32)
+    finite = np.isfinite(vals)
+    keyof = _key_abs if absval else _key_signed
+    keys = np.array([keyof(np.uint16(b)) for b in bits[finite]], dtype=np.uint16)
+    v = np.abs(vals[finite]) if absval else vals[finite]
+    order = np.lexsort((keys, v))  # -0.0 and +0.0 are equal values
+    assert (np.diff(keys[order].astype(np.int64)) >= 0).all()  # monotone
+    assert (np.diff(v[np.argsort(keys, kind="stable")]) >= 0).all()
+    back = key_values(keys, absval=absval)
+    np.testing.assert_array_equal(back[keys != 0] if not absval else back,
+                                  (v[keys != 0] if not absval else v))
+
+
+def test_screen_block_lists_every_key_above_its_floor():
+    from skdict.solvers._kernels.screen import _key_abs, finish, screen_block
+
+    rng = np.random.default_rng(0)
+    S = rng.integers(0, 1 << 16, size=(30, 1000)).astype(np.uint16)
+    m = 12
+    bk = np.zeros((30, 4 * m), np.uint16)
+    bi = np.full((30, 4 * m), -1, np.int64)
+    cnt = np.zeros(30, np.int64)
+    fk = np.zeros(30, np.uint16)
+    for c0 in range(0, 1000, 300):
+        screen_block(S[:, c0:c0 + 300].copy(), c0, bk, bi, cnt, fk, m, absval=True, q=3)
+    finish(bk, bi, cnt, fk, m)
+    keys = S & 0x7FFF
+    for r in range(30):
+        listed = set(bi[r, :m][bi[r, :m] >= 0].tolist())
+        assert len(listed) <= m
+        above = set(np.flatnonzero(keys[r] > fk[r]).tolist())
+        assert above <= listed  # nothing above the floor is left out
+        assert all(keys[r, j] >= fk[r] for j in listed)
+        assert all(int(_key_abs(S[r, j])) == int(keys[r, j]) for j in listed)
+
+
+def test_screening_is_chosen_only_where_it_is_certified_and_pays(monkeypatch):
+    import skdict.solvers.routing as routing
+
+    monkeypatch.setenv("SKDICT_BF16_SCREEN", "1")
+    routing.bf16_native.cache_clear()
+    try:
+        D = _dict(8192, 16, dtype=torch.float32)
+        X = torch.randn(4, 16)
+        assert routing._screen_pays(X, D, 16)
+        assert not routing._screen_pays(X.double(), D.double(), 16)  # float64
+        assert not routing._screen_pays(X, D[:2048], 16)  # small dictionary
+        assert not routing._screen_pays(X.requires_grad_(), D, 16)  # autograd
+        monkeypatch.setenv("SKDICT_BF16_SCREEN", "0")
+        routing.bf16_native.cache_clear()
+        assert not routing._screen_pays(X.detach(), D, 16)
+    finally:
+        routing.bf16_native.cache_clear()
+
+
 def test_route_topk_rejects_bad_s():
     D = _dict(10, 3)
     with pytest.raises(ValueError, match="between 1 and"):

@@ -9,6 +9,13 @@ one vectorised pass, only the best ``s`` groups are searched for the best ``s``
 atoms (the ``s`` best atoms always lie in the ``s`` groups with the largest
 maxima). This keeps the selection cost a small fraction of the GEMM.
 
+On CPUs with native bfloat16 arithmetic (AVX512-BF16, AMX), float32 routing
+of 4,096 atoms or more screens in bfloat16 first: the bfloat16 GEMM runs about
+twice as fast, a shortlist of ``2 s + 16`` atoms per row is rescored in float32,
+and a bound on the bfloat16 error certifies that the shortlist holds the exact
+top-``s``; the rare rows it cannot certify (near-ties) are routed again in
+float32. The result is the float32 path's, up to ties at the cut.
+
 Approximate routing (:class:`ClusterIndex`, :func:`route_approx`) first scores
 a row against the centroids of a coarse spherical k-means index over the atoms
 and then scores only the atoms of its ``n_probes`` nearest clusters. On CPU,
@@ -22,7 +29,9 @@ The score of atom ``k`` for row ``x`` is ``|<x, d_k>|`` (or ``<x, d_k>`` when
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import numpy as np
 import torch
@@ -76,6 +85,7 @@ def route_topk(
     tile_size: int = 4096,
     positive: bool = False,
     group: int = 16,
+    screen: bool | None = None,
 ):
     """Exact top-``s`` atoms per row by a tiled scan with a running merge.
 
@@ -92,6 +102,12 @@ def route_topk(
         Score by ``<x, d>`` instead of ``|<x, d>|``.
     group : int
         Group size of the two-stage selection inside a tile (1 disables it).
+    screen : bool, optional
+        Score in bfloat16 first and rescore a shortlist in float32, with a
+        certificate that the result is the exact top-``s`` (rows that fail it
+        are routed again in float32). None: on float32 CPU input without
+        autograd, for 4,096 atoms or more, on CPUs with native bfloat16
+        (:func:`bf16_native`), where it halves the GEMM's time.
 
     Returns
     -------
@@ -105,8 +121,99 @@ def route_topk(
         raise ValueError(f"s={s} must be between 1 and the number of atoms {K}.")
     tile_size = max(int(tile_size), 1)
     if X.device.type == "cpu" and X.dtype in (torch.float32, torch.float64):
+        if screen is None:
+            screen = _screen_pays(X, D, s)
+        if screen and X.dtype == D.dtype == torch.float32:
+            return _route_topk_screened(X, D, s, positive)
         return _route_topk_cpu(X, D, s, tile_size, positive)
     return _route_topk_torch(X, D, s, tile_size, positive, group)
+
+
+@functools.lru_cache(maxsize=1)
+def bf16_native():
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), where
+    torch's bfloat16 GEMM runs about twice as fast as its float32 one.
+    ``SKDICT_BF16_SCREEN=0`` / ``1`` overrides the detection."""
+    env = os.environ.get("SKDICT_BF16_SCREEN")
+    if env in ("0", "1"):
+        return env == "1"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def _screen_pays(X, D, s):
+    """bfloat16 screening where it is certified and faster: float32 CPU input
+    without autograd, a dictionary large enough that the GEMM dominates, and a
+    shortlist that is a small share of the atoms."""
+    K = D.shape[0]
+    return (X.dtype == torch.float32 and D.dtype == torch.float32
+            and not (X.requires_grad or D.requires_grad)
+            and K >= 4096 and _shortlist(s, K) * 8 <= K and bf16_native())
+
+
+def _shortlist(s, K):
+    return min(K, 2 * s + 16)
+
+
+# inputs rounded to bfloat16 (u = 2**-8 each, u**2 included) and the float32
+# accumulation (P 2**-24, P <= 2**12), relative to |x| |d|
+_BF16_IN = 2 * 2.0**-8 + 2.0**-16 + 2.0**-12
+
+
+def _route_topk_screened(X, D, s, positive, row_chunk=256, tile=4096):
+    """:func:`route_topk` by certified bfloat16 screening: a bfloat16 GEMM per
+    ``(row_chunk, tile)`` block merged into per-row heaps of ``m = s + margin``
+    atoms, the shortlist rescored in float32 and certified
+    (:mod:`skdict.solvers._kernels.screen`); uncertified rows are routed again
+    by the float32 path, so the result is the exact top-``s``."""
+    from ._kernels.screen import finish, key_values, rescore_certify, screen_block
+
+    n, K = X.shape[0], D.shape[0]
+    m = _shortlist(s, K)
+    absval = not positive
+    X = X.detach().contiguous()
+    D = D.detach().contiguous()
+    Xb, Db = X.to(torch.bfloat16), D.to(torch.bfloat16)
+    bk = np.zeros((n, 4 * m), dtype=np.uint16)
+    bi = np.full((n, 4 * m), -1, dtype=np.int64)
+    cnt = np.zeros(n, dtype=np.int64)
+    fk = np.zeros(n, dtype=np.uint16)
+    buf = None
+    for r0 in range(0, n, row_chunk):
+        r1 = min(n, r0 + row_chunk)
+        for k0 in range(0, K, tile):
+            k1 = min(K, k0 + tile)
+            if buf is None or buf.shape != (r1 - r0, k1 - k0):
+                buf = torch.empty((r1 - r0, k1 - k0), dtype=torch.bfloat16)
+            torch.matmul(Xb[r0:r1], Db[k0:k1].T, out=buf)
+            screen_block(buf.view(torch.int16).numpy().view(np.uint16), k0, bk[r0:r1],
+                         bi[r0:r1], cnt[r0:r1], fk[r0:r1], m, absval=absval,
+                         q=max(1, math.ceil(2 * m * (k1 - k0) / K)))
+    finish(bk, bi, cnt, fk, m)
+    bk, bi = bk[:, :m], bi[:, :m]
+    hv = np.where(bi >= 0, key_values(bk, absval=absval), np.float32(-np.inf))
+    floor = key_values(fk, absval=absval)
+    dmax = float(D.norm(dim=1).max())
+    xin = _BF16_IN * dmax * X.norm(dim=1).numpy()
+    # |bf16 score - exact| <= (2 u + P 2**-24) |x| |d| from the inputs and the
+    # accumulation, plus the output rounding relative to the score itself
+    # (2**-7, truncation included): at most the row's largest listed score
+    top = np.maximum(np.abs(np.where(bi >= 0, hv, 0)).max(axis=1), np.abs(floor))
+    eps = 1.02 * (xin + 2.0**-7 * (top + xin))
+    v, i, ok = rescore_certify(X.numpy(), D.numpy(), bi, hv, floor, eps, s, absval=absval)
+    v, i = torch.from_numpy(v), torch.from_numpy(i)
+    bad = torch.from_numpy(~ok)
+    if bool(bad.any()):
+        vb, ib = _route_topk_cpu(X[bad], D, s, 4096, positive)
+        v[bad], i[bad] = vb, ib
+    return v, i
 
 
 def _route_topk_torch(X, D, s, tile_size, positive, group):

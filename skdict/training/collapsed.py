@@ -101,7 +101,8 @@ class CollapsedLearner:
     def init_state(self, source, generator):
         est, K, P = self.est, self.est.n_components, source.n_features
         if est.dict_init is not None:
-            D0 = torch.as_tensor(check_dictionary(est.dict_init, "dict_init"))
+            # a copy: dict_init may be read-only (a memory map), and is not ours to edit
+            D0 = torch.tensor(check_dictionary(est.dict_init, "dict_init"))
             D = init_atoms(K, P, init=D0, generator=generator, device=self.device,
                            name="dict_init")
         else:
