@@ -108,7 +108,11 @@ class CollapsedDictionaryLearner(TrainedEstimatorMixin, BaseSparseCoder):
         disables resampling.
     max_cooc_nnz : int, default=None
         Cap on the stored off-diagonal co-occurrence entries (upper triangle);
-        None means ``batch_size * s * (s - 1) / 2`` (so ``nnz <= batch_size * s**2``).
+        None means ``min(4 * batch_size * s, batch_size * s * (s - 1) / 2)``:
+        the largest co-occurrences of about four minibatches' worth of code
+        entries. Keeping more (up to all of one minibatch's pairs) costs time
+        in the statistics and the atom refresh and did not lower the held-out
+        error (MiniLM activations, 8,192 atoms, s = 16 and 32).
     shuffle : bool or "blocks", default="blocks"
         Batch order of every pass: ``"blocks"`` visits contiguous blocks of
         ``batch_size`` rows in random order, rows permuted within each block
@@ -280,7 +284,7 @@ class CollapsedDictionaryLearner(TrainedEstimatorMixin, BaseSparseCoder):
         if self.max_cooc_nnz is not None:
             return int(self.max_cooc_nnz)
         s = self.n_nonzero_coefs
-        return max(1, self.batch_size * s * (s - 1) // 2)
+        return max(1, min(4 * self.batch_size * s, self.batch_size * s * (s - 1) // 2))
 
     def _n_clusters(self, K):
         if self.n_clusters is not None:

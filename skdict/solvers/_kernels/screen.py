@@ -77,7 +77,7 @@ def _key_signed(b):
 
 
 @njit(cache=True, nogil=True)
-def _screen_row(row, col0, keyof, bk, bi, c, f, m, q):
+def _screen_row(row, col0, absval, bk, bi, c, f, m, q):
     """One row of :func:`screen_block`; returns the new count and floor. (A
     plain function: inside a parallel loop body numba does not vectorise the
     block maxima.)"""
@@ -88,11 +88,18 @@ def _screen_row(row, col0, keyof, bk, bi, c, f, m, q):
     # block maxima in one vectorised pass: most blocks hold no key above the
     # row's floor and are never visited again
     bmax = np.empty(nb, dtype=np.uint16)
-    for b in range(nb):
-        bm = np.uint16(0)
-        for j in range(W):
-            bm = max(bm, keyof(row[b * W + j]))
-        bmax[b] = bm
+    if absval:
+        for b in range(nb):
+            bm = np.uint16(0)
+            for j in range(W):
+                bm = max(bm, _key_abs(row[b * W + j]))
+            bmax[b] = bm
+    else:
+        for b in range(nb):
+            bm = np.uint16(0)
+            for j in range(W):
+                bm = max(bm, _key_signed(row[b * W + j]))
+            bmax[b] = bm
     if c == 0 and f == 0 and 0 < q <= nb:
         # a fresh row starts below the q-th largest block maximum of its first
         # block (q: about twice the block's expected share of the row's best
@@ -104,7 +111,7 @@ def _screen_row(row, col0, keyof, bk, bi, c, f, m, q):
         if b < nb and bmax[b] <= f:
             continue
         for j in range(b * W, min(b * W + W, t)):
-            key = keyof(row[j])
+            key = _key_abs(row[j]) if absval else _key_signed(row[j])
             if key > f:
                 bk[c] = key
                 bi[c] = col0 + j
@@ -115,9 +122,9 @@ def _screen_row(row, col0, keyof, bk, bi, c, f, m, q):
     return c, f
 
 
-def _screen_impl(S, col0, keyof, bk, bi, cnt, floor, m, q):
+def _screen_impl(S, col0, absval, bk, bi, cnt, floor, m, q):
     for r in prange(S.shape[0]):
-        c, f = _screen_row(S[r], col0, keyof, bk[r], bi[r], cnt[r], floor[r], m, q)
+        c, f = _screen_row(S[r], col0, absval, bk[r], bi[r], cnt[r], floor[r], m, q)
         cnt[r] = c
         floor[r] = f
 
@@ -136,8 +143,7 @@ def screen_block(S, col0, bk, bi, cnt, floor, m, *, absval, q=None):
     ``m`` atoms listed, which the certificate then sees).
     """
     q = int(m) if q is None else int(q)
-    _parallel(_screen)(S, int(col0), _key_abs if absval else _key_signed, bk, bi, cnt,
-                       floor, int(m), q)
+    _parallel(_screen)(S, int(col0), bool(absval), bk, bi, cnt, floor, int(m), q)
 
 
 def finish(bk, bi, cnt, floor, m):
