@@ -465,7 +465,7 @@ def main(argv=None):
                    default="peak,large,profile,routing,faiss,approx,recovery,sklearn")
     p.add_argument("--n-rows", type=int, default=200000,
                    help="MiniLM rows (memmap); an epoch of 'large' reads them all")
-    p.add_argument("--large-rows", type=int, default=16384,
+    p.add_argument("--large-rows", type=int, default=65536,
                    help="rows per epoch in 'large' (<= n-rows)")
     p.add_argument("--ks", default="32768,65536")
     p.add_argument("--epochs", type=int, default=1)
