@@ -36,8 +36,8 @@ import os
 import numpy as np
 import torch
 
-__all__ = ["route_topk", "route_dense", "ClusterIndex", "FaissRouter", "route_approx",
-           "faiss_available"]
+__all__ = ["route_topk", "route_dense", "bf16_native", "ClusterIndex", "FaissRouter",
+           "route_approx", "faiss_available"]
 
 
 def faiss_available():
