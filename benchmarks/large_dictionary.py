@@ -79,7 +79,7 @@ def _routing_rate(est, X, n=4096):
     from skdict.solvers.routing import route_topk
 
     D = torch.from_numpy(est.components_)
-    Xb = torch.from_numpy(np.ascontiguousarray(X[:n]))
+    Xb = torch.from_numpy(np.array(X[:n]))
     route_topk(Xb[:256], D, est.n_nonzero_coefs, tile_size=est.tile_size)
     t = time.perf_counter()
     for r0 in range(0, n, est.batch_size):
