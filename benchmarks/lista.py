@@ -45,7 +45,7 @@ import time
 import numpy as np
 import torch
 
-from ._common import machine_info, natural_patches, print_table
+from ._common import machine_info, natural_patch_split, natural_patches, print_table
 
 COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 VARIANTS = ("lista", "lista_cp", "alista", "lfista")
@@ -106,14 +106,15 @@ def gap(codes, X, D, fstar, alpha):
     return (f - fstar) / fstar
 
 
-def train(D, X, y, alpha, variant, device, args):
+def train(D, X, y, alpha, variant, device, args, epochs=None, seed=0):
     from skdict import LISTAEncoder
 
-    epochs = {} if args.epochs is None else {"max_iter": args.epochs}
+    epochs = args.epochs if epochs is None else epochs
+    kw = {} if epochs is None else {"max_iter": epochs}
     if y is not None:
-        epochs["loss"] = "codes"
-    enc = LISTAEncoder(D, n_layers=16, alpha=alpha, variant=variant, device=device, **epochs,
-                       random_state=0, batch_size=args.batch_size)
+        kw["loss"] = "codes"
+    enc = LISTAEncoder(D, n_layers=16, alpha=alpha, variant=variant, device=device, **kw,
+                       random_state=seed, batch_size=args.batch_size)
     t, c = time.perf_counter(), _cpu_seconds()
     enc.fit(X, y)
     return enc, time.perf_counter() - t, _cpu_seconds() - c
@@ -229,9 +230,9 @@ def section_patches(args, device):
     from skdict import LCASparseCoder, SparseCoder
 
     alpha = args.patch_alpha
-    X = natural_patches(args.n_dict + args.n_train + args.n_test, seed=0, dtype=np.float32)
-    Xd, Xtr, Xte = (X[:args.n_dict], X[args.n_dict:args.n_dict + args.n_train],
-                    X[args.n_dict + args.n_train:])
+    n_enc = args.n_train if args.patch_encoder_train is None else args.patch_encoder_train
+    Xd, Xtr, Xte = natural_patch_split([args.n_dict, n_enc], args.n_test, seed=0,
+                                       dtype=np.float32)
     t = time.perf_counter()
     lca = LCASparseCoder(n_components=256, alpha=alpha, fit_algorithm="exact",
                          transform_algorithm="exact", max_iter=args.dict_epochs,
@@ -255,10 +256,12 @@ def section_patches(args, device):
 
     summary, gaps, encs = [], {}, {}
     Xenc = np.concatenate([Xd, Xtr]) if args.patch_encoder_rows == "all" else Xtr
-    print(f"encoders trained on {len(Xenc)} rows ({args.patch_encoder_rows}), "
-          f"{len(Xte)} held out")
+    print(f"encoders trained on {len(Xenc)} distinct patches ({args.patch_encoder_rows}; "
+          f"{args.patch_epochs or args.epochs or 'default'} epochs), {len(Xte)} held out "
+          f"(from tiles no training patch touches)")
     for v in args.variants:
-        enc, wall, cpu = train(lca.components_, Xenc, None, alpha, v, device, args)
+        enc, wall, cpu = train(lca.components_, Xenc, None, alpha, v, device, args,
+                               epochs=args.patch_epochs, seed=args.encoder_seed)
         encs[v] = enc
         gaps[v] = [gap(a, Xte, D, fstar, alpha) for a in layer_codes(enc, Xte, device)]
         summary.append({"setting": "patches", "variant": v, "NMSE@16 dB": None,
@@ -279,6 +282,8 @@ def section_patches(args, device):
     print_table(table, ["layer / iter", *args.variants, "ISTA", "FISTA"],
                 f"Natural 8x8 patches, alpha={alpha}: relative objective gap to the exact "
                 f"optimum, {len(Xte)} held-out rows")
+    if not args.throughput_rows:
+        return summary
     best_v = min(args.variants, key=lambda v: gaps[v][-1])
     big = natural_patches(args.throughput_rows, seed=7, dtype=np.float32)
     rps, rps_exact = throughput(encs[best_v], lca.components_, alpha, big, device,
@@ -330,6 +335,13 @@ def main(argv=None):
     p.add_argument("--patch-encoder-rows", choices=["all", "train"], default="all",
                    help="patches: train the encoders on the dictionary's rows and the "
                         "training rows (all), or on the training rows alone")
+    p.add_argument("--patch-encoder-train", type=int, default=None,
+                   help="patches: distinct training patches drawn beside the dictionary's "
+                        "(default: --n-train)")
+    p.add_argument("--patch-epochs", type=int, default=None,
+                   help="patches: max_iter of every encoder (default: --epochs)")
+    p.add_argument("--encoder-seed", type=int, default=0,
+                   help="random_state of every encoder (validation split, batch order)")
     args = p.parse_args(argv)
     if args.quick:
         args.n_train, args.n_test, args.n_dict = 4000, 300, 5000
