@@ -180,9 +180,11 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
         Mean loss of each epoch (``fit``) or call (``partial_fit``).
     validation_loss_curve_ : ndarray
         The same loss of the last layer on the validation rows after each epoch
-        of ``fit``. ``fit`` keeps the parameters of the best epoch; an epoch that
-        loses more than a quarter of the gain over the untrained network
-        restarts from the best parameters at half the learning rate.
+        of ``fit``. ``fit`` keeps the parameters that were best on the validation
+        rows (checked after every epoch, and every 256 steps within a longer
+        one); a check that finds more than a quarter of the gain over the
+        untrained network lost restarts from the best parameters at half the
+        learning rate.
     n_iter_ : int
         Epochs run by the last ``fit`` (``partial_fit`` adds 1 per call).
     n_steps_ : int

@@ -324,6 +324,23 @@ def test_fit_keeps_the_best_validation_epoch(variant, lr):
 
 
 
+def test_fit_checks_for_spikes_within_a_long_pass():
+    # one pass of 600 steps at a rate that blows up: the validation rows are
+    # checked every 256 steps too, so the spike is rolled back (and the rate
+    # halved) within the pass, not only at its end
+    D, X, _ = _problem(n=600)
+    enc = LISTAEncoder(D, n_layers=4, alpha=0.1, variant="lista_cp", lr=30.0, max_iter=1,
+                       batch_size=1, validation_fraction=0.0, random_state=0,
+                       device="cpu").fit(X)
+    assert enc.validation_loss_curve_.shape == (1,)  # one entry per pass
+    st = enc._train_state
+    groups = st["optimizer"]["param_groups"]
+    rates = [g["base_lr"] / (30.0 * st["lr_scale"][k])
+             for g, k in zip(groups, sorted(st["lr_scale"]), strict=True)]
+    # halved at the check after 256 steps, and again after 512 or at the end
+    assert rates == pytest.approx([0.25, 0.25])
+
+
 def test_auto_variant_alista_for_random_lfista_for_learned_dictionaries():
     # ALISTA's fixed weight beats ISTA on a random dictionary and loses to it on
     # one learned from natural patches; "auto" must pick by exactly that test

@@ -25,6 +25,9 @@ __all__ = ["LISTALearner", "LISTAState", "exact_codes"]
 _TARGET_BATCH = 4096
 # rows the validation metrics use when no rows are held out
 _FALLBACK_VAL_ROWS = 1024
+# in a long pass, fit checks the validation rows every this many steps too, so
+# that an Adam spike is rolled back before it has cost a whole pass
+_CHECK_STEPS = 256
 # lfista's learning-rate units, in FISTA's step 1 / L (momentum: absolute).
 # Its momentum makes the unrolled iteration unstable once W_k outgrows the step:
 # on 8x8 patches W at the thresholds' rate (lr / L) spiked the held-out gap to
@@ -126,6 +129,7 @@ class LISTALearner:
         self.best_params = None
         self.init_val = None
         self.val_curve = []
+        self.since_check = 0  # steps since the validation rows were last checked
 
     def use_comm(self, comm):
         """Train data-parallel: this process's rows are its shard of the data
@@ -351,6 +355,9 @@ class LISTALearner:
         else:
             loss, l0 = self._global_backward(per_row.sum() / self.scale, out, state)
         opt.step()
+        self.since_check += 1
+        if self.track_best and self.since_check >= _CHECK_STEPS:
+            self._check_best()
         return {"loss": loss.detach(), "l0": l0}
 
     def _global_backward(self, loss_sum, out, state):
@@ -399,24 +406,30 @@ class LISTALearner:
         parameters with half the learning rate and fresh moments."""
         if not self.track_best or self.module is None:
             return
+        self.val_curve.append(self._check_best())
+
+    def _check_best(self):
+        """Keep the parameters if they are the best on the validation rows so
+        far; restart from the best after a spike. Returns the validation loss."""
+        self.since_check = 0
         if self.init_val is None:
             # the untrained network (ISTA for lista / lista_cp) is the first candidate
             init = self.new_module()
             self.init_val = self.best = self.val_loss(init)
             self.best_params = {k: p.detach().clone() for k, p in init.named_parameters()}
         cur = self.val_loss(self.module)
-        self.val_curve.append(cur)
         if cur < self.best:
             self.best = cur
             self.best_params = {k: p.detach().clone()
                                 for k, p in self.module.named_parameters()}
-            return
+            return cur
         gained = max(self.init_val - self.best, 0.0)
         if cur - self.best > 0.25 * gained:
             self._load(self.best_params)
             self.opt.state.clear()
             for g in self.opt.param_groups:
                 g["base_lr"] *= 0.5
+        return cur
 
     def layer_metrics(self, module):
         """``(layer_gap, layer_nmse)`` on the validation rows: each layer's
