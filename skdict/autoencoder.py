@@ -85,7 +85,7 @@ class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator
     into the encoder (SAELens' ``rescale_acts_by_decoder_norm``). These vectors
     start at norm 0.2, so an Adam step turns the rows by a large angle early in
     training and by smaller ones as their norms grow. ``W_enc`` starts as
-    ``0.1 * W_dec.T`` (``W_dec.T`` for ``"jumprelu"``, whose ``bandwidth`` is in
+    ``0.04 * W_dec.T`` (``W_dec.T`` for ``"jumprelu"``, whose ``bandwidth`` is in
     units of those pre-activations) and ``b_dec`` at the data mean (or geometric
     median).
 
@@ -149,9 +149,9 @@ class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator
         Anneals ``k`` during training (e.g. from ``4 * k`` down to ``k``);
         transform always uses ``k``. The scheduler is copied at fit.
     lr : float, default=None
-        Learning rate; None means ``min(1e-2, 5e-3 / sqrt(n_components / 2**14))``
-        (Gao et al.'s scaling with ``n_components``, at the rate that trained best
-        on MiniLM activations at 12 and 60 steps: ``8.2e-3`` for 6144 latents).
+        Learning rate; None means ``min(1e-2, 3.7e-3 / sqrt(n_components / 2**14))``
+        (Gao et al.'s scaling with ``n_components``, at a rate that trained well
+        on MiniLM activations from 12 to 300 steps: ``6e-3`` for 6144 latents).
     lr_decay : float, default=0.2
         Fraction of the steps of ``fit``, at its end, over which the learning
         rate falls linearly towards 0 (a constant rate, then a linear decay),
@@ -173,7 +173,9 @@ class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator
         larger than memory), False keeps the row order. The same seed gives the
         same batches for every kind of input array.
     optimizer : {"adam", "sgd"}, default="adam"
-        ``torch.optim`` Adam (fused where torch offers it) or SGD.
+        ``torch.optim`` Adam (fused where torch offers it) or SGD. Adam steps
+        on each tensor's gradient divided by its norm, so that the steps keep
+        their length as the gradients shrink (as SAELens' clipped gradients do).
     normalize_input : bool, default=True
         Divide inputs by a scalar so that the training rows have mean squared
         norm ``n_features`` (estimated once, stored as ``input_scale_``);
@@ -357,7 +359,7 @@ class KSparseAutoencoder(TrainedEstimatorMixin, SparseCodingMixin, BaseEstimator
     def _lr(self):
         if self.lr is not None:
             return float(self.lr)
-        return min(1e-2, 5e-3 / math.sqrt(self.n_components / 2**14))
+        return min(1e-2, 3.7e-3 / math.sqrt(self.n_components / 2**14))
 
     # ------------------------------------------------------------------ fit
     @_fit_context(prefer_skip_nested_validation=True)

@@ -490,7 +490,8 @@ def test_partial_fit_refuses_a_changed_training_state_parameter(tmp_path, param,
 def test_training_step_matches_direction_parametrised_reference():
     """Three Adam steps of the learner equal a dense autograd reference of the
     model whose decoder rows are ``V / ||V||`` with the norms folded into the
-    encoder (SAELens' TopK with ``rescale_acts_by_decoder_norm``), and the fitted
+    encoder (SAELens' TopK with ``rescale_acts_by_decoder_norm``), each tensor's
+    gradient divided by its norm before the step, and the fitted
     arrays are that model with unit decoder rows."""
     from skdict._backend import make_generator
     from skdict.data.sources import as_source
@@ -519,6 +520,9 @@ def test_training_step_matches_direction_parametrised_reference():
         loss = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
         opt.zero_grad()
         loss.backward()
+        with torch.no_grad():  # Adam steps on each tensor's unit-norm gradient
+            for v in ref.values():
+                v.grad /= v.grad.norm()
         opt.step()
     for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
         torch.testing.assert_close(state.params[key], ref[key].detach(), rtol=1e-9,
@@ -679,3 +683,15 @@ def test_fit_leaves_the_input_untouched_and_scale_is_the_rms(kind):
     rows = 128 if kind == "list" else 256  # a stream's sample is its first batch
     rms = np.sqrt((ref[:rows].astype(np.float64) ** 2).sum(1).mean() / ref.shape[1])
     assert sae.input_scale_ == pytest.approx(rms, rel=1e-6)
+
+
+def test_normalize_grads_gives_unit_norm_gradients_and_keeps_zero_ones():
+    from skdict.training.optim import normalize_grads
+
+    a = torch.tensor([3.0, 4.0], requires_grad=True)
+    b = torch.zeros(3, requires_grad=True)
+    c = torch.ones(2, requires_grad=True)  # no gradient
+    a.grad, b.grad = torch.tensor([3.0, -4.0]), torch.zeros(3)
+    normalize_grads([a, b, c])
+    torch.testing.assert_close(a.grad, torch.tensor([0.6, -0.8]))
+    assert torch.equal(b.grad, torch.zeros(3)) and c.grad is None

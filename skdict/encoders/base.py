@@ -168,7 +168,7 @@ class Encoder(ABC):
     saelens_architecture: ClassVar[str | None] = None
     saelens_imports: ClassVar[tuple] = ()
     # small rows: pre-activations start small and the first steps set their scale
-    encoder_init_norm: ClassVar[float] = 0.1
+    encoder_init_norm: ClassVar[float] = 0.04
 
     def __init__(self, n_components, **params):
         self.n_components = int(n_components)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-__all__ = ["make_optimizer", "OPTIMIZERS", "lr_factor"]
+__all__ = ["make_optimizer", "OPTIMIZERS", "lr_factor", "normalize_grads"]
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -42,3 +42,18 @@ def lr_factor(step, total, decay):
     if left > n_decay:
         return 1.0
     return max(left, 1) / (n_decay + 1)
+
+
+def normalize_grads(params):
+    """Divide the gradient of each tensor of ``params`` by its norm (in place).
+
+    Before an Adam step this makes the step independent of the gradient's
+    overall size: Adam's second moment then averages gradients of one scale, so
+    the large gradients of the first steps do not shrink the later steps (the
+    role that clipping the gradient norm, always active, plays in SAELens'
+    training). A zero gradient is left as it is.
+    """
+    for p in params:
+        g = p.grad
+        if g is not None:
+            g.div_(torch.linalg.vector_norm(g).clamp_min(torch.finfo(g.dtype).tiny))

@@ -9,7 +9,9 @@ as SAELens' ``rescale_acts_by_decoder_norm`` does (:func:`effective_params`).
 The model is the same function as with a unit-norm constrained decoder; what
 changes is how far an Adam step moves it: every raw entry moves by about the
 learning rate, so rows started at a small norm turn fast early on, and turn
-more slowly as their norm grows.
+more slowly as their norm grows. Before each Adam step the gradient of every
+tensor is divided by its norm (:func:`~skdict.training.optim.normalize_grads`),
+so that the steps keep their length as the gradients shrink during training.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from ..encoders.base import preactivations
 from ..losses import auxk_loss, batch_variance, fvu_loss
 from ..updates.atoms import dead_atoms, init_atoms, update_since_used
-from .optim import lr_factor, make_optimizer
+from .optim import lr_factor, make_optimizer, normalize_grads
 from .state import TrainState
 
 __all__ = ["AUTOCAST", "PARAMS", "SAELearner", "SAEState", "effective_params"]
@@ -35,10 +37,7 @@ PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 _INIT_ROWS = 65536
 # raw norm of the decoder rows at initialisation (SAELens' decoder_init_norm is
 # 0.1). It sets how far the first Adam steps turn the rows (about lr / norm per
-# entry) against how far they move the encoder (raw rows 0.1 / norm). TopK,
-# d_sae 6144, k 32, MiniLM layer 3, lr 8.2e-3, held-out FVU at 12 / 60 / 300
-# steps: 0.304 / 0.148 / 0.1012 at 0.1, 0.283 / 0.147 / 0.1010 at 0.2
-# (0.283 / 0.147 at 0.3, 0.297 at 12 steps at 0.5).
+# entry) against how far they move the encoder (raw rows encoder_init_norm / norm).
 DECODER_INIT_NORM = 0.2
 
 
@@ -254,6 +253,8 @@ class SAELearner:
                                             torch.nan_to_num(out.l0.detach()) * B_local]))
             loss, fvus[-1], aux = tot[0], tot[1], tot[2]
             out.l0 = tot[3] / B
+        if est.optimizer == "adam":  # one gradient scale per tensor and step
+            normalize_grads(p for g in opt.param_groups for p in g["params"])
         # set every step: a resumed optimizer state carries the rate its last run ended at
         lr = self.lr * lr_factor(self.run_step, self.total, self.est.lr_decay)
         for g in opt.param_groups:
