@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .select import _parallel, _twins
+from .select import _parallel, _sift_down, _twins
 
 __all__ = ["screen_block", "finish", "key_values", "rescore_certify"]
 
@@ -204,7 +204,7 @@ def _rescore_impl(X, D, hi, hv, floor, eps, s, absval, out_v, out_i, ok):
             if key > best[0] or a < s:
                 best[0] = key
                 bidx[0] = j
-                _sift_down_f32(best, bidx, 0, s)
+                _sift_down(best, bidx, 0, s)
         if not done:
             # the whole list was rescored: an unlisted atom's bfloat16 score
             # is at most the row's floor
@@ -214,24 +214,6 @@ def _rescore_impl(X, D, hi, hv, floor, eps, s, absval, out_v, out_i, ok):
         for a in range(s):
             out_v[r, a] = best[srt[a]]
             out_i[r, a] = bidx[srt[a]]
-
-
-@njit(cache=True, nogil=True)
-def _sift_down_f32(hv, hi, pos, m):
-    v, i = hv[pos], hi[pos]
-    while True:
-        c = 2 * pos + 1
-        if c >= m:
-            break
-        if c + 1 < m and hv[c + 1] < hv[c]:
-            c += 1
-        if hv[c] >= v:
-            break
-        hv[pos] = hv[c]
-        hi[pos] = hi[c]
-        pos = c
-    hv[pos] = v
-    hi[pos] = i
 
 
 def rescore_certify(X, D, hi, hv, floor, eps, s, *, absval):
