@@ -124,7 +124,7 @@ def route_topk(
         if screen is None:
             screen = _screen_pays(X, D, s)
         if screen and X.dtype == D.dtype == torch.float32:
-            return _route_topk_screened(X, D, s, positive)
+            return _route_topk_screened(X, D, s, positive, tile_size)
         return _route_topk_cpu(X, D, s, tile_size, positive)
     return _route_topk_torch(X, D, s, tile_size, positive, group)
 
@@ -167,12 +167,13 @@ def _shortlist(s, K):
 _BF16_IN = 2 * 2.0**-8 + 2.0**-16 + 2.0**-12
 
 
-def _route_topk_screened(X, D, s, positive, row_chunk=256, tile=4096):
+def _route_topk_screened(X, D, s, positive, tile_size, row_chunk=256, tile=4096):
     """:func:`route_topk` by certified bfloat16 screening: a bfloat16 GEMM per
-    ``(row_chunk, tile)`` block merged into per-row heaps of ``m = s + margin``
-    atoms, the shortlist rescored in float32 and certified
-    (:mod:`skdict.solvers._kernels.screen`); uncertified rows are routed again
-    by the float32 path, so the result is the exact top-``s``."""
+    ``(row_chunk, tile)`` block merged into per-row buffers cut back to a
+    shortlist of ``m = 2 s + 16`` atoms, the shortlist rescored in float32 and
+    certified (:mod:`skdict.solvers._kernels.screen`); uncertified rows are
+    routed again by the float32 path (tiles of ``tile_size`` atoms), so the
+    result is the exact top-``s``."""
     from ._kernels.screen import finish, key_values, rescore_certify, screen_block
 
     n, K = X.shape[0], D.shape[0]
@@ -211,7 +212,7 @@ def _route_topk_screened(X, D, s, positive, row_chunk=256, tile=4096):
     v, i = torch.from_numpy(v), torch.from_numpy(i)
     bad = torch.from_numpy(~ok)
     if bool(bad.any()):
-        vb, ib = _route_topk_cpu(X[bad], D, s, 4096, positive)
+        vb, ib = _route_topk_cpu(X[bad], D, s, tile_size, positive)
         v[bad], i[bad] = vb, ib
     return v, i
 

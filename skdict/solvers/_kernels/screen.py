@@ -3,7 +3,7 @@
 Routing keeps each row's ``m`` atoms of largest ``|<x, d>|``. On CPUs with
 native bfloat16 dot products a bfloat16 GEMM runs about twice as fast as the
 float32 one, so :func:`skdict.solvers.routing.route_topk` scores every atom in
-bfloat16, keeps a shortlist of ``m + margin`` atoms per row, rescores the
+bfloat16, keeps a shortlist of a few more than ``m`` atoms per row, rescores the
 shortlist in float32 and certifies it: with ``eps`` a bound on the bfloat16
 score error, an atom outside the shortlist scores at most ``floor + eps``
 (``floor``: the shortlist's smallest bfloat16 score), so when the ``m``-th best
@@ -138,9 +138,10 @@ def screen_block(S, col0, bk, bi, cnt, floor, m, *, absval, q=None):
     its ``m`` largest keys and ``floor`` becomes the ``m``-th largest, so an
     atom outside the buffer never has a key above ``floor``. ``cnt`` holds the
     buffered counts (start at 0) and ``floor`` the floors (start at 0). A
-    fresh row's floor starts at the ``q``-th largest key of its block (a
-    higher floor costs nothing in exactness: it may only leave fewer than
-    ``m`` atoms listed, which the certificate then sees).
+    fresh row's floor starts just below the ``q``-th largest of its block's
+    64-column maxima, at most its ``q``-th largest key (a higher floor costs
+    nothing in exactness: it may only leave fewer than ``m`` atoms listed,
+    which the certificate then sees).
     """
     q = int(m) if q is None else int(q)
     _parallel(_screen)(S, int(col0), bool(absval), bk, bi, cnt, floor, int(m), q)
