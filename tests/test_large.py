@@ -283,7 +283,7 @@ def test_route_approx_recall_grows_with_probes_and_falls_back():
 
 
 # -------------------------------------------------------------- active lstsq
-@pytest.mark.parametrize("s", [7, 8])  # 8: the 4 x 4 tiled kernel
+@pytest.mark.parametrize("s", [1, 2, 7, 8, 64])  # even: the 2 x 2 tiled kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_active_gram_kernel_matches_torch(dtype, s):
     from skdict.solvers.active_lstsq import _active_gram_torch, active_gram
@@ -292,6 +292,7 @@ def test_active_gram_kernel_matches_torch(dtype, s):
     D = torch.randn(300, 24, generator=g, dtype=dtype)
     X = torch.randn(50, 24, generator=g, dtype=dtype)
     idx = torch.stack([torch.randperm(300, generator=g)[:s] for _ in range(50)])
+    idx[0, -1] = idx[0, 0]  # a repeated atom
     G, c = active_gram(X, D, idx)
     G0, c0 = _active_gram_torch(X, D, idx, 16)
     torch.testing.assert_close(G, G0)

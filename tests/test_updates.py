@@ -419,3 +419,37 @@ def test_sparse_stats_compiled_kernels_match_torch_reference(dtype):
     ref_B = torch.zeros(K, P, dtype=dtype).index_put_(
         (idx.reshape(-1),), (vals[:, :, None] * X[:, None]).reshape(-1, P), accumulate=True)
     torch.testing.assert_close(B, ref_B)
+
+
+@pytest.mark.parametrize("K", [2, 3, 700, 32768, 65536])
+def test_batch_pairs_radix_path_matches_reference_at_every_key_width(K):
+    # the packed keys span (K^2 - 1).bit_length() bits: 1 pass up to 11 bits, three
+    # of 10-11 bits at K = 32768 / 65536, where the largest atoms give the largest keys
+    from skdict.updates.sparse_stats import _pairs_torch
+
+    g = torch.Generator().manual_seed(K)
+    n, s = 400, min(K, 6)
+    idx = torch.randint(max(0, K - 40), K, (n, s), generator=g)
+    idx[::3] = torch.randint(0, K, (len(range(0, n, 3)), s), generator=g)
+    vals = torch.randn(n, s, generator=g, dtype=torch.float32)
+    vals[vals.abs() < 0.2] = 0
+    _, r, c, v = batch_cooccurrence(idx, vals, K)
+    r2, c2, v2 = _pairs_torch(idx, vals, K)
+    assert torch.equal(r, r2) and torch.equal(c, c2)
+    torch.testing.assert_close(v, v2)
+
+
+def test_radix_sort_of_packed_words_is_a_stable_sort_by_the_key_bits():
+    from skdict.updates._kernels.stats import _radix_sort_hi
+
+    rng = np.random.default_rng(0)
+    for bits in (1, 9, 22, 30, 32):
+        keys = rng.integers(0, 2**bits, 5000, dtype=np.uint64)
+        keys[:50] = keys[0]  # ties, whose low words must keep their order
+        low = np.arange(5000, dtype=np.uint64)[::-1].copy()
+        a = (keys << np.uint64(32)) | low
+        out = _radix_sort_hi(a.copy(), np.empty_like(a), bits)
+        order = np.argsort(keys, kind="stable")
+        np.testing.assert_array_equal(out, a[order])
+    same = np.full(10, 7 << 32, dtype=np.uint64) | np.arange(10, dtype=np.uint64)
+    np.testing.assert_array_equal(_radix_sort_hi(same.copy(), np.empty_like(same), 3), same)

@@ -5,9 +5,11 @@
   no lock and no sort. Reference: ``index_put_(accumulate=True)``.
 * :func:`batch_pairs` -- the strictly upper co-occurrence entries of one batch of
   fixed-width codes, coalesced and sorted by ``(row, col)``. When ``K <= 65536`` a
-  pair is packed with its float32 product into one uint64 (key in the high bits),
-  so one plain ``np.sort`` (vectorised in numpy) replaces ``np.unique``'s argsort
-  and inverse. Reference: the torch / numpy path of
+  pair is packed with its float32 product into one uint64 (key in the high bits)
+  and the packed words are sorted by an LSD radix sort on the key bits only
+  (``ceil(log2 K^2)`` bits, three passes of <= 11 bits): ~5x faster than
+  ``np.sort``'s comparison sort of the whole words, which took most of the step's
+  statistics at s = 32. Reference: the torch / numpy path of
   :func:`skdict.updates.sparse_stats.batch_cooccurrence`.
 * :func:`merge_sorted` -- two coalesced, ``(row, col)``-sorted entry lists summed
   by one linear merge (the accumulated list and a batch's), then pruned to the
@@ -97,12 +99,83 @@ def _coalesce_sorted(keys, pv, order, K, rows, cols, out):
 
 
 @njit(cache=True, nogil=True)
-def _pack(keys, bits, out):
-    for e in range(keys.shape[0]):
-        if keys[e] < 0:
-            out[e] = np.uint64(0xFFFFFFFFFFFFFFFF)
+def _pack_pairs(idx, vals, K, f32, u32, packed):
+    """The batch's pairs with a non-zero product and distinct atoms, packed as
+    ``(lo * K + hi) << 32 | float32 bits of the product``; returns their count.
+    ``f32`` / ``u32`` are one-element views of one buffer (the bit cast)."""
+    n, s = idx.shape
+    m = 0
+    for i in range(n):
+        for a in range(s):
+            ia = idx[i, a]
+            va = vals[i, a]
+            for b in range(a + 1, s):
+                ib = idx[i, b]
+                f32[0] = va * vals[i, b]
+                if f32[0] == 0 or ia == ib:
+                    continue
+                key = ia * K + ib if ia < ib else ib * K + ia
+                packed[m] = (np.uint64(key) << np.uint64(32)) | np.uint64(u32[0])
+                m += 1
+    return m
+
+
+@njit(cache=True, nogil=True)
+def _radix_sort_hi(a, tmp, key_bits):
+    """Stable LSD radix sort of ``a`` by bits ``32 .. 32 + key_bits`` (the packed
+    key); returns whichever of ``a`` / ``tmp`` holds the result."""
+    n = a.shape[0]
+    if key_bits <= 0 or n < 2:
+        return a
+    passes = (key_bits + 10) // 11
+    width = (key_bits + passes - 1) // passes
+    nb = 1 << width
+    mask = np.uint64(nb - 1)
+    src, dst = a, tmp
+    for p in range(passes):
+        shift = np.uint64(32 + p * width)
+        count = np.zeros(nb + 1, dtype=np.int64)
+        for e in range(n):
+            count[np.int64((src[e] >> shift) & mask) + 1] += 1
+        if count[np.int64((src[0] >> shift) & mask) + 1] == n:
+            continue  # one digit value in this pass: already in order
+        for d in range(nb):
+            count[d + 1] += count[d]
+        for e in range(n):
+            x = src[e]
+            d = np.int64((x >> shift) & mask)
+            dst[count[d]] = x
+            count[d] += 1
+        src, dst = dst, src
+    return src
+
+
+@njit(cache=True, nogil=True)
+def _coalesce_packed(a, f32, u32, K, rows, cols, out):
+    """Sum the products of equal keys of the key-sorted packed pairs ``a``
+    (float64 sums); returns the number of distinct keys."""
+    m = -1
+    last = np.uint64(0xFFFFFFFFFFFFFFFF)
+    lowmask = np.uint64(0xFFFFFFFF)
+    acc = 0.0
+    for e in range(a.shape[0]):
+        key = a[e] >> np.uint64(32)
+        u32[0] = np.uint32(a[e] & lowmask)
+        v = np.float64(f32[0])
+        if key != last:
+            if m >= 0:
+                out[m] = acc
+            m += 1
+            k = np.int64(key)
+            rows[m] = k // K
+            cols[m] = k % K
+            last = key
+            acc = v
         else:
-            out[e] = (np.uint64(keys[e]) << np.uint64(32)) | np.uint64(bits[e])
+            acc += v
+    if m >= 0:
+        out[m] = acc
+    return m + 1
 
 
 def batch_pairs(idx, vals, K):
@@ -111,27 +184,32 @@ def batch_pairs(idx, vals, K):
     returned in ``vals``' dtype."""
     n, s = idx.shape
     n_pairs = n * (s * (s - 1) // 2)
-    rows = np.empty(n_pairs, dtype=np.int64)
-    cols = np.empty(n_pairs, dtype=np.int64)
-    out = np.empty(n_pairs, dtype=np.float64)
     if n_pairs == 0:
-        return rows, cols, out.astype(vals.dtype)
-    keys = np.empty(n_pairs, dtype=np.int64)
-    pv = np.empty(n_pairs, dtype=vals.dtype)
-    _pairs_keys(idx, vals, np.int64(K), keys, pv)
-    # largest key (K - 2) * K + K - 1 stays below the all-ones sentinel up to K = 65536
-    if vals.dtype == np.float32 and K * (K - 1) < 2**32:
+        return (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64),
+                np.empty(0, dtype=vals.dtype))
+    if vals.dtype == np.float32 and K * K <= 2**32:
+        cast = np.empty(1, dtype=np.float32)
         packed = np.empty(n_pairs, dtype=np.uint64)
-        _pack(keys, pv.view(np.uint32), packed)
-        packed.sort()
-        keys = (packed >> np.uint64(32)).astype(np.int64)
-        keys[keys == 0xFFFFFFFF] = -1
-        pv = (packed & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.float32)
-        order = np.arange(n_pairs)
+        m = _pack_pairs(idx, vals, np.int64(K), cast, cast.view(np.uint32), packed)
+        packed = packed[:m]
+        packed = _radix_sort_hi(packed, np.empty_like(packed),
+                                int(K * K - 1).bit_length() if K > 1 else 0)
+        rows = np.empty(m, dtype=np.int64)
+        cols = np.empty(m, dtype=np.int64)
+        out = np.empty(m, dtype=np.float64)
+        m = _coalesce_packed(packed, cast, cast.view(np.uint32), np.int64(K), rows, cols, out)
     else:
+        rows = np.empty(n_pairs, dtype=np.int64)
+        cols = np.empty(n_pairs, dtype=np.int64)
+        out = np.empty(n_pairs, dtype=np.float64)
+        keys = np.empty(n_pairs, dtype=np.int64)
+        pv = np.empty(n_pairs, dtype=vals.dtype)
+        _pairs_keys(idx, vals, np.int64(K), keys, pv)
         order = np.argsort(keys, kind="stable")
-    m = _coalesce_sorted(keys, pv, order, np.int64(K), rows, cols, out)
-    return rows[:m].copy(), cols[:m].copy(), out[:m].astype(vals.dtype)
+        m = _coalesce_sorted(keys, pv, order, np.int64(K), rows, cols, out)
+    if 2 * m < rows.shape[0]:  # mostly repeated pairs: do not keep the buffers alive
+        return rows[:m].copy(), cols[:m].copy(), out[:m].astype(vals.dtype)
+    return rows[:m], cols[:m], out[:m].astype(vals.dtype)
 
 
 @njit(cache=True, nogil=True)
