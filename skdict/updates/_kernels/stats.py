@@ -99,24 +99,14 @@ def _coalesce_sorted(keys, pv, order, K, rows, cols, out):
 
 
 @njit(cache=True, nogil=True)
-def _pack_pairs(idx, vals, K, f32, u32, packed):
-    """The batch's pairs with a non-zero product and distinct atoms, packed as
-    ``(lo * K + hi) << 32 | float32 bits of the product``; returns their count.
-    ``f32`` / ``u32`` are one-element views of one buffer (the bit cast)."""
-    n, s = idx.shape
+def _pack(keys, bits, out):
+    """The valid pairs (``keys >= 0``) packed as ``key << 32 | bits``; returns
+    their count."""
     m = 0
-    for i in range(n):
-        for a in range(s):
-            ia = idx[i, a]
-            va = vals[i, a]
-            for b in range(a + 1, s):
-                ib = idx[i, b]
-                f32[0] = va * vals[i, b]
-                if f32[0] == 0 or ia == ib:
-                    continue
-                key = ia * K + ib if ia < ib else ib * K + ia
-                packed[m] = (np.uint64(key) << np.uint64(32)) | np.uint64(u32[0])
-                m += 1
+    for e in range(keys.shape[0]):
+        if keys[e] >= 0:
+            out[m] = (np.uint64(keys[e]) << np.uint64(32)) | np.uint64(bits[e])
+            m += 1
     return m
 
 
@@ -150,34 +140,6 @@ def _radix_sort_hi(a, tmp, key_bits):
     return src
 
 
-@njit(cache=True, nogil=True)
-def _coalesce_packed(a, f32, u32, K, rows, cols, out):
-    """Sum the products of equal keys of the key-sorted packed pairs ``a``
-    (float64 sums); returns the number of distinct keys."""
-    m = -1
-    last = np.uint64(0xFFFFFFFFFFFFFFFF)
-    lowmask = np.uint64(0xFFFFFFFF)
-    acc = 0.0
-    for e in range(a.shape[0]):
-        key = a[e] >> np.uint64(32)
-        u32[0] = np.uint32(a[e] & lowmask)
-        v = np.float64(f32[0])
-        if key != last:
-            if m >= 0:
-                out[m] = acc
-            m += 1
-            k = np.int64(key)
-            rows[m] = k // K
-            cols[m] = k % K
-            last = key
-            acc = v
-        else:
-            acc += v
-    if m >= 0:
-        out[m] = acc
-    return m + 1
-
-
 def batch_pairs(idx, vals, K):
     """Coalesced strictly upper co-occurrence ``(rows, cols, vals)`` of one batch
     of codes ``idx``, ``vals`` (n, s), sorted by ``(row, col)``; sums in float64,
@@ -187,26 +149,23 @@ def batch_pairs(idx, vals, K):
     if n_pairs == 0:
         return (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64),
                 np.empty(0, dtype=vals.dtype))
+    keys = np.empty(n_pairs, dtype=np.int64)
+    pv = np.empty(n_pairs, dtype=vals.dtype)
+    _pairs_keys(idx, vals, np.int64(K), keys, pv)
     if vals.dtype == np.float32 and K * K <= 2**32:
-        cast = np.empty(1, dtype=np.float32)
         packed = np.empty(n_pairs, dtype=np.uint64)
-        m = _pack_pairs(idx, vals, np.int64(K), cast, cast.view(np.uint32), packed)
-        packed = packed[:m]
+        packed = packed[:_pack(keys, pv.view(np.uint32), packed)]
         packed = _radix_sort_hi(packed, np.empty_like(packed),
                                 int(K * K - 1).bit_length() if K > 1 else 0)
-        rows = np.empty(m, dtype=np.int64)
-        cols = np.empty(m, dtype=np.int64)
-        out = np.empty(m, dtype=np.float64)
-        m = _coalesce_packed(packed, cast, cast.view(np.uint32), np.int64(K), rows, cols, out)
+        keys = (packed >> np.uint64(32)).astype(np.int64)
+        pv = (packed & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.float32)
+        order = np.arange(keys.shape[0])
     else:
-        rows = np.empty(n_pairs, dtype=np.int64)
-        cols = np.empty(n_pairs, dtype=np.int64)
-        out = np.empty(n_pairs, dtype=np.float64)
-        keys = np.empty(n_pairs, dtype=np.int64)
-        pv = np.empty(n_pairs, dtype=vals.dtype)
-        _pairs_keys(idx, vals, np.int64(K), keys, pv)
         order = np.argsort(keys, kind="stable")
-        m = _coalesce_sorted(keys, pv, order, np.int64(K), rows, cols, out)
+    rows = np.empty(order.shape[0], dtype=np.int64)
+    cols = np.empty(order.shape[0], dtype=np.int64)
+    out = np.empty(order.shape[0], dtype=np.float64)
+    m = _coalesce_sorted(keys, pv, order, np.int64(K), rows, cols, out)
     if 2 * m < rows.shape[0]:  # mostly repeated pairs: do not keep the buffers alive
         return rows[:m].copy(), cols[:m].copy(), out[:m].astype(vals.dtype)
     return rows[:m], cols[:m], out[:m].astype(vals.dtype)
