@@ -25,7 +25,8 @@ Sections (every contender runs in this process on the same held-out rows):
    (``--patch-encoder-train``; ``--patch-encoder-rows all``, the default: an
    encoder for a dictionary is naturally trained on the data the dictionary
    was learned from; ``train`` uses the training rows alone). The held-out rows
-   come from 16x16 tiles of the images that no training patch touches. The
+   come from 16x16 tiles (``--patch-tile``, drawn with ``--split-seed``) of the
+   images that no training patch touches. The
    table gives the relative lasso-objective gap to the exact optimum per
    layer, and ISTA / FISTA's.
 3. For both: the FISTA iterations needed to match 16 LISTA layers (the first
@@ -233,7 +234,8 @@ def section_patches(args, device):
     from skdict import LCASparseCoder, SparseCoder
 
     alpha = args.patch_alpha
-    Xd, Xtr, Xte = natural_patch_split([args.n_dict, args.patch_encoder_train], args.n_test, seed=0,
+    Xd, Xtr, Xte = natural_patch_split([args.n_dict, args.patch_encoder_train], args.n_test,
+                                       tile=args.patch_tile, seed=args.split_seed,
                                        dtype=np.float32)
     t = time.perf_counter()
     lca = LCASparseCoder(n_components=256, alpha=alpha, fit_algorithm="exact",
@@ -261,7 +263,8 @@ def section_patches(args, device):
     print(f"encoders trained on {len(Xenc)} distinct patches ({args.patch_encoder_rows}; "
           f"{args.patch_epochs or args.epochs or 'default'} epochs, "
           f"lr {args.patch_lr or 'default'}), {len(Xte)} held out "
-          f"(from tiles no training patch touches)")
+          f"(from {args.patch_tile}-px tiles no training patch touches, split seed "
+          f"{args.split_seed})")
     for v in args.variants:
         enc, wall, cpu = train(lca.components_, Xenc, None, alpha, v, device, args,
                                epochs=args.patch_epochs or None, seed=args.encoder_seed,
@@ -346,6 +349,10 @@ def main(argv=None):
     p.add_argument("--patch-lr", type=float, default=0.015,
                    help="patches: lr of every encoder (0: LISTAEncoder's default); the "
                         "7700 steps of the default protocol spike less at half lfista's")
+    p.add_argument("--patch-tile", type=int, default=16,
+                   help="patches: side in pixels of the tiles the held-out rows come from")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="patches: seed of the draw of held-out tiles and of the patches")
     p.add_argument("--encoder-seed", type=int, default=0,
                    help="random_state of every encoder (validation split, batch order)")
     args = p.parse_args(argv)
