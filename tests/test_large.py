@@ -189,6 +189,32 @@ def test_screen_block_lists_every_key_above_its_floor():
         assert all(int(_key_abs(S[r, j])) == int(keys[r, j]) for j in listed)
 
 
+@pytest.mark.parametrize("absval", [True, False])
+def test_rescore_certify_against_numpy(absval):
+    from skdict.solvers._kernels.screen import rescore_certify
+
+    rng = np.random.default_rng(1)
+    K, P, n, m, s = 300, 16, 40, 12, 5
+    D = rng.standard_normal((K, P)).astype(np.float32)
+    X = rng.standard_normal((n, P)).astype(np.float32)
+    hi = np.stack([rng.choice(K, m, replace=False) for _ in range(n)]).astype(np.int64)
+    hi[:4, 3:] = -1  # three listed atoms, fewer than s: never certified
+    X[4, 0] = np.nan  # a NaN score fails the certificate
+    exact = np.einsum("rp,rap->ra", X, D[np.maximum(hi, 0)])
+    key = np.abs(exact) if absval else exact
+    key[hi < 0] = -np.inf
+    kth = -np.sort(-key, axis=1)[:, s - 1]
+    floor = np.where(np.arange(n) % 2 == 0, kth - 0.2, kth + 0.2).astype(np.float32)
+    eps = np.full(n, 0.1, np.float32)
+    v, i, ok = rescore_certify(X, D, hi, floor, eps, s, absval=absval)
+    for r in range(5, n):
+        assert ok[r] == (r % 2 == 0)  # floor + eps below the s-th key, or not
+        order = np.argsort(-key[r], kind="stable")[:s]
+        np.testing.assert_allclose(v[r], key[r, order], rtol=1e-5, atol=1e-5)
+        assert set(i[r].tolist()) == set(hi[r, order].tolist())
+    assert not ok[:5].any()
+
+
 def test_screening_is_chosen_only_where_it_is_certified_and_pays(monkeypatch):
     import skdict.solvers.routing as routing
 

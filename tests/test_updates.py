@@ -368,6 +368,42 @@ def test_sparse_stats_match_dense_online_statistics():
     assert isinstance(st.state_dict()["B"], np.ndarray) and back.max_nnz == st.max_nnz
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("preconditioner", ["jacobi", "gershgorin"])
+def test_compiled_refresh_matches_the_torch_path(dtype, preconditioner):
+    # CPU float statistics take one compiled pass; a (K, P) view that is not
+    # contiguous takes the torch path: both must give the same atoms
+    K, P = 40, 7
+    g = torch.Generator().manual_seed(3)
+    st = SparseStats(K, P, max_nnz=10**6, dtype=dtype)
+    for _ in range(3):
+        idx = torch.stack([torch.randperm(K, generator=g)[:4] for _ in range(12)])
+        st.update(torch.randn(12, P, generator=g, dtype=dtype), idx,
+                  torch.randn(12, 4, generator=g, dtype=dtype), 0.9)
+    st.reset_atoms(torch.tensor([5]))
+    st.diag[5] = 1  # used, but B = 0 and no co-occurrence: norm 0, the old atom is kept
+    D = torch.randn(K, P, generator=g, dtype=dtype)
+    D = D / D.norm(dim=1, keepdim=True)
+    atoms = torch.tensor([0, 3, 5, 11, 24, 39])
+    for step, n_iter in ((1.0, 1), (0.5, 2)):
+        fast = D.clone()
+        refresh_atoms(fast, st, atoms, step=step, n_iter=n_iter, preconditioner=preconditioner)
+        wide = torch.zeros(K, 2 * P, dtype=dtype)
+        slow = wide[:, ::2]  # not contiguous: the torch path
+        slow.copy_(D)
+        refresh_atoms(slow, st, atoms, step=step, n_iter=n_iter, preconditioner=preconditioner)
+        torch.testing.assert_close(fast, slow)
+        if preconditioner == "jacobi":  # Gershgorin keeps a part of the old atom
+            assert torch.equal(fast[5], D[5])
+        changed = (fast != D).any(1)
+        assert changed[[0, 3, 11, 24, 39]].all() and not changed[[1, 2, 38]].any()
+    # a non-finite statistic reaches the atom (the learner's check must see it)
+    st.B[3, 0] = float("nan")
+    fast = D.clone()
+    refresh_atoms(fast, st, atoms, preconditioner=preconditioner)
+    assert fast[3].isnan().all()
+
+
 def test_sparse_stats_cap_keeps_largest_entries():
     K = 40
     st = SparseStats(K, 3, max_nnz=15, dtype=torch.float64)

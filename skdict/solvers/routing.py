@@ -167,6 +167,9 @@ def _shortlist(s, K):
 _BF16_IN = 2 * 2.0**-8 + 2.0**-16 + 2.0**-12
 
 
+_Q = 2
+
+
 def _route_topk_screened(X, D, s, positive, tile_size, row_chunk=256, tile=4096):
     """:func:`route_topk` by certified bfloat16 screening: a bfloat16 GEMM per
     ``(row_chunk, tile)`` block merged into per-row buffers cut back to a
@@ -196,7 +199,7 @@ def _route_topk_screened(X, D, s, positive, tile_size, row_chunk=256, tile=4096)
             torch.matmul(Xb[r0:r1], Db[k0:k1].T, out=buf)
             screen_block(buf.view(torch.int16).numpy().view(np.uint16), k0, bk[r0:r1],
                          bi[r0:r1], cnt[r0:r1], fk[r0:r1], m, absval=absval,
-                         q=max(1, math.ceil(2 * m * (k1 - k0) / K)))
+                         q=max(1, math.ceil(_Q * m * (k1 - k0) / K)))
     finish(bk, bi, cnt, fk, m)
     bk, bi = bk[:, :m], bi[:, :m]
     hv = np.where(bi >= 0, key_values(bk, absval=absval), np.float32(-np.inf))
@@ -208,7 +211,7 @@ def _route_topk_screened(X, D, s, positive, tile_size, row_chunk=256, tile=4096)
     # (2**-7, truncation included): at most the row's largest listed score
     top = np.maximum(np.abs(np.where(bi >= 0, hv, 0)).max(axis=1), np.abs(floor))
     eps = 1.02 * (xin + 2.0**-7 * (top + xin))
-    v, i, ok = rescore_certify(X.numpy(), D.numpy(), bi, hv, floor, eps, s, absval=absval)
+    v, i, ok = rescore_certify(X.numpy(), D.numpy(), bi, floor, eps, s, absval=absval)
     v, i = torch.from_numpy(v), torch.from_numpy(i)
     bad = torch.from_numpy(~ok)
     if bool(bad.any()):

@@ -336,13 +336,23 @@ def refresh_atoms(D, stats: SparseStats, atoms=None, *, step=1.0, n_iter=1,
     atoms = atoms[stats.diag[atoms] > min_diag]
     if atoms.numel() == 0:
         return D
-    diag = stats.diag[atoms, None].to(D.dtype)
-    if preconditioner == "gershgorin":
-        M = diag + stats.offdiag_abs_rowsum()[atoms, None].to(D.dtype)
-    elif preconditioner != "jacobi":
+    if preconditioner not in ("jacobi", "gershgorin"):
         raise ValueError(
             f"preconditioner must be 'jacobi' or 'gershgorin', got {preconditioner!r}."
         )
+    if (D.device.type == "cpu" and D.dtype in (torch.float32, torch.float64)
+            and stats.B.dtype == D.dtype and D.is_contiguous() and not D.requires_grad):
+        # one compiled pass: no (len(atoms), P) temporaries of the torch path
+        from ._kernels.cooc import refresh_rows
+
+        for _ in range(int(n_iter)):
+            refresh_rows(stats.rows.numpy(), stats.cols.numpy(), stats.vals.numpy(),
+                         D.numpy(), atoms.numpy(), stats.B.numpy(), stats.diag.numpy(),
+                         gershgorin=preconditioner == "gershgorin", step=step, eps=1e-10)
+        return D
+    diag = stats.diag[atoms, None].to(D.dtype)
+    if preconditioner == "gershgorin":
+        M = diag + stats.offdiag_abs_rowsum()[atoms, None].to(D.dtype)
     for _ in range(int(n_iter)):
         old = D[atoms]
         AD = stats.offdiag_matmul(D, atoms=atoms)

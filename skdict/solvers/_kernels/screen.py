@@ -14,9 +14,8 @@ top-``m``. Rows that fail the certificate are routed again in float32.
   score block, compared as 16-bit integer keys (an order-preserving map of the
   bfloat16 bits: for magnitudes, the bits with the sign cleared), cut back to
   the best ``m`` by a radix select whenever full (:func:`finish` at the end).
-* :func:`rescore_certify` -- float32 scores of the shortlist, in decreasing
-  bfloat16 order until no remaining atom can enter the top ``m``, and the
-  certificate.
+* :func:`rescore_certify` -- float32 scores of the shortlist, atom by atom,
+  its top ``s`` and the certificate.
 
 Reference: :func:`skdict.solvers.routing.route_dense` (tests/test_large.py).
 """
@@ -26,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .select import _parallel, _sift_down, _twins
+from .select import _parallel, _twins
 
 __all__ = ["screen_block", "finish", "key_values", "rescore_certify"]
 
@@ -178,55 +177,78 @@ def key_values(keys, *, absval):
     return v
 
 
-def _rescore_impl(X, D, hi, hv, floor, eps, s, absval, out_v, out_i, ok):
+@njit(cache=True, nogil=True)
+def _by_atom(hi, K):
+    """The listed (row, slot) entries grouped by atom (a CSR over atoms of the
+    flat slot numbers ``r * m + a``): one counting pass, no sort."""
     n, m = hi.shape
-    P = X.shape[1]
-    K = D.shape[0]
-    for r in prange(n):
-        order = np.argsort(-hv[r])
-        best = np.full(s, -np.inf, dtype=np.float32)  # min-heap of exact keys
-        bidx = np.full(s, -1, dtype=np.int64)
-        done = False
-        listed = 0
+    ptr = np.zeros(K + 1, dtype=np.int64)
+    for r in range(n):
         for a in range(m):
-            j = hi[r, order[a]]
-            if j < 0:  # empty slots sort last
-                break
-            # every atom still to come (and every unlisted one) has a
-            # bfloat16 score <= hv[r, order[a]]: none can enter the top s
-            if a >= s and hv[r, order[a]] + eps[r] < best[0]:
-                done = True
-                break
+            if hi[r, a] >= 0:
+                ptr[hi[r, a] + 1] += 1
+    for j in range(K):
+        ptr[j + 1] += ptr[j]
+    fill = ptr[:-1].copy()
+    ent = np.empty(ptr[K], dtype=np.int64)
+    for r in range(n):
+        for a in range(m):
+            j = hi[r, a]
+            if j >= 0:
+                ent[fill[j]] = r * m + a
+                fill[j] += 1
+    return ptr, ent
+
+
+def _scores_impl(X, D, ptr, ent, m, out):
+    # atom-major: each listed atom is read from memory once per batch and
+    # dotted with every row that lists it (rows stay in cache); row-major
+    # rescoring read one scattered atom per (row, slot), bound by memory
+    P = X.shape[1]
+    for j in prange(ptr.shape[0] - 1):
+        for e in range(ptr[j], ptr[j + 1]):
+            r = ent[e] // m
             acc = np.float32(0.0)
             for p in range(P):
                 acc += X[r, p] * D[j, p]
-            key = abs(acc) if absval else acc
-            listed += 1
-            if key > best[0] or a < s:
-                best[0] = key
-                bidx[0] = j
-                _sift_down(best, bidx, 0, s)
-        if not done:
-            # the whole list was rescored: an unlisted atom's bfloat16 score
-            # is at most the row's floor
-            done = listed == K or floor[r] + eps[r] < best[0]
-        ok[r] = done
-        srt = np.argsort(-best)
+            out.flat[ent[e]] = acc
+
+
+def _certify_impl(sc, hi, floor, eps, s, absval, K, out_v, out_i, ok):
+    n, m = hi.shape
+    for r in prange(n):
+        key = np.full(m, -np.inf, dtype=np.float32)
+        listed = 0
+        nan = False
+        for a in range(m):
+            if hi[r, a] >= 0:
+                v = abs(sc[r, a]) if absval else sc[r, a]
+                nan |= v != v
+                key[a] = v
+                listed += 1
+        out_v[r, :] = -np.inf
+        out_i[r, :] = -1
+        if nan or listed < s:  # a NaN, or too few listed atoms: not certified
+            continue
+        srt = np.argsort(-key)[:s]
         for a in range(s):
-            out_v[r, a] = best[srt[a]]
-            out_i[r, a] = bidx[srt[a]]
+            out_v[r, a] = key[srt[a]]
+            out_i[r, a] = hi[r, srt[a]]
+        thr = out_v[r, s - 1]
+        # every unlisted atom's bfloat16 score is at most the row's floor
+        ok[r] = listed == K or floor[r] + eps[r] < thr
 
 
-def rescore_certify(X, D, hi, hv, floor, eps, s, *, absval):
+def rescore_certify(X, D, hi, floor, eps, s, *, absval):
     """Float32 top ``s`` of each row's shortlist and whether it is certified exact.
 
-    ``hi`` (n, m) are the shortlisted atoms (``-1``: an empty slot) and ``hv``
-    their bfloat16 scores (as float32, ``-inf`` for empty slots); no unlisted
-    atom's bfloat16 score exceeds ``floor[r]``, and ``eps[r]`` bounds a
-    bfloat16 score's error on row ``r``. The shortlist is rescored in float32 in decreasing
-    bfloat16 order and stops once no remaining atom can reach the running top
-    ``s``; the result is certified when every atom that could (listed or not)
-    was rescored. A NaN fails the certificate.
+    ``hi`` (n, m) are the shortlisted atoms (``-1``: an empty slot); no
+    unlisted atom's bfloat16 score exceeds ``floor[r]``, and ``eps[r]`` bounds
+    a bfloat16 score's error on row ``r``. The whole shortlist is rescored in
+    float32, atom by atom (each atom read once for all the rows that list
+    it); a row is certified when its ``s``-th best exact score exceeds
+    ``floor + eps``, so that no unlisted atom can reach its top ``s``. A NaN,
+    or fewer than ``s`` listed atoms, fails the certificate.
 
     Returns ``(values, indices, ok)``: (n, s) float32 scores (``|<x, d>|``
     with ``absval``) sorted decreasingly, their atoms, and the (n,) certificate.
@@ -236,12 +258,17 @@ def rescore_certify(X, D, hi, hv, floor, eps, s, *, absval):
     out_i = np.empty((n, s), dtype=np.int64)
     ok = np.zeros(n, dtype=np.bool_)
     if n:
-        _parallel(_rescore)(X, D, hi, hv.astype(np.float32), floor.astype(np.float32),
-                            eps.astype(np.float32), int(s), bool(absval), out_v, out_i, ok)
+        K = D.shape[0]
+        ptr, ent = _by_atom(hi, K)
+        sc = np.zeros(hi.shape, dtype=np.float32)
+        _parallel(_scores)(X, D, ptr, ent, hi.shape[1], sc)
+        _parallel(_certify)(sc, hi, floor.astype(np.float32), eps.astype(np.float32),
+                            int(s), bool(absval), K, out_v, out_i, ok)
     return out_v, out_i, ok
 
 
 _screen = _twins(_screen_impl, True)
 _finish = _twins(_finish_impl, True)
 # no "nnan": a NaN score must fail the certificate, not compare as a number
-_rescore = _twins(_rescore_impl, {"reassoc", "contract", "arcp"})
+_scores = _twins(_scores_impl, {"reassoc", "contract", "arcp"})
+_certify = _twins(_certify_impl, {"reassoc", "contract", "arcp"})

@@ -17,7 +17,7 @@ from numba import njit, prange
 
 from ...solvers._kernels.select import _parallel, _twins
 
-__all__ = ["offdiag_rows_matmul"]
+__all__ = ["offdiag_rows_matmul", "refresh_rows"]
 
 
 @njit(cache=True, nogil=True)
@@ -96,4 +96,50 @@ def offdiag_rows_matmul(rows, cols, vals, D, atoms, n_threads):
     return out
 
 
+def _refresh_impl(ptr, w, D, atoms, B, diag, gershgorin, step, eps, AD):
+    P = D.shape[1]
+    for i in prange(atoms.shape[0]):
+        k = atoms[i]
+        d = diag[k]
+        if gershgorin:
+            M = d
+            for e in range(ptr[i], ptr[i + 1]):
+                M += abs(w[e])
+        # the new atom overwrites its row of AD, then is normalised into D
+        for p in range(P):
+            if gershgorin:
+                v = D[k, p] + (B[k, p] - AD[i, p] - d * D[k, p]) / M
+            else:
+                v = (B[k, p] - AD[i, p]) / d
+            AD[i, p] = (1 - step) * D[k, p] + step * v if step != 1 else v
+        nrm = AD[i, 0] * 0
+        for p in range(P):
+            nrm += AD[i, p] * AD[i, p]
+        nrm = np.sqrt(nrm)
+        if not nrm < eps:  # else the atom keeps its old value (NaN is written)
+            for p in range(P):
+                D[k, p] = AD[i, p] / nrm
+
+
+def refresh_rows(rows, cols, vals, D, atoms, B, diag, *, gershgorin, step, eps):
+    """In place: the atoms ``atoms`` of ``D`` take one Jacobi (or Gershgorin-
+    majorised) block-coordinate step from the statistics ``B``, ``diag`` and
+    the off-diagonal entries, then unit norm (an atom whose new norm is below
+    ``eps`` keeps its old value). Every new atom is computed from the old
+    ``D`` before any is written. Reference:
+    :func:`skdict.updates.sparse_stats.refresh_atoms` (torch path)."""
+    m, P = atoms.shape[0], D.shape[1]
+    if m == 0:
+        return
+    slot = np.full(D.shape[0], -1, dtype=np.int64)
+    slot[atoms] = np.arange(m)
+    ptr, nbr, w = _group(rows, cols, vals.astype(D.dtype, copy=False), slot, m)
+    AD = np.zeros((m, P), dtype=D.dtype)
+    _parallel(_rows_product)(ptr, nbr, w, D, AD)
+    _parallel(_refresh)(ptr, w, D, atoms, B, diag, bool(gershgorin), D.dtype.type(step),
+                        D.dtype.type(eps), AD)
+
+
 _rows_product = _twins(_rows_product_impl, True)
+# no "nnan": a NaN atom must reach the learner's finiteness check
+_refresh = _twins(_refresh_impl, {"reassoc", "contract", "arcp"})
