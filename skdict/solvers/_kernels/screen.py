@@ -101,7 +101,7 @@ def _screen_row(row, col0, absval, bk, bi, c, f, m, q):
             bmax[b] = bm
     if c == 0 and f == 0 and 0 < q <= nb:
         # a fresh row starts below the q-th largest block maximum of its first
-        # block (q: about twice the block's expected share of the row's best
+        # block (q: about 1.5x the block's expected share of the row's best
         # m), which is at most the block's q-th largest key
         v = np.sort(bmax)[nb - q]
         if v > 0:
