@@ -60,7 +60,7 @@ try:  # numba is a hard dependency; keep import errors explicit
     import numba
     from llvmlite import ir
     from numba import njit, prange, types
-    from numba.extending import intrinsic
+    from numba.extending import intrinsic, overload
 except ImportError as exc:  # pragma: no cover - exercised only without numba
     raise ImportError(
         "skdict's CPU exact lasso kernel needs numba; install it with `pip install numba`."
@@ -79,6 +79,19 @@ def _cttz(typingctx, x):
         fnty = ir.FunctionType(i64, [i64, ir.IntType(1)])
         fn = builder.module.declare_intrinsic("llvm.cttz.i64", fnty=fnty)
         return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 1)])
+
+    return sig, codegen
+
+
+@intrinsic
+def _popcnt(typingctx, x):
+    """Number of set bits of an int64 (LLVM's ctpop)."""
+    sig = types.int64(types.int64)
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        fn = builder.module.declare_intrinsic("llvm.ctpop.i64", fnty=ir.FunctionType(i64, [i64]))
+        return builder.call(fn, [args[0]])
 
     return sig, codegen
 
@@ -111,6 +124,17 @@ def _fetch_add(typingctx, arr, v):
         return builder.atomic_rmw("add", a.data, args[1], "monotonic")
 
     return sig, codegen
+
+
+def _int_view(a):
+    """``a`` (float32 or float64) viewed as integers of its width."""
+
+
+@overload(_int_view)
+def _int_view_impl(a):
+    if a.dtype == types.float32:
+        return lambda a: a.view(np.int32)
+    return lambda a: a.view(np.int64)
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -217,8 +241,128 @@ def _start_path(j, corr, G, act, sgn, beta, Lc, dinv, z, skip):
 
 
 @njit(cache=True, nogil=True, fastmath=True)
+def _flag_words(flag, words):
+    """The non-zero 32-flag masks of ``flag`` (padded to a multiple of 32) with
+    their block in the high bits, listed branch-free; returns (masks, flags)."""
+    nw = 0
+    nf = 0
+    for j in range(flag.shape[0] // 32):
+        msk = _mask32(flag, j)
+        words[nw] = msk | (j << 32)
+        nw += msk != 0
+        nf += _popcnt(msk)
+    return nw, nf
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _list_flags(words, nw, cand):
+    """The flagged atoms in index order (one bit scan each); returns their count."""
+    nc = 0
+    for q in range(nw):
+        first = (words[q] >> 32) * 32  # the block's first atom
+        msk = words[q] & 0xFFFFFFFF
+        while msk != 0:
+            cand[nc] = first + _cttz(msk)
+            nc += 1
+            msk &= msk - 1
+    return nc
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _first_join(cand, nc, corr, u, cmax, g0, positive, tcand):
+    """The exact (float64) join times ``t = (cmax -/+ c_k) / (1 -/+ u_k)`` of the
+    candidates and the first of them to join before ``g0``: (gamma, event, who)
+    with event 1 for a join, 0 (and gamma = g0) for none."""
+    for i in range(nc):
+        k = cand[i]
+        uk = u[k]
+        ck = corr[k]
+        dp = 1.0 - uk
+        t = max(cmax - ck, 0.0) / dp if dp > 1e-12 else np.inf
+        if not positive:
+            dm = 1.0 + uk
+            tm = max(cmax + ck, 0.0) / dm if dm > 1e-12 else np.inf
+            t = min(t, tm)
+        tcand[i] = t
+    gamma = g0
+    event = 0
+    who = -1
+    for i in range(nc):
+        if tcand[i] < gamma:
+            gamma = tcand[i]
+            event = 1
+            who = cand[i]
+    return gamma, event, who
+
+
+# flagged atoms above which a step brackets the join times before the exact test
+_WINDOW_MIN = 24
+
+
+# no reassociation: ``(chi - c) + clo`` relies on the exact (Sterbenz) difference
+@njit(cache=True, nogil=True, error_model="numpy",
+      fastmath={"nnan", "ninf", "nsz", "arcp", "contract", "afn"})
+def _join_window(corr, u, flag, tlo, thi, positive, sc):
+    """Bounds on the join times of the flagged atoms in the working dtype:
+    ``tlo[k]`` at most, and the returned value at least, the smallest exact
+    (float64) join time, so that the atoms with ``tlo[k]`` above it cannot join
+    first. ``sc[3:13]``: cmax split as ``chi + clo`` (working dtype, ``|cmax -
+    chi - clo| <= 2^-48 cmax``), an absolute slack ``eta``, the relative
+    factors ``1 -/+ 1e-5``, a large sentinel, the denominator floors below and
+    above float64's ``1e-12``, 0 and 1; ``sc[13]`` is scratch.
+
+    Error bound: with ``chi - c`` exact (Sterbenz) for ``c`` near ``chi`` and
+    correctly rounded otherwise, the numerators are within ``4 ulp`` relative
+    plus ``2^-48 cmax`` absolute, the quotients within ``7 ulp`` (float32:
+    ``4e-7``, 25 times below ``1e-5``) plus ``2^-48 cmax / d`` (30 times below
+    ``eta / d``). Denominators near 0 (``u`` near 1) are exact differences, so the
+    float64 test ``d > 1e-12`` sees the same ``d``; the floors on either side
+    only make the bounds looser. The upper bounds go to ``thi`` and their
+    minimum is taken on the bits (positive floats order as their bit patterns;
+    an integer minimum vectorises where a float one does not)."""
+    chi = sc[3]
+    clo = sc[4]
+    eta = sc[5]
+    flo = sc[6]
+    fhi = sc[7]
+    big = sc[8]
+    dlo = sc[9]
+    dhi = sc[10]
+    zero = sc[11]
+    one = sc[12]
+    for k in range(corr.shape[0]):
+        ck = corr[k]
+        uk = u[k]
+        d = one - uk
+        r = one / (d if d > dlo else one)
+        t = max((chi - ck) + clo, zero) * r
+        e = eta * r
+        lo = t * flo - e if d > dlo else big
+        hi = t * fhi + e if d > dhi else big
+        if not positive:
+            d = one + uk
+            r = one / (d if d > dlo else one)
+            t = max((chi + ck) + clo, zero) * r
+            e = eta * r
+            lo2 = t * flo - e if d > dlo else big
+            hi2 = t * fhi + e if d > dhi else big
+            lo = lo2 if lo2 < lo else lo
+            hi = hi2 if hi2 < hi else hi
+        tlo[k] = lo
+        thi[k] = hi if flag[k] != 0 else big  # > 0: t >= 0, e > 0
+    bits = _int_view(thi)
+    m = bits[0]
+    for k in range(bits.shape[0]):
+        v = bits[k]
+        m = v if v < m else m
+    _int_view(sc)[13] = m
+    return sc[13]
+
+
+@njit(cache=True, nogil=True, fastmath=True)
 def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, corr, u, skip, act,
-              sgn, beta, w, wf, rhs, tmp, Lc, dinv, z, flag, words, cand, tcand, res, sc):
+              sgn, beta, w, wf, rhs, tmp, Lc, dinv, z, flag, words, cand, tcand, res, sc, flag2,
+              words2, tlo, thi):
     """Solve one row; returns (n_active, n_steps, ok, a.r_A) with ``r_A`` the
     residual correlations of the active atoms (for the objective).
 
@@ -239,6 +383,14 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, cor
     if cmax <= alpha or j0 < 0:
         return 0, 0, True, 0.0
     cmax0 = cmax
+    # constants of the join-time bracket (:func:`_join_window`) in the working dtype
+    sc[6] = 1.0 - 1e-5
+    sc[7] = 1.0 + 1e-5
+    sc[8] = 1e38
+    sc[9] = 0.5e-12
+    sc[10] = 2e-12
+    sc[11] = 0.0
+    sc[12] = 1.0
     pathw = 0.0  # sum over steps of gamma ||w||_1 (for the drift bound)
     mtop = 1
     _start_path(j0, corr, G, act, sgn, beta, Lc, dinv, z, skip)
@@ -312,42 +464,28 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, cor
                 u[k] = uk
                 d = corr[k] - g0w * uk
                 flag[k] = ((d if positive else abs(d)) > base) & (skip[k] == 0)
-        # the flagged atoms, in index order: a bit mask per 32 flags, the
-        # non-zero masks listed branch-free (with their block in the high bits),
-        # then one bit scan per flagged atom
-        nc = 0
-        nw = 0
-        for j in range(words.shape[0]):
-            msk = _mask32(flag, j)
-            words[nw] = msk | (j << 32)
-            nw += msk != 0
-        for q in range(nw):
-            first = (words[q] >> 32) * 32  # the block's first atom
-            msk = words[q] & 0xFFFFFFFF
-            while msk != 0:
-                cand[nc] = first + _cttz(msk)
-                nc += 1
-                msk &= msk - 1
-        # exact join times t = (cmax -/+ c_k) / (1 -/+ u_k) of the candidates
-        for i in range(nc):
-            k = cand[i]
-            uk = u[k]
-            ck = corr[k]
-            dp = 1.0 - uk
-            t = max(cmax - ck, 0.0) / dp if dp > 1e-12 else np.inf
-            if not positive:
-                dm = 1.0 + uk
-                tm = max(cmax + ck, 0.0) / dm if dm > 1e-12 else np.inf
-                t = min(t, tm)
-            tcand[i] = t
-        gamma = g0
-        event = 0  # 0 stop, 1 add, 2 drop
-        who = -1
-        for i in range(nc):
-            if tcand[i] < gamma:
-                gamma = tcand[i]
-                event = 1
-                who = cand[i]
+        # the flagged atoms, in index order (bit masks of 32 flags). At small
+        # alpha most atoms pass the flag test; then the join times of all of them
+        # are bracketed in the working dtype (vectorised) and only the atoms whose
+        # lower bound is below the smallest upper bound (a few) get the exact test
+        nw, nf = _flag_words(flag, words)
+        window = nf > _WINDOW_MIN
+        if window:
+            sc[3] = cmax
+            sc[4] = cmax - sc[3]  # cmax = sc[3] + sc[4] to ~2^-48 cmax
+            sc[5] = max(1e-13 * cmax, 1e-30)
+            thr = _join_window(corr, u, flag, tlo, thi, positive, sc)
+            for k in range(K):
+                flag2[k] = (tlo[k] <= thr) & (flag[k] != 0)
+            nw2, _ = _flag_words(flag2, words2)
+            nc = _list_flags(words2, nw2, cand)
+        else:
+            nc = _list_flags(words, nw, cand)
+        # event: 0 stop, 1 add, 2 drop
+        gamma, event, who = _first_join(cand, nc, corr, u, cmax, g0, positive, tcand)
+        if window and event == 0:  # (not expected: the bracket is conservative)
+            nc = _list_flags(words, nw, cand)
+            gamma, event, who = _first_join(cand, nc, corr, u, cmax, g0, positive, tcand)
         if last_drop >= 0:
             skip[last_drop] = 0
             last_drop = -1
@@ -558,7 +696,11 @@ def _lars_batch(C, Dx, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, 
         z = np.empty(max_active)
         res = np.empty(K)
         c_row = np.empty(K)
-        sc = np.empty(3, dtype=Gw.dtype)
+        sc = np.empty(14, dtype=Gw.dtype)
+        flag2 = np.zeros_like(flag)
+        words2 = np.empty_like(words)
+        tlo = np.empty(K, dtype=Gw.dtype)
+        thi = np.empty(K, dtype=Gw.dtype)
         cbuf = np.empty((chunk if fused else 0, K), dtype=C.dtype)
         while True:
             q = _fetch_add(counter, 1)
@@ -577,7 +719,8 @@ def _lars_batch(C, Dx, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, 
                         c_row[k] = C[r, k]
                 m, s, good, ar = _lars_one(c_row, G, Gw, alpha, positive, max_steps, kkt_tol,
                                            gmax, eps_w, corr, u, skip, act, sgn, beta, w, wf, rhs,
-                                           tmp, Lc, dinv, z, flag, words, cand, tcand, res, sc)
+                                           tmp, Lc, dinv, z, flag, words, cand, tcand, res, sc,
+                                           flag2, words2, tlo, thi)
                 n_steps[r] = s
                 ok[r] = good
                 # objective minus 0.5 ||x||^2: -a.c + 0.5 a G a + alpha |a|_1, with
