@@ -138,9 +138,10 @@ def _int_view_impl(a):
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _forward(Lc, dinv, m, rhs, out):
-    """``out = L^{-1} rhs`` (leading ``m x m`` block)."""
-    for i in range(m):
+def _forward(Lc, dinv, m, rhs, out, start):
+    """``out = L^{-1} rhs`` (leading ``m x m`` block), given ``out[:start]``
+    (the rows above ``start`` of ``L`` and ``rhs`` unchanged since)."""
+    for i in range(start, m):
         s = rhs[i]
         for j in range(i):
             s -= Lc[i, j] * out[j]
@@ -295,6 +296,31 @@ def _first_join(cand, nc, corr, u, cmax, g0, positive, tcand):
     return gamma, event, who
 
 
+@njit(cache=True, nogil=True, error_model="numpy",
+      fastmath={"nnan", "ninf", "nsz", "arcp", "contract", "afn"})
+def _first_drop(beta, w, m, gamma, tt):
+    """The first active atom whose coefficient reaches zero before ``gamma``:
+    (its step, its position), or (gamma, -1). The steps ``-beta_i / w_i``
+    (positive where ``beta_i w_i < 0``) in one vectorised pass, their minimum
+    on the bits (as in :func:`_join_window`), then the first position that has
+    it."""
+    for i in range(m):
+        b = beta[i]
+        wi = w[i]
+        tt[i] = -b / wi if b * wi < 0.0 else 1e300
+    bits = tt.view(np.int64)
+    mb = bits[0]
+    for i in range(m):
+        v = bits[i]
+        mb = v if v < mb else mb
+    for i in range(m):
+        if bits[i] == mb:
+            if tt[i] < gamma:
+                return tt[i], i
+            break
+    return gamma, -1
+
+
 # flagged atoms above which a step brackets the join times before the exact test
 _WINDOW_MIN = 24
 
@@ -362,7 +388,7 @@ def _join_window(corr, u, flag, tlo, thi, positive, sc):
 @njit(cache=True, nogil=True, fastmath=True)
 def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, corr, u, skip, act,
               sgn, beta, w, wf, rhs, tmp, Lc, dinv, z, flag, words, cand, tcand, res, sc, flag2,
-              words2, tlo, thi):
+              words2, tlo, thi, tdrop):
     """Solve one row; returns (n_active, n_steps, ok, a.r_A) with ``r_A`` the
     residual correlations of the active atoms (for the objective).
 
@@ -489,13 +515,11 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, cor
         if last_drop >= 0:
             skip[last_drop] = 0
             last_drop = -1
-        for i in range(m):
-            if beta[i] * w[i] < 0.0:
-                t = -beta[i] / w[i]
-                if t < gamma:
-                    gamma = t
-                    event = 2
-                    who = i
+        gd, i_d = _first_drop(beta, w, m, gamma, tdrop)
+        if i_d >= 0:
+            gamma = gd
+            event = 2
+            who = i_d
         # move
         wl1 = 0.0
         for i in range(m):
@@ -529,8 +553,8 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, cor
                 _start_path(jn, corr, G, act, sgn, beta, Lc, dinv, z, skip)
                 cmax = cmax_new
                 m = 1
-            else:
-                _forward(Lc, dinv, m, sgn, z)
+            else:  # the rows of L and s above the dropped one are unchanged
+                _forward(Lc, dinv, m, sgn, z, who)
             continue
         # event == 1: atom `who` joins with the sign of its (moved) correlation
         if m >= mmax or not _chol_append(Lc, dinv, m, G, act, who, tmp):
@@ -552,7 +576,7 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, cor
     if m > 0:
         for i in range(m):
             rhs[i] = c_in[act[i]] - alpha * sgn[i]
-        _forward(Lc, dinv, m, rhs, w)  # (L L^T) w = rhs
+        _forward(Lc, dinv, m, rhs, w, 0)  # (L L^T) w = rhs
         _backward(Lc, dinv, m, w, w)
         for i in range(m):
             if w[i] * sgn[i] <= 0.0:
@@ -701,6 +725,7 @@ def _lars_batch(C, Dx, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, 
         words2 = np.empty_like(words)
         tlo = np.empty(K, dtype=Gw.dtype)
         thi = np.empty(K, dtype=Gw.dtype)
+        tdrop = np.empty(max_active)
         cbuf = np.empty((chunk if fused else 0, K), dtype=C.dtype)
         while True:
             q = _fetch_add(counter, 1)
@@ -720,7 +745,7 @@ def _lars_batch(C, Dx, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, 
                 m, s, good, ar = _lars_one(c_row, G, Gw, alpha, positive, max_steps, kkt_tol,
                                            gmax, eps_w, corr, u, skip, act, sgn, beta, w, wf, rhs,
                                            tmp, Lc, dinv, z, flag, words, cand, tcand, res, sc,
-                                           flag2, words2, tlo, thi)
+                                           flag2, words2, tlo, thi, tdrop)
                 n_steps[r] = s
                 ok[r] = good
                 # objective minus 0.5 ||x||^2: -a.c + 0.5 a G a + alpha |a|_1, with
