@@ -139,13 +139,43 @@ def _int_view_impl(a):
 
 @njit(cache=True, nogil=True, fastmath=True)
 def _forward(Lc, dinv, m, rhs, out, start):
-    """``out = L^{-1} rhs`` (leading ``m x m`` block), given ``out[:start]``
-    (the rows above ``start`` of ``L`` and ``rhs`` unchanged since)."""
-    for i in range(start, m):
+    """``out = L^{-1} rhs`` (leading ``m x m`` block; ``rhs`` may be ``out``),
+    given ``out[:start]`` (the rows above ``start`` of ``L`` and ``rhs``
+    unchanged since).
+
+    Four rows at a time: their four dot products with the solved entries in one
+    pass, then the 4 x 4 triangle (a quarter of the dependent reductions)."""
+    i = start
+    while i + 3 < m:
+        s0 = rhs[i]
+        s1 = rhs[i + 1]
+        s2 = rhs[i + 2]
+        s3 = rhs[i + 3]
+        r0 = Lc[i]
+        r1 = Lc[i + 1]
+        r2 = Lc[i + 2]
+        r3 = Lc[i + 3]
+        for j in range(i):
+            oj = out[j]
+            s0 -= r0[j] * oj
+            s1 -= r1[j] * oj
+            s2 -= r2[j] * oj
+            s3 -= r3[j] * oj
+        o0 = s0 * dinv[i]
+        o1 = (s1 - r1[i] * o0) * dinv[i + 1]
+        o2 = (s2 - r2[i] * o0 - r2[i + 1] * o1) * dinv[i + 2]
+        o3 = (s3 - r3[i] * o0 - r3[i + 1] * o1 - r3[i + 2] * o2) * dinv[i + 3]
+        out[i] = o0
+        out[i + 1] = o1
+        out[i + 2] = o2
+        out[i + 3] = o3
+        i += 4
+    while i < m:
         s = rhs[i]
         for j in range(i):
             s -= Lc[i, j] * out[j]
         out[i] = s * dinv[i]
+        i += 1
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -154,35 +184,51 @@ def _backward(Lc, dinv, m, rhs, out):
 
     Column-oriented: each solved entry updates the ones above it with a row of
     ``L`` (contiguous, independent updates) rather than each entry summing a
-    column of ``L`` (strided, one dependency chain)."""
+    column of ``L`` (strided, one dependency chain); four rows at a time (the
+    4 x 4 triangle, then one pass of four-row updates)."""
     for i in range(m):
         out[i] = rhs[i]
-    for i in range(m - 1, -1, -1):
+    i = m - 1
+    while i >= 3:
+        r3 = Lc[i]
+        r2 = Lc[i - 1]
+        r1 = Lc[i - 2]
+        r0 = Lc[i - 3]
+        o3 = out[i] * dinv[i]
+        o2 = (out[i - 1] - r3[i - 1] * o3) * dinv[i - 1]
+        o1 = (out[i - 2] - r3[i - 2] * o3 - r2[i - 2] * o2) * dinv[i - 2]
+        o0 = (out[i - 3] - r3[i - 3] * o3 - r2[i - 3] * o2 - r1[i - 3] * o1) * dinv[i - 3]
+        out[i] = o3
+        out[i - 1] = o2
+        out[i - 2] = o1
+        out[i - 3] = o0
+        for j in range(i - 3):
+            out[j] -= (r3[j] * o3 + r2[j] * o2) + (r1[j] * o1 + r0[j] * o0)
+        i -= 4
+    while i >= 0:
         oi = out[i] * dinv[i]
         out[i] = oi
         for j in range(i):
             out[j] -= Lc[i, j] * oi
+        i -= 1
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _chol_append(Lc, dinv, m, G, act, k, tmp):
+def _chol_append(Lc, dinv, m, G, act, k):
     """Border the factor of ``G[act[:m]][:, act[:m]]`` with atom ``k``.
 
     Returns False (and leaves the factor unchanged) when ``k`` is numerically
     in the span of the active atoms."""
     gk = G[k]
+    row = Lc[m]  # (not part of the factor until m grows)
+    for i in range(m):
+        row[i] = gk[act[i]]
+    _forward(Lc, dinv, m, row, row, 0)
     d = gk[k]
     for i in range(m):
-        s = gk[act[i]]
-        for j in range(i):
-            s -= Lc[i, j] * tmp[j]
-        s *= dinv[i]
-        tmp[i] = s
-        d -= s * s
+        d -= row[i] * row[i]
     if d <= 1e-10 * gk[k] or d <= 0.0:
         return False
-    for i in range(m):
-        Lc[m, i] = tmp[i]
     Lc[m, m] = np.sqrt(d)
     dinv[m] = 1.0 / Lc[m, m]
     return True
@@ -387,7 +433,7 @@ def _join_window(corr, u, flag, tlo, thi, positive, sc):
 
 @njit(cache=True, nogil=True, fastmath=True)
 def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, corr, u, skip, act,
-              sgn, beta, w, wf, rhs, tmp, Lc, dinv, z, flag, words, cand, tcand, res, sc, flag2,
+              sgn, beta, w, wf, rhs, Lc, dinv, z, flag, words, cand, tcand, res, sc, flag2,
               words2, tlo, thi, tdrop):
     """Solve one row; returns (n_active, n_steps, ok, a.r_A) with ``r_A`` the
     residual correlations of the active atoms (for the objective).
@@ -557,7 +603,7 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, cor
                 _forward(Lc, dinv, m, sgn, z, who)
             continue
         # event == 1: atom `who` joins with the sign of its (moved) correlation
-        if m >= mmax or not _chol_append(Lc, dinv, m, G, act, who, tmp):
+        if m >= mmax or not _chol_append(Lc, dinv, m, G, act, who):
             skip[who] = 2
             continue
         act[m] = who
@@ -714,7 +760,6 @@ def _lars_batch(C, Dx, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, 
         beta = np.empty(max_active)
         w = np.empty(max_active)
         rhs = np.empty(max_active)
-        tmp = np.empty(max_active)
         Lc = np.empty((max_active, max_active))
         dinv = np.empty(max_active)
         z = np.empty(max_active)
@@ -744,7 +789,7 @@ def _lars_batch(C, Dx, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, 
                         c_row[k] = C[r, k]
                 m, s, good, ar = _lars_one(c_row, G, Gw, alpha, positive, max_steps, kkt_tol,
                                            gmax, eps_w, corr, u, skip, act, sgn, beta, w, wf, rhs,
-                                           tmp, Lc, dinv, z, flag, words, cand, tcand, res, sc,
+                                           Lc, dinv, z, flag, words, cand, tcand, res, sc,
                                            flag2, words2, tlo, thi, tdrop)
                 n_steps[r] = s
                 ok[r] = good
