@@ -432,9 +432,9 @@ def _join_window(corr, u, flag, tlo, thi, positive, sc):
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, corr, u, skip, act,
-              sgn, beta, w, wf, rhs, Lc, dinv, z, flag, words, cand, tcand, res, sc, flag2,
-              words2, tlo, thi, tdrop):
+def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, window_min, corr, u,
+              skip, act, sgn, beta, w, wf, rhs, Lc, dinv, z, flag, words, cand, tcand, res, sc,
+              flag2, words2, tlo, thi, tdrop):
     """Solve one row; returns (n_active, n_steps, ok, a.r_A) with ``r_A`` the
     residual correlations of the active atoms (for the objective).
 
@@ -444,7 +444,10 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, cor
     first also applies the previous move to the correlations (``corr -= gamma u``)
     and the last flags the ``skip == 0`` atoms that could join before the level
     reaches ``alpha``: ``|c_k - (cmax - alpha) u_k| > alpha`` (one pass when
-    ``m == 1``). Only flagged atoms (a few percent) get the exact step-length test."""
+    ``m == 1``). Only flagged atoms get the exact step-length test: a few percent
+    at large alpha; when more than ``window_min`` are flagged (small alpha: most
+    of them), only those that a bracket of all their join times in the working
+    dtype (:func:`_join_window`) cannot rule out."""
     K = c_in.shape[0]
     mmax = Lc.shape[0]
     for k in range(K):
@@ -541,7 +544,7 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, cor
         # are bracketed in the working dtype (vectorised) and only the atoms whose
         # lower bound is below the smallest upper bound (a few) get the exact test
         nw, nf = _flag_words(flag, words)
-        window = nf > _WINDOW_MIN
+        window = nf > window_min
         if window:
             sc[3] = cmax
             sc[4] = cmax - sc[3]  # cmax = sc[3] + sc[4] to ~2^-48 cmax
@@ -737,8 +740,8 @@ def _corr_rows(X, D, r0, r1, out):
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _lars_batch(C, Dx, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, max_active, idx_out,
-                val_out, nnz, n_steps, ok, fpart, n_workers, chunk, counter):
+def _lars_batch(C, Dx, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, window_min,
+                max_active, idx_out, val_out, nnz, n_steps, ok, fpart, n_workers, chunk, counter):
     n = C.shape[0]
     fused = Dx.shape[0] > 0  # C holds the rows X: correlations computed per chunk
     K = G.shape[0]
@@ -788,9 +791,9 @@ def _lars_batch(C, Dx, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, 
                     for k in range(K):
                         c_row[k] = C[r, k]
                 m, s, good, ar = _lars_one(c_row, G, Gw, alpha, positive, max_steps, kkt_tol,
-                                           gmax, eps_w, corr, u, skip, act, sgn, beta, w, wf, rhs,
-                                           Lc, dinv, z, flag, words, cand, tcand, res, sc,
-                                           flag2, words2, tlo, thi, tdrop)
+                                           gmax, eps_w, window_min, corr, u, skip, act, sgn, beta,
+                                           w, wf, rhs, Lc, dinv, z, flag, words, cand, tcand, res,
+                                           sc, flag2, words2, tlo, thi, tdrop)
                 n_steps[r] = s
                 ok[r] = good
                 # objective minus 0.5 ||x||^2: -a.c + 0.5 a G a + alpha |a|_1, with
@@ -838,6 +841,7 @@ _RETRY_MIN_ROWS = 64
 def lars_lasso_rows(
     C, G, alpha, positive=False, max_steps=None, kkt_tol=1e-6, n_threads=None, rank_bound=None,
     return_objective=False, fresh_certificate=False, pass_dtype=np.float32, dictionary=None,
+    window_min=None,
 ):
     """Exact lasso codes of every row of ``C`` (numpy in, numpy out).
 
@@ -883,6 +887,10 @@ def lars_lasso_rows(
         The atoms, of ``C``'s dtype, when ``C`` holds the (finite) rows ``X``:
         each worker computes the correlations of its chunk of rows itself (in
         its cache, in parallel, with no ``(n, K)`` matrix in memory).
+    window_min : int, optional
+        Flagged atoms above which a step brackets their join times before the
+        exact test (default ``_WINDOW_MIN``; 0: every step, ``K``: never). The
+        codes do not depend on it; tests compare the two ways.
 
     Returns
     -------
@@ -917,7 +925,8 @@ def lars_lasso_rows(
     max_active = int(min(K, 1024 if rank_bound is None else rank_bound)) + 1
     max_steps = 8 * K if max_steps is None else int(max_steps)
     nt = numba.get_num_threads() if n_threads is None else int(n_threads)
-    opts = (float(alpha), bool(positive), max_steps, float(kkt_tol), max_active, nt,
+    window_min = _WINDOW_MIN if window_min is None else int(window_min)
+    opts = (float(alpha), bool(positive), max_steps, float(kkt_tol), window_min, max_active, nt,
             fresh_certificate)
     idx, val, nnz, steps, ok, fpart = _run(C, Dx, G, G.astype(pass_dtype, copy=False), *opts)
     bad = np.flatnonzero(~ok)
@@ -935,7 +944,8 @@ def lars_lasso_rows(
     return idx[:, :w], val[:, :w], steps, ok
 
 
-def _run(C, Dx, G, Gw, alpha, positive, max_steps, kkt_tol, max_active, nt, fresh_certificate):
+def _run(C, Dx, G, Gw, alpha, positive, max_steps, kkt_tol, window_min, max_active, nt,
+         fresh_certificate):
     """One kernel call: every row of ``C`` with passes in ``Gw``'s dtype."""
     n, K = C.shape[0], G.shape[0]
     idx = np.empty((n, max_active), dtype=np.int64)  # the kernel writes the padding
@@ -947,8 +957,8 @@ def _run(C, Dx, G, Gw, alpha, positive, max_steps, kkt_tol, max_active, nt, fres
     if n:
         gmax = float(np.abs(np.diag(G)).max()) if K else 0.0  # max |G_ij| (G is a Gram)
         eps_w = np.inf if fresh_certificate else float(np.finfo(Gw.dtype).eps)
-        args = (C, Dx, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, max_active, idx,
-                val, nnz, steps, ok, fpart)
+        args = (C, Dx, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, window_min,
+                max_active, idx, val, nnz, steps, ok, fpart)
         nt = max(1, min(nt, numba.config.NUMBA_NUM_THREADS, n))
         # rows per chunk: ~1/16 of a thread's share, 16 to 64 rows (the fused
         # correlations of a chunk, chunk x K, stay within ~256 KB)
