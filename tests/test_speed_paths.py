@@ -464,7 +464,7 @@ def test_kernel_join_bracket_keeps_the_path(data, positive, pass_dtype):
         bracket = lars_lasso_rows(C, G, alpha, window_min=0, **kw)
         default = lars_lasso_rows(C, G, alpha, **kw)
         assert full[3].mean() > 0.5  # (near-duplicates: some rows for the fallback)
-        for a, b, c in zip(full, bracket, default):
+        for a, b, c in zip(full, bracket, default, strict=True):
             np.testing.assert_array_equal(a, b)
             np.testing.assert_array_equal(a, c)
 

@@ -30,7 +30,15 @@ the previous move to the correlations, the middle ones add four columns each, th
 last flags the inactive atoms that could join before the level reaches
 ``alpha``: ``|c_k - (cmax - alpha) u_k| > alpha``), a bit scan that lists the
 flagged atoms, and exact step lengths for them only (about 4% of the atoms on
-natural-image dictionaries) instead of a branchy scan of every atom.
+natural-image dictionaries at large alpha) instead of a branchy scan of every
+atom. At small alpha most atoms pass that test; when more than ``_WINDOW_MIN``
+do, one more vectorised pass brackets their join times in the working dtype
+(rounding bounded, :func:`_join_window`) and only the atoms whose lower bound
+is below the smallest upper bound (usually one or two) get the exact test: the
+same atom joins as with the exact test of every flagged atom (the tests compare
+the two through ``window_min``). The drop test is one
+vectorised pass over the active set, and the triangular solves go four rows at
+a time.
 The path's length-``K`` passes (correlations, ``u``, step lengths) run in
 float32 for float32 and float64 inputs alike: the path only has to find the
 support, the coefficients come from a float64 face solve, and every row is
