@@ -572,11 +572,20 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, win
         if last_drop >= 0:
             skip[last_drop] = 0
             last_drop = -1
-        gd, i_d = _first_drop(beta, w, m, gamma, tdrop)
-        if i_d >= 0:
-            gamma = gd
-            event = 2
-            who = i_d
+        if m >= 16:  # (vectorised: pays on long active sets only)
+            gd, i_d = _first_drop(beta, w, m, gamma, tdrop)
+            if i_d >= 0:
+                gamma = gd
+                event = 2
+                who = i_d
+        else:
+            for i in range(m):
+                if beta[i] * w[i] < 0.0:
+                    t = -beta[i] / w[i]
+                    if t < gamma:
+                        gamma = t
+                        event = 2
+                        who = i
         # move
         wl1 = 0.0
         for i in range(m):
