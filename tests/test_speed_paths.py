@@ -408,7 +408,7 @@ def test_kernel_retries_uncertified_float32_rows_with_float64_passes(monkeypatch
 
     _, _, C, G = _near_duplicates(seed=3, n=2000)
     alpha = 0.05 * np.abs(C).max(1).mean()
-    opts = (alpha, False, 8 * G.shape[0], 1e-7, G.shape[0] + 1, 1, False)
+    opts = (alpha, False, 8 * G.shape[0], 1e-7, lk._WINDOW_MIN, G.shape[0] + 1, 1, False)
     ok32 = lk._run(C, C[:0, :0], G, G.astype(np.float32), *opts)[4]
     ok64 = lk._run(C, C[:0, :0], G, G, *opts)[4]
     assert (~ok32).sum() >= lk._RETRY_MIN_ROWS
@@ -420,6 +420,53 @@ def test_kernel_retries_uncertified_float32_rows_with_float64_passes(monkeypatch
     monkeypatch.setattr(lk, "_RETRY_MIN_ROWS", int((~ok32).sum()) + 1)
     _, _, _, ok = lk.lars_lasso_rows(C, G, alpha, kkt_tol=1e-7, n_threads=1)
     np.testing.assert_array_equal(ok, ok32)
+
+
+def _tied_atoms(seed=0, n=300, groups=12, copies=12, P=24):
+    # groups of atoms a relative 1e-8 to 1e-3 apart, plus exact and sign-flipped
+    # copies: many atoms reach the common level at nearly (or exactly) the same
+    # step length, within float32 rounding of one another
+    rng = np.random.default_rng(seed)
+    B = rng.standard_normal((groups, P))
+    scales = np.logspace(-8, -3, copies - 2)
+    D = [B]
+    for s in scales:
+        D.append(B + s * rng.standard_normal(B.shape))
+    D.append(B.copy())
+    D.append(-B)
+    D = np.vstack(D)
+    D = D[rng.permutation(len(D))]
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    X = rng.standard_normal((n, groups)) @ B + 0.3 * rng.standard_normal((n, P))
+    return X, D, X @ D.T, D @ D.T
+
+
+@pytest.mark.parametrize("pass_dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("positive", [False, True])
+@pytest.mark.parametrize("data", ["tied", "coherent"])
+def test_kernel_join_bracket_keeps_the_path(data, positive, pass_dtype):
+    # the bracket of the join times in the working dtype (every step with
+    # window_min=0) may only drop atoms that cannot join first: the path, step
+    # for step, is the one of the exact test of every flagged atom (window_min=K)
+    from skdict.solvers._kernels.lars import lars_lasso_rows
+
+    if data == "tied":
+        _, _, C, G = _tied_atoms()
+        alphas = [0.3, 0.03, 0.003]
+    else:
+        _, _, C, G = _problem(n=300, K=96, P=24, coherent=True, seed=7)
+        C, G = C.numpy(), G.numpy()
+        alphas = [0.1, 0.01, 0.002]
+    for alpha in alphas:
+        kw = dict(positive=positive, kkt_tol=1e-7, pass_dtype=pass_dtype, n_threads=1,
+                  return_objective=True)
+        full = lars_lasso_rows(C, G, alpha, window_min=G.shape[0], **kw)
+        bracket = lars_lasso_rows(C, G, alpha, window_min=0, **kw)
+        default = lars_lasso_rows(C, G, alpha, **kw)
+        assert full[3].mean() > 0.5  # (near-duplicates: some rows for the fallback)
+        for a, b, c in zip(full, bracket, default, strict=True):
+            np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(a, c)
 
 
 @pytest.mark.parametrize("K,P,n", [(45, 13, 103), (64, 16, 64), (7, 3, 5)])

@@ -30,7 +30,15 @@ the previous move to the correlations, the middle ones add four columns each, th
 last flags the inactive atoms that could join before the level reaches
 ``alpha``: ``|c_k - (cmax - alpha) u_k| > alpha``), a bit scan that lists the
 flagged atoms, and exact step lengths for them only (about 4% of the atoms on
-natural-image dictionaries) instead of a branchy scan of every atom.
+natural-image dictionaries at large alpha) instead of a branchy scan of every
+atom. At small alpha most atoms pass that test; when more than ``_WINDOW_MIN``
+do, one more vectorised pass brackets their join times in the working dtype
+(rounding bounded, :func:`_join_window`) and only the atoms whose lower bound
+is below the smallest upper bound (usually one or two) get the exact test: the
+same atom joins as with the exact test of every flagged atom (the tests compare
+the two through ``window_min``). The drop test is one
+vectorised pass over the active set, and the triangular solves go four rows at
+a time.
 The path's length-``K`` passes (correlations, ``u``, step lengths) run in
 float32 for float32 and float64 inputs alike: the path only has to find the
 support, the coefficients come from a float64 face solve, and every row is
@@ -60,7 +68,7 @@ try:  # numba is a hard dependency; keep import errors explicit
     import numba
     from llvmlite import ir
     from numba import njit, prange, types
-    from numba.extending import intrinsic
+    from numba.extending import intrinsic, overload
 except ImportError as exc:  # pragma: no cover - exercised only without numba
     raise ImportError(
         "skdict's CPU exact lasso kernel needs numba; install it with `pip install numba`."
@@ -79,6 +87,19 @@ def _cttz(typingctx, x):
         fnty = ir.FunctionType(i64, [i64, ir.IntType(1)])
         fn = builder.module.declare_intrinsic("llvm.cttz.i64", fnty=fnty)
         return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 1)])
+
+    return sig, codegen
+
+
+@intrinsic
+def _popcnt(typingctx, x):
+    """Number of set bits of an int64 (LLVM's ctpop)."""
+    sig = types.int64(types.int64)
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        fn = builder.module.declare_intrinsic("llvm.ctpop.i64", fnty=ir.FunctionType(i64, [i64]))
+        return builder.call(fn, [args[0]])
 
     return sig, codegen
 
@@ -113,14 +134,56 @@ def _fetch_add(typingctx, arr, v):
     return sig, codegen
 
 
+def _int_view(a):
+    """``a`` (float32 or float64) viewed as integers of its width."""
+
+
+@overload(_int_view)
+def _int_view_impl(a):
+    if a.dtype == types.float32:
+        return lambda a: a.view(np.int32)
+    return lambda a: a.view(np.int64)
+
+
 @njit(cache=True, nogil=True, fastmath=True)
-def _forward(Lc, dinv, m, rhs, out):
-    """``out = L^{-1} rhs`` (leading ``m x m`` block)."""
-    for i in range(m):
+def _forward(Lc, dinv, m, rhs, out, start):
+    """``out = L^{-1} rhs`` (leading ``m x m`` block; ``rhs`` may be ``out``),
+    given ``out[:start]`` (the rows above ``start`` of ``L`` and ``rhs``
+    unchanged since).
+
+    Four rows at a time: their four dot products with the solved entries in one
+    pass, then the 4 x 4 triangle (a quarter of the dependent reductions)."""
+    i = start
+    while i + 3 < m:
+        s0 = rhs[i]
+        s1 = rhs[i + 1]
+        s2 = rhs[i + 2]
+        s3 = rhs[i + 3]
+        r0 = Lc[i]
+        r1 = Lc[i + 1]
+        r2 = Lc[i + 2]
+        r3 = Lc[i + 3]
+        for j in range(i):
+            oj = out[j]
+            s0 -= r0[j] * oj
+            s1 -= r1[j] * oj
+            s2 -= r2[j] * oj
+            s3 -= r3[j] * oj
+        o0 = s0 * dinv[i]
+        o1 = (s1 - r1[i] * o0) * dinv[i + 1]
+        o2 = (s2 - r2[i] * o0 - r2[i + 1] * o1) * dinv[i + 2]
+        o3 = (s3 - r3[i] * o0 - r3[i + 1] * o1 - r3[i + 2] * o2) * dinv[i + 3]
+        out[i] = o0
+        out[i + 1] = o1
+        out[i + 2] = o2
+        out[i + 3] = o3
+        i += 4
+    while i < m:
         s = rhs[i]
         for j in range(i):
             s -= Lc[i, j] * out[j]
         out[i] = s * dinv[i]
+        i += 1
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -129,35 +192,51 @@ def _backward(Lc, dinv, m, rhs, out):
 
     Column-oriented: each solved entry updates the ones above it with a row of
     ``L`` (contiguous, independent updates) rather than each entry summing a
-    column of ``L`` (strided, one dependency chain)."""
+    column of ``L`` (strided, one dependency chain); four rows at a time (the
+    4 x 4 triangle, then one pass of four-row updates)."""
     for i in range(m):
         out[i] = rhs[i]
-    for i in range(m - 1, -1, -1):
+    i = m - 1
+    while i >= 3:
+        r3 = Lc[i]
+        r2 = Lc[i - 1]
+        r1 = Lc[i - 2]
+        r0 = Lc[i - 3]
+        o3 = out[i] * dinv[i]
+        o2 = (out[i - 1] - r3[i - 1] * o3) * dinv[i - 1]
+        o1 = (out[i - 2] - r3[i - 2] * o3 - r2[i - 2] * o2) * dinv[i - 2]
+        o0 = (out[i - 3] - r3[i - 3] * o3 - r2[i - 3] * o2 - r1[i - 3] * o1) * dinv[i - 3]
+        out[i] = o3
+        out[i - 1] = o2
+        out[i - 2] = o1
+        out[i - 3] = o0
+        for j in range(i - 3):
+            out[j] -= (r3[j] * o3 + r2[j] * o2) + (r1[j] * o1 + r0[j] * o0)
+        i -= 4
+    while i >= 0:
         oi = out[i] * dinv[i]
         out[i] = oi
         for j in range(i):
             out[j] -= Lc[i, j] * oi
+        i -= 1
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _chol_append(Lc, dinv, m, G, act, k, tmp):
+def _chol_append(Lc, dinv, m, G, act, k):
     """Border the factor of ``G[act[:m]][:, act[:m]]`` with atom ``k``.
 
     Returns False (and leaves the factor unchanged) when ``k`` is numerically
     in the span of the active atoms."""
     gk = G[k]
+    row = Lc[m]  # (not part of the factor until m grows)
+    for i in range(m):
+        row[i] = gk[act[i]]
+    _forward(Lc, dinv, m, row, row, 0)
     d = gk[k]
     for i in range(m):
-        s = gk[act[i]]
-        for j in range(i):
-            s -= Lc[i, j] * tmp[j]
-        s *= dinv[i]
-        tmp[i] = s
-        d -= s * s
+        d -= row[i] * row[i]
     if d <= 1e-10 * gk[k] or d <= 0.0:
         return False
-    for i in range(m):
-        Lc[m, i] = tmp[i]
     Lc[m, m] = np.sqrt(d)
     dinv[m] = 1.0 / Lc[m, m]
     return True
@@ -217,8 +296,153 @@ def _start_path(j, corr, G, act, sgn, beta, Lc, dinv, z, skip):
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, corr, u, skip, act,
-              sgn, beta, w, wf, rhs, tmp, Lc, dinv, z, flag, words, cand, tcand, res, sc):
+def _flag_words(flag, words):
+    """The non-zero 32-flag masks of ``flag`` (padded to a multiple of 32) with
+    their block in the high bits, listed branch-free; returns (masks, flags)."""
+    nw = 0
+    nf = 0
+    for j in range(flag.shape[0] // 32):
+        msk = _mask32(flag, j)
+        words[nw] = msk | (j << 32)
+        nw += msk != 0
+        nf += _popcnt(msk)
+    return nw, nf
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _list_flags(words, nw, cand):
+    """The flagged atoms in index order (one bit scan each); returns their count."""
+    nc = 0
+    for q in range(nw):
+        first = (words[q] >> 32) * 32  # the block's first atom
+        msk = words[q] & 0xFFFFFFFF
+        while msk != 0:
+            cand[nc] = first + _cttz(msk)
+            nc += 1
+            msk &= msk - 1
+    return nc
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _first_join(cand, nc, corr, u, cmax, g0, positive, tcand):
+    """The exact (float64) join times ``t = (cmax -/+ c_k) / (1 -/+ u_k)`` of the
+    candidates and the first of them to join before ``g0``: (gamma, event, who)
+    with event 1 for a join, 0 (and gamma = g0) for none."""
+    for i in range(nc):
+        k = cand[i]
+        uk = u[k]
+        ck = corr[k]
+        dp = 1.0 - uk
+        t = max(cmax - ck, 0.0) / dp if dp > 1e-12 else np.inf
+        if not positive:
+            dm = 1.0 + uk
+            tm = max(cmax + ck, 0.0) / dm if dm > 1e-12 else np.inf
+            t = min(t, tm)
+        tcand[i] = t
+    gamma = g0
+    event = 0
+    who = -1
+    for i in range(nc):
+        if tcand[i] < gamma:
+            gamma = tcand[i]
+            event = 1
+            who = cand[i]
+    return gamma, event, who
+
+
+@njit(cache=True, nogil=True, error_model="numpy",
+      fastmath={"nnan", "ninf", "nsz", "arcp", "contract", "afn"})
+def _first_drop(beta, w, m, gamma, tt):
+    """The first active atom whose coefficient reaches zero before ``gamma``:
+    (its step, its position), or (gamma, -1). The steps ``-beta_i / w_i``
+    (positive where ``beta_i w_i < 0``) in one vectorised pass, their minimum
+    on the bits (as in :func:`_join_window`), then the first position that has
+    it."""
+    for i in range(m):
+        b = beta[i]
+        wi = w[i]
+        tt[i] = -b / wi if b * wi < 0.0 else 1e300
+    bits = tt.view(np.int64)
+    mb = bits[0]
+    for i in range(m):
+        v = bits[i]
+        mb = v if v < mb else mb
+    for i in range(m):
+        if bits[i] == mb:
+            if tt[i] < gamma:
+                return tt[i], i
+            break
+    return gamma, -1
+
+
+# flagged atoms above which a step brackets the join times before the exact test
+_WINDOW_MIN = 24
+
+
+# no reassociation: ``(chi - c) + clo`` relies on the exact (Sterbenz) difference
+@njit(cache=True, nogil=True, error_model="numpy",
+      fastmath={"nnan", "ninf", "nsz", "arcp", "contract", "afn"})
+def _join_window(corr, u, flag, tlo, thi, positive, sc):
+    """Bounds on the join times of the flagged atoms in the working dtype:
+    ``tlo[k]`` at most, and the returned value at least, the smallest exact
+    (float64) join time, so that the atoms with ``tlo[k]`` above it cannot join
+    first. ``sc[3:13]``: cmax split as ``chi + clo`` (working dtype, ``|cmax -
+    chi - clo| <= 2^-48 cmax``), an absolute slack ``eta``, the relative
+    factors ``1 -/+ 1e-5``, a large sentinel, the denominator floors below and
+    above float64's ``1e-12``, 0 and 1; ``sc[13]`` is scratch.
+
+    Error bound: with ``chi - c`` exact (Sterbenz) for ``c`` near ``chi`` and
+    correctly rounded otherwise, the numerators are within ``4 ulp`` relative
+    plus ``2^-48 cmax`` absolute, the quotients within ``7 ulp`` (float32:
+    ``4e-7``, 25 times below ``1e-5``) plus ``2^-48 cmax / d`` (30 times below
+    ``eta / d``). Denominators near 0 (``u`` near 1) are exact differences, so the
+    float64 test ``d > 1e-12`` sees the same ``d``; the floors on either side
+    only make the bounds looser. The upper bounds go to ``thi`` and their
+    minimum is taken on the bits (positive floats order as their bit patterns;
+    an integer minimum vectorises where a float one does not)."""
+    chi = sc[3]
+    clo = sc[4]
+    eta = sc[5]
+    flo = sc[6]
+    fhi = sc[7]
+    big = sc[8]
+    dlo = sc[9]
+    dhi = sc[10]
+    zero = sc[11]
+    one = sc[12]
+    for k in range(corr.shape[0]):
+        ck = corr[k]
+        uk = u[k]
+        d = one - uk
+        r = one / (d if d > dlo else one)
+        t = max((chi - ck) + clo, zero) * r
+        e = eta * r
+        lo = t * flo - e if d > dlo else big
+        hi = t * fhi + e if d > dhi else big
+        if not positive:
+            d = one + uk
+            r = one / (d if d > dlo else one)
+            t = max((chi + ck) + clo, zero) * r
+            e = eta * r
+            lo2 = t * flo - e if d > dlo else big
+            hi2 = t * fhi + e if d > dhi else big
+            lo = lo2 if lo2 < lo else lo
+            hi = hi2 if hi2 < hi else hi
+        tlo[k] = lo
+        thi[k] = hi if flag[k] != 0 else big  # > 0: t >= 0, e > 0
+    bits = _int_view(thi)
+    m = bits[0]
+    for k in range(bits.shape[0]):
+        v = bits[k]
+        m = v if v < m else m
+    _int_view(sc)[13] = m
+    return sc[13]
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, window_min, corr, u,
+              skip, act, sgn, beta, w, wf, rhs, Lc, dinv, z, flag, words, cand, tcand, res, sc,
+              flag2, words2, tlo, thi, tdrop):
     """Solve one row; returns (n_active, n_steps, ok, a.r_A) with ``r_A`` the
     residual correlations of the active atoms (for the objective).
 
@@ -228,7 +452,10 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, cor
     first also applies the previous move to the correlations (``corr -= gamma u``)
     and the last flags the ``skip == 0`` atoms that could join before the level
     reaches ``alpha``: ``|c_k - (cmax - alpha) u_k| > alpha`` (one pass when
-    ``m == 1``). Only flagged atoms (a few percent) get the exact step-length test."""
+    ``m == 1``). Only flagged atoms get the exact step-length test: a few percent
+    at large alpha; when more than ``window_min`` are flagged (small alpha: most
+    of them), only those that a bracket of all their join times in the working
+    dtype (:func:`_join_window`) cannot rule out."""
     K = c_in.shape[0]
     mmax = Lc.shape[0]
     for k in range(K):
@@ -239,6 +466,14 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, cor
     if cmax <= alpha or j0 < 0:
         return 0, 0, True, 0.0
     cmax0 = cmax
+    # constants of the join-time bracket (:func:`_join_window`) in the working dtype
+    sc[6] = 1.0 - 1e-5
+    sc[7] = 1.0 + 1e-5
+    sc[8] = 1e38
+    sc[9] = 0.5e-12
+    sc[10] = 2e-12
+    sc[11] = 0.0
+    sc[12] = 1.0
     pathw = 0.0  # sum over steps of gamma ||w||_1 (for the drift bound)
     mtop = 1
     _start_path(j0, corr, G, act, sgn, beta, Lc, dinv, z, skip)
@@ -312,52 +547,45 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, cor
                 u[k] = uk
                 d = corr[k] - g0w * uk
                 flag[k] = ((d if positive else abs(d)) > base) & (skip[k] == 0)
-        # the flagged atoms, in index order: a bit mask per 32 flags, the
-        # non-zero masks listed branch-free (with their block in the high bits),
-        # then one bit scan per flagged atom
-        nc = 0
-        nw = 0
-        for j in range(words.shape[0]):
-            msk = _mask32(flag, j)
-            words[nw] = msk | (j << 32)
-            nw += msk != 0
-        for q in range(nw):
-            first = (words[q] >> 32) * 32  # the block's first atom
-            msk = words[q] & 0xFFFFFFFF
-            while msk != 0:
-                cand[nc] = first + _cttz(msk)
-                nc += 1
-                msk &= msk - 1
-        # exact join times t = (cmax -/+ c_k) / (1 -/+ u_k) of the candidates
-        for i in range(nc):
-            k = cand[i]
-            uk = u[k]
-            ck = corr[k]
-            dp = 1.0 - uk
-            t = max(cmax - ck, 0.0) / dp if dp > 1e-12 else np.inf
-            if not positive:
-                dm = 1.0 + uk
-                tm = max(cmax + ck, 0.0) / dm if dm > 1e-12 else np.inf
-                t = min(t, tm)
-            tcand[i] = t
-        gamma = g0
-        event = 0  # 0 stop, 1 add, 2 drop
-        who = -1
-        for i in range(nc):
-            if tcand[i] < gamma:
-                gamma = tcand[i]
-                event = 1
-                who = cand[i]
+        # the flagged atoms, in index order (bit masks of 32 flags). At small
+        # alpha most atoms pass the flag test; then the join times of all of them
+        # are bracketed in the working dtype (vectorised) and only the atoms whose
+        # lower bound is below the smallest upper bound (a few) get the exact test
+        nw, nf = _flag_words(flag, words)
+        window = nf > window_min
+        if window:
+            sc[3] = cmax
+            sc[4] = cmax - sc[3]  # cmax = sc[3] + sc[4] to ~2^-48 cmax
+            sc[5] = max(1e-13 * cmax, 1e-30)
+            thr = _join_window(corr, u, flag, tlo, thi, positive, sc)
+            for k in range(K):
+                flag2[k] = (tlo[k] <= thr) & (flag[k] != 0)
+            nw2, _ = _flag_words(flag2, words2)
+            nc = _list_flags(words2, nw2, cand)
+        else:
+            nc = _list_flags(words, nw, cand)
+        # event: 0 stop, 1 add, 2 drop
+        gamma, event, who = _first_join(cand, nc, corr, u, cmax, g0, positive, tcand)
+        if window and event == 0:  # (not expected: the bracket is conservative)
+            nc = _list_flags(words, nw, cand)
+            gamma, event, who = _first_join(cand, nc, corr, u, cmax, g0, positive, tcand)
         if last_drop >= 0:
             skip[last_drop] = 0
             last_drop = -1
-        for i in range(m):
-            if beta[i] * w[i] < 0.0:
-                t = -beta[i] / w[i]
-                if t < gamma:
-                    gamma = t
-                    event = 2
-                    who = i
+        if m >= 16:  # (vectorised: pays on long active sets only)
+            gd, i_d = _first_drop(beta, w, m, gamma, tdrop)
+            if i_d >= 0:
+                gamma = gd
+                event = 2
+                who = i_d
+        else:
+            for i in range(m):
+                if beta[i] * w[i] < 0.0:
+                    t = -beta[i] / w[i]
+                    if t < gamma:
+                        gamma = t
+                        event = 2
+                        who = i
         # move
         wl1 = 0.0
         for i in range(m):
@@ -391,11 +619,11 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, cor
                 _start_path(jn, corr, G, act, sgn, beta, Lc, dinv, z, skip)
                 cmax = cmax_new
                 m = 1
-            else:
-                _forward(Lc, dinv, m, sgn, z)
+            else:  # the rows of L and s above the dropped one are unchanged
+                _forward(Lc, dinv, m, sgn, z, who)
             continue
         # event == 1: atom `who` joins with the sign of its (moved) correlation
-        if m >= mmax or not _chol_append(Lc, dinv, m, G, act, who, tmp):
+        if m >= mmax or not _chol_append(Lc, dinv, m, G, act, who):
             skip[who] = 2
             continue
         act[m] = who
@@ -414,7 +642,7 @@ def _lars_one(c_in, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, cor
     if m > 0:
         for i in range(m):
             rhs[i] = c_in[act[i]] - alpha * sgn[i]
-        _forward(Lc, dinv, m, rhs, w)  # (L L^T) w = rhs
+        _forward(Lc, dinv, m, rhs, w, 0)  # (L L^T) w = rhs
         _backward(Lc, dinv, m, w, w)
         for i in range(m):
             if w[i] * sgn[i] <= 0.0:
@@ -529,8 +757,8 @@ def _corr_rows(X, D, r0, r1, out):
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _lars_batch(C, Dx, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, max_active, idx_out,
-                val_out, nnz, n_steps, ok, fpart, n_workers, chunk, counter):
+def _lars_batch(C, Dx, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, window_min,
+                max_active, idx_out, val_out, nnz, n_steps, ok, fpart, n_workers, chunk, counter):
     n = C.shape[0]
     fused = Dx.shape[0] > 0  # C holds the rows X: correlations computed per chunk
     K = G.shape[0]
@@ -552,13 +780,17 @@ def _lars_batch(C, Dx, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, 
         beta = np.empty(max_active)
         w = np.empty(max_active)
         rhs = np.empty(max_active)
-        tmp = np.empty(max_active)
         Lc = np.empty((max_active, max_active))
         dinv = np.empty(max_active)
         z = np.empty(max_active)
         res = np.empty(K)
         c_row = np.empty(K)
-        sc = np.empty(3, dtype=Gw.dtype)
+        sc = np.empty(14, dtype=Gw.dtype)
+        flag2 = np.zeros_like(flag)
+        words2 = np.empty_like(words)
+        tlo = np.empty(K, dtype=Gw.dtype)
+        thi = np.empty(K, dtype=Gw.dtype)
+        tdrop = np.empty(max_active)
         cbuf = np.empty((chunk if fused else 0, K), dtype=C.dtype)
         while True:
             q = _fetch_add(counter, 1)
@@ -576,8 +808,9 @@ def _lars_batch(C, Dx, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, 
                     for k in range(K):
                         c_row[k] = C[r, k]
                 m, s, good, ar = _lars_one(c_row, G, Gw, alpha, positive, max_steps, kkt_tol,
-                                           gmax, eps_w, corr, u, skip, act, sgn, beta, w, wf, rhs,
-                                           tmp, Lc, dinv, z, flag, words, cand, tcand, res, sc)
+                                           gmax, eps_w, window_min, corr, u, skip, act, sgn, beta,
+                                           w, wf, rhs, Lc, dinv, z, flag, words, cand, tcand, res,
+                                           sc, flag2, words2, tlo, thi, tdrop)
                 n_steps[r] = s
                 ok[r] = good
                 # objective minus 0.5 ||x||^2: -a.c + 0.5 a G a + alpha |a|_1, with
@@ -625,6 +858,7 @@ _RETRY_MIN_ROWS = 64
 def lars_lasso_rows(
     C, G, alpha, positive=False, max_steps=None, kkt_tol=1e-6, n_threads=None, rank_bound=None,
     return_objective=False, fresh_certificate=False, pass_dtype=np.float32, dictionary=None,
+    window_min=None,
 ):
     """Exact lasso codes of every row of ``C`` (numpy in, numpy out).
 
@@ -670,6 +904,10 @@ def lars_lasso_rows(
         The atoms, of ``C``'s dtype, when ``C`` holds the (finite) rows ``X``:
         each worker computes the correlations of its chunk of rows itself (in
         its cache, in parallel, with no ``(n, K)`` matrix in memory).
+    window_min : int, optional
+        Flagged atoms above which a step brackets their join times before the
+        exact test (default ``_WINDOW_MIN``; 0: every step, ``K``: never). The
+        codes do not depend on it; tests compare the two ways.
 
     Returns
     -------
@@ -704,7 +942,8 @@ def lars_lasso_rows(
     max_active = int(min(K, 1024 if rank_bound is None else rank_bound)) + 1
     max_steps = 8 * K if max_steps is None else int(max_steps)
     nt = numba.get_num_threads() if n_threads is None else int(n_threads)
-    opts = (float(alpha), bool(positive), max_steps, float(kkt_tol), max_active, nt,
+    window_min = _WINDOW_MIN if window_min is None else int(window_min)
+    opts = (float(alpha), bool(positive), max_steps, float(kkt_tol), window_min, max_active, nt,
             fresh_certificate)
     idx, val, nnz, steps, ok, fpart = _run(C, Dx, G, G.astype(pass_dtype, copy=False), *opts)
     bad = np.flatnonzero(~ok)
@@ -722,7 +961,8 @@ def lars_lasso_rows(
     return idx[:, :w], val[:, :w], steps, ok
 
 
-def _run(C, Dx, G, Gw, alpha, positive, max_steps, kkt_tol, max_active, nt, fresh_certificate):
+def _run(C, Dx, G, Gw, alpha, positive, max_steps, kkt_tol, window_min, max_active, nt,
+         fresh_certificate):
     """One kernel call: every row of ``C`` with passes in ``Gw``'s dtype."""
     n, K = C.shape[0], G.shape[0]
     idx = np.empty((n, max_active), dtype=np.int64)  # the kernel writes the padding
@@ -734,8 +974,8 @@ def _run(C, Dx, G, Gw, alpha, positive, max_steps, kkt_tol, max_active, nt, fres
     if n:
         gmax = float(np.abs(np.diag(G)).max()) if K else 0.0  # max |G_ij| (G is a Gram)
         eps_w = np.inf if fresh_certificate else float(np.finfo(Gw.dtype).eps)
-        args = (C, Dx, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, max_active, idx,
-                val, nnz, steps, ok, fpart)
+        args = (C, Dx, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, window_min,
+                max_active, idx, val, nnz, steps, ok, fpart)
         nt = max(1, min(nt, numba.config.NUMBA_NUM_THREADS, n))
         # rows per chunk: ~1/16 of a thread's share, 16 to 64 rows (the fused
         # correlations of a chunk, chunk x K, stay within ~256 KB)
