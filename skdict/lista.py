@@ -183,8 +183,9 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
         of ``fit``. ``fit`` keeps the parameters that were best on the validation
         rows (checked after every epoch, and every 256 steps within a longer
         one); a check that finds more than a quarter of the gain over the
-        untrained network lost restarts from the best parameters at half the
-        learning rate.
+        untrained network lost, or the excess of the best loss over that of the
+        exact codes (``loss="objective"``; over 0 for ``"codes"``) grown by more
+        than half, restarts from the best parameters at half the learning rate.
     n_iter_ : int
         Epochs run by the last ``fit`` (``partial_fit`` adds 1 per call).
     n_steps_ : int

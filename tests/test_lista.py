@@ -341,6 +341,48 @@ def test_fit_checks_for_spikes_within_a_long_pass():
     assert rates == pytest.approx([0.25, 0.25])
 
 
+def test_check_rolls_back_a_spike_small_against_the_gain_large_against_the_gap():
+    # late in training the gain over the untrained network dwarfs the gap to the
+    # exact codes' objective: a check whose loss grew that gap by more than half
+    # restarts from the best parameters at half the rate, a smaller rise does not
+    from skdict.training.lista import _SPIKE_EXCESS, LISTALearner, exact_codes
+
+    D, X, _ = _problem(n=300)
+    enc = LISTAEncoder(D, n_layers=12, alpha=0.1, variant="lfista", max_iter=15,
+                       random_state=0, device="cpu").fit(X)
+    Dt, Xt = torch.as_tensor(D), torch.as_tensor(X)
+
+    def learner_at(shift):
+        lr = LISTALearner(enc, Dt, 0.1, 0.0, "cpu", np.float64, variant="lfista")
+        lr.val = (Xt, exact_codes(Xt, Dt, 0.1, device="cpu"), None)
+        lr.scale, lr.track_best = 1.0, True
+        lr.module = enc.to_module(dtype=torch.float64)
+        lr.init_val = lr.val_loss(lr.new_module())
+        lr.best = lr.val_loss(lr.module)
+        lr.best_params = {k: p.clone() for k, p in lr.module.named_parameters()}
+        lr.opt = torch.optim.Adam(lr.module.parameters(), lr=1.0)
+        lr.opt.param_groups[0]["base_lr"] = 1.0
+        with torch.no_grad():
+            W = lr.module.W
+            g = torch.Generator().manual_seed(0)
+            W.add_(shift * W.std() * torch.randn(W.shape, generator=g, dtype=W.dtype))
+        return lr
+
+    floor = learner_at(0.0)._val_floor(learner_at(0.0).module)
+    outcomes = set()
+    for shift in (0.1, 0.3, 0.5):
+        lr = learner_at(shift)
+        rise, excess = lr.val_loss(lr.module) - lr.best, lr.best - floor
+        assert 0 < rise < 0.25 * (lr.init_val - lr.best)  # the old rule let it pass
+        lr._check_best()
+        rolled = lr.opt.param_groups[0]["base_lr"] == 0.5
+        assert rolled == (rise > _SPIKE_EXCESS * excess), (shift, rise, excess)
+        if rolled:
+            assert lr.val_loss(lr.module) == lr.best
+        outcomes.add(rolled)
+    assert outcomes == {False, True}
+
+
 def test_auto_variant_alista_for_random_lfista_for_learned_dictionaries():
     # ALISTA's fixed weight beats ISTA on a random dictionary and loses to it on
     # one learned from natural patches; "auto" must pick by exactly that test
