@@ -187,6 +187,10 @@ def _route_topk_screened(X, D, s, positive, tile_size, row_chunk=256, tile=4096)
     cnt = np.zeros(n, dtype=np.int64)
     fk = np.zeros(n, dtype=np.uint16)
     buf = None
+    # q: 1.5x the tile's share of the m best. A fresh row's floor then lists
+    # ~2 m atoms in all (the certificate needs s), and a visited 64-column block
+    # is scanned key by key, the screen's main cost: at K=32k, m=144, q 36 -> 27
+    # lists 420 -> 280 atoms per row and screens 62 -> 47 ms per 2048 rows
     for r0 in range(0, n, row_chunk):
         r1 = min(n, r0 + row_chunk)
         for k0 in range(0, K, tile):
@@ -197,10 +201,6 @@ def _route_topk_screened(X, D, s, positive, tile_size, row_chunk=256, tile=4096)
             screen_block(buf.view(torch.int16).numpy().view(np.uint16), k0, bk[r0:r1],
                          bi[r0:r1], cnt[r0:r1], fk[r0:r1], m, absval=absval,
                          q=max(1, math.ceil(1.5 * m * (k1 - k0) / K)))
-    # q: 1.5x the tile's share of the m best. A fresh row's floor then lists
-    # ~2 m atoms in all (the certificate needs s), and a visited 64-column block
-    # is scanned key by key, the screen's main cost: at K=32k, m=144, q 36 -> 27
-    # lists 420 -> 280 atoms per row and screens 62 -> 47 ms per 2048 rows
     finish(bk, bi, cnt, fk, m)
     bk, bi = bk[:, :m], bi[:, :m]
     hv = np.where(bi >= 0, key_values(bk, absval=absval), np.float32(-np.inf))

@@ -86,14 +86,21 @@ def offdiag_rows_matmul(rows, cols, vals, D, atoms, n_threads):
     -------
     out : ndarray (m, P)
     """
-    out = np.zeros((atoms.shape[0], D.shape[1]), dtype=D.dtype)
     if vals.shape[0] and atoms.shape[0]:
-        slot = np.full(D.shape[0], -1, dtype=np.int64)
-        slot[atoms] = np.arange(atoms.shape[0])
-        ptr, nbr, w = _group(rows, cols, vals.astype(D.dtype, copy=False), slot,
-                             atoms.shape[0])
-        _parallel(_rows_product)(ptr, nbr, w, D, out)
-    return out
+        return _grouped_product(rows, cols, vals, D, atoms)[2]
+    return np.zeros((atoms.shape[0], D.shape[1]), dtype=D.dtype)
+
+
+def _grouped_product(rows, cols, vals, D, atoms):
+    """``(ptr, w, out)``: the entries of the wanted rows grouped by row (CSR
+    pointers and values in D's dtype) and their product with ``D``."""
+    m = atoms.shape[0]
+    slot = np.full(D.shape[0], -1, dtype=np.int64)
+    slot[atoms] = np.arange(m)
+    ptr, nbr, w = _group(rows, cols, vals.astype(D.dtype, copy=False), slot, m)
+    out = np.zeros((m, D.shape[1]), dtype=D.dtype)
+    _parallel(_rows_product)(ptr, nbr, w, D, out)
+    return ptr, w, out
 
 
 def _refresh_impl(ptr, w, D, atoms, B, diag, gershgorin, step, eps, AD):
@@ -128,14 +135,9 @@ def refresh_rows(rows, cols, vals, D, atoms, B, diag, *, gershgorin, step, eps):
     ``eps`` keeps its old value). Every new atom is computed from the old
     ``D`` before any is written. Reference:
     :func:`skdict.updates.sparse_stats.refresh_atoms` (torch path)."""
-    m, P = atoms.shape[0], D.shape[1]
-    if m == 0:
+    if atoms.shape[0] == 0:
         return
-    slot = np.full(D.shape[0], -1, dtype=np.int64)
-    slot[atoms] = np.arange(m)
-    ptr, nbr, w = _group(rows, cols, vals.astype(D.dtype, copy=False), slot, m)
-    AD = np.zeros((m, P), dtype=D.dtype)
-    _parallel(_rows_product)(ptr, nbr, w, D, AD)
+    ptr, w, AD = _grouped_product(rows, cols, vals, D, atoms)
     _parallel(_refresh)(ptr, w, D, atoms, B, diag, bool(gershgorin), D.dtype.type(step),
                         D.dtype.type(eps), AD)
 
