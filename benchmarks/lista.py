@@ -20,8 +20,8 @@ Sections (every contender runs in this process on the same held-out rows):
 2. Natural 8x8 patches (unit norm, mean removed) with a 256-atom dictionary
    learned by :class:`skdict.LCASparseCoder` (exact codes): the encoders are
    trained with their default loss (the lasso objective, ``fit(X)``) for 10
-   epochs (``--patch-epochs``) at ``lr=0.015`` (``--patch-lr``) on the
-   dictionary's 20000 rows and 200000 more distinct patches
+   epochs (``--patch-epochs``) at ``lr=0.015`` (``--patch-lr``) in batches of
+   128 (``--patch-batch-size``) on the dictionary's 20000 rows and 200000 more distinct patches
    (``--patch-encoder-train``; ``--patch-encoder-rows all``, the default: an
    encoder for a dictionary is naturally trained on the data the dictionary
    was learned from; ``train`` uses the training rows alone). The held-out rows
@@ -110,7 +110,7 @@ def gap(codes, X, D, fstar, alpha):
     return (f - fstar) / fstar
 
 
-def train(D, X, y, alpha, variant, device, args, epochs=None, seed=0, lr=None):
+def train(D, X, y, alpha, variant, device, args, epochs=None, seed=0, lr=None, batch_size=None):
     from skdict import LISTAEncoder
 
     epochs = args.epochs if epochs is None else epochs
@@ -118,7 +118,7 @@ def train(D, X, y, alpha, variant, device, args, epochs=None, seed=0, lr=None):
     if y is not None:
         kw["loss"] = "codes"
     enc = LISTAEncoder(D, n_layers=16, alpha=alpha, variant=variant, device=device, **kw,
-                       random_state=seed, batch_size=args.batch_size, lr=lr)
+                       random_state=seed, batch_size=batch_size or args.batch_size, lr=lr)
     t, c = time.perf_counter(), _cpu_seconds()
     enc.fit(X, y)
     return enc, time.perf_counter() - t, _cpu_seconds() - c
@@ -262,13 +262,15 @@ def section_patches(args, device):
     Xenc = np.concatenate([Xd, Xtr]) if args.patch_encoder_rows == "all" else Xtr
     print(f"encoders trained on {len(Xenc)} distinct patches ({args.patch_encoder_rows}; "
           f"{args.patch_epochs or args.epochs or 'default'} epochs, "
-          f"lr {args.patch_lr or 'default'}), {len(Xte)} held out "
+          f"lr {args.patch_lr or 'default'}, batch {args.patch_batch_size or args.batch_size}), "
+          f"{len(Xte)} held out "
           f"(from {args.patch_tile}-px tiles no training patch touches, split seed "
           f"{args.split_seed})")
     for v in args.variants:
         enc, wall, cpu = train(lca.components_, Xenc, None, alpha, v, device, args,
                                epochs=args.patch_epochs or None, seed=args.encoder_seed,
-                               lr=args.patch_lr or None)
+                               lr=args.patch_lr or None,
+                               batch_size=args.patch_batch_size or None)
         encs[v] = enc
         gaps[v] = [gap(a, Xte, D, fstar, alpha) for a in layer_codes(enc, Xte, device)]
         summary.append({"setting": "patches", "variant": v, "NMSE@16 dB": None,
@@ -349,6 +351,9 @@ def main(argv=None):
     p.add_argument("--patch-lr", type=float, default=0.015,
                    help="patches: lr of every encoder (0: LISTAEncoder's default); the "
                         "7700 steps of the default protocol spike less at half lfista's")
+    p.add_argument("--patch-batch-size", type=int, default=128,
+                   help="patches: batch_size of every encoder (0: --batch-size); twice "
+                        "the steps of batch 256 in the same epochs, for a 10%% smaller gap")
     p.add_argument("--patch-tile", type=int, default=16,
                    help="patches: side in pixels of the tiles the held-out rows come from")
     p.add_argument("--split-seed", type=int, default=0,
@@ -360,6 +365,7 @@ def main(argv=None):
         args.n_train, args.n_test, args.n_dict = 4000, 300, 5000
         args.epochs, args.dict_epochs = 10, 2
         args.patch_encoder_train, args.patch_epochs, args.patch_lr = args.n_train, None, None
+        args.patch_batch_size = None
         args.throughput_rows, args.exact_rows = 50_000, 5_000
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device: skipping the GPU run")
