@@ -341,6 +341,29 @@ def test_exact_transform_blocks_do_not_change_codes(monkeypatch, dtype):
                                _obj(X64, ref, D64, 0.1), rtol=rtol)
 
 
+def test_exact_float32_fused_and_gemm_correlations_agree(monkeypatch):
+    # float32 calls of at most _FUSED_MAX_ROWS rows form the correlations in the
+    # kernel's workers, larger ones by one GEMM: the two give the same codes up
+    # to the correlations' rounding, each as good as scikit-learn's lasso_lars
+    import skdict.functional as functional
+    from skdict import SparseCoder
+
+    X, D, _, _ = _problem(n=203, K=40, P=12, coherent=False, seed=6)
+    X, D = X.astype(np.float32), D.astype(np.float32)
+    assert X.shape[0] <= functional._FUSED_MAX_ROWS
+    fused = SparseCoder(D, alpha=0.1).transform(X)
+    monkeypatch.setattr(functional, "_FUSED_MAX_ROWS", 0)
+    gemm = SparseCoder(D, alpha=0.1).transform(X)
+    assert fused.dtype == gemm.dtype == np.float32
+    np.testing.assert_allclose(fused.toarray(), gemm.toarray(), rtol=0, atol=1e-4)
+    X64, D64 = X.astype(np.float64), D.astype(np.float64)
+    ref = SkSparseCoder(D64, transform_algorithm="lasso_lars",
+                        transform_alpha=0.1).transform(X64)
+    for codes in (fused, gemm):
+        np.testing.assert_allclose(_obj(X64, codes.toarray().astype(np.float64), D64, 0.1),
+                                   _obj(X64, ref, D64, 0.1), rtol=1e-5)
+
+
 def _kkt_violation(C, G, idx, val, alpha, positive):
     """Largest relative KKT violation of each row (inactive atoms above alpha,
     active atoms off ``alpha * sign``), on a fresh float64 residual."""
