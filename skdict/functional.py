@@ -145,7 +145,7 @@ def _exact_cpu_codes(Xb, op, alpha, positive):
             with torch.no_grad():
                 Cb = torch.matmul(Cb, D.T, out=buf[: Cb.shape[0]])
         idx, val, *_ = lasso_exact_compact(
-            Cb, op.gram(), alpha, positive=positive, gram64=op.gram64(),
+            Cb, op.gram(), alpha, positive=positive, gram64=op.gram64(), gram_f32=op.gram64_f32(),
             n_features=op.n_features, dictionary=D if fused else None,
         )
         parts.append(compact_fixed_width(idx.numpy(), val.numpy(), K, leading=True))

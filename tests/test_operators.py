@@ -38,6 +38,10 @@ def test_gram64_is_computed_from_the_float64_dictionary():
     torch.testing.assert_close(G64, D.double() @ D.double().T, rtol=0, atol=0)
     op64 = DenseOperator(D.double())
     assert op64.gram64() is op64.gram()
+    # the exact kernel's float32 passes: the float64 Gram rounded (not the float32 GEMM)
+    G32 = op.gram64_f32()
+    assert G32.dtype == torch.float32 and op.gram64_f32() is G32
+    torch.testing.assert_close(G32, G64.float(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -409,6 +409,14 @@ def test_kernel_float32_passes_give_the_float64_codes(positive):
     assert (_kkt_violation(C, G, i3, v3, 0.05, positive) <= 1e-7).all()
     with pytest.raises(ValueError, match="pass_dtype must be float32 or float64"):
         lars_lasso_rows(C, G, 0.05, pass_dtype=np.int32)
+    # a caller's cached rounding of G (the operator's gram64_f32) gives the same codes
+    kept = lars_lasso_rows(C, G, 0.05, positive=positive, kkt_tol=1e-7, return_objective=True,
+                           gram_pass=G.astype(np.float32))
+    for a, b in zip(kept, out[np.float32], strict=True):
+        np.testing.assert_array_equal(a, b)
+    for bad in (G, G[:, :-1].astype(np.float32)):
+        with pytest.raises(ValueError, match="gram_pass must be G in float32"):
+            lars_lasso_rows(C, G, 0.05, gram_pass=bad)
 
 
 @pytest.mark.parametrize("pass_dtype", [np.float32, np.float64])

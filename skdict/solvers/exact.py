@@ -126,7 +126,7 @@ def _objective_part(a, C, G, alpha):
 
 def lasso_exact_compact(C, G, alpha, *, positive=False, tol=1e-7, gram64=None, max_iter=200,
                         chunk_size=2048, n_features=None, return_objective=False,
-                        dictionary=None):
+                        dictionary=None, gram_f32=None):
     """Exact lasso codes of CPU rows as fixed-width ``(indices, values)``.
 
     The compiled homotopy (:mod:`skdict.solvers._kernels.lars`) solves every row;
@@ -141,6 +141,8 @@ def lasso_exact_compact(C, G, alpha, *, positive=False, tol=1e-7, gram64=None, m
     hence every support; it sizes the kernel's buffers (default ``min(K, 1024)``).
     With ``dictionary`` (K, P), ``C`` holds the rows ``X`` (n, P) and the kernel
     computes their correlations ``X D^T`` chunk by chunk (no ``(n, K)`` matrix).
+    ``gram_f32``: the float64 Gram rounded to float32 (the kernel's passes), when
+    the caller keeps it; computed per call otherwise.
 
     Returns
     -------
@@ -162,6 +164,7 @@ def lasso_exact_compact(C, G, alpha, *, positive=False, tol=1e-7, gram64=None, m
         C.detach().numpy(), G64, float(alpha), positive=positive, kkt_tol=kkt_tol,
         n_threads=torch.get_num_threads(), rank_bound=n_features, return_objective=True,
         dictionary=None if dictionary is None else dictionary.detach().numpy(),
+        gram_pass=None if gram_f32 is None else gram_f32.detach().numpy(),
     )
     idx, val = torch.from_numpy(idx), torch.from_numpy(val)
     fpart = torch.from_numpy(fpart).to(C.dtype)

@@ -858,7 +858,7 @@ _RETRY_MIN_ROWS = 64
 def lars_lasso_rows(
     C, G, alpha, positive=False, max_steps=None, kkt_tol=1e-6, n_threads=None, rank_bound=None,
     return_objective=False, fresh_certificate=False, pass_dtype=np.float32, dictionary=None,
-    window_min=None,
+    window_min=None, gram_pass=None,
 ):
     """Exact lasso codes of every row of ``C`` (numpy in, numpy out).
 
@@ -908,6 +908,9 @@ def lars_lasso_rows(
         Flagged atoms above which a step brackets their join times before the
         exact test (default ``_WINDOW_MIN``; 0: every step, ``K``: never). The
         codes do not depend on it; tests compare the two ways.
+    gram_pass : ndarray of shape (K, K), optional
+        ``G`` rounded to ``pass_dtype``, when the caller keeps it (computed per
+        call otherwise).
 
     Returns
     -------
@@ -945,7 +948,14 @@ def lars_lasso_rows(
     window_min = _WINDOW_MIN if window_min is None else int(window_min)
     opts = (float(alpha), bool(positive), max_steps, float(kkt_tol), window_min, max_active, nt,
             fresh_certificate)
-    idx, val, nnz, steps, ok, fpart = _run(C, Dx, G, G.astype(pass_dtype, copy=False), *opts)
+    if gram_pass is None:
+        Gw = G.astype(pass_dtype, copy=False)
+    else:
+        Gw = np.ascontiguousarray(gram_pass)
+        if Gw.dtype != pass_dtype or Gw.shape != G.shape:
+            raise ValueError(f"gram_pass must be G in {pass_dtype} ({K} x {K}), got "
+                             f"{Gw.dtype} {Gw.shape}.")
+    idx, val, nnz, steps, ok, fpart = _run(C, Dx, G, Gw, *opts)
     bad = np.flatnonzero(~ok)
     if pass_dtype != np.float64 and bad.size >= _RETRY_MIN_ROWS:
         i2, v2, nnz2, s2, ok2, f2 = _run(np.ascontiguousarray(C[bad]), Dx, G, G, *opts)
