@@ -434,6 +434,18 @@ def test_kernel_certificate_checks_the_active_atoms(pass_dtype):
     assert (_kkt_violation(C[ok], G, idx[ok], val[ok], alpha, False) <= 1e-7).all()
 
 
+def test_serial_and_parallel_kernels_keep_separate_cache_entries():
+    # numba's on-disk cache is keyed by the function's name and first line, not by
+    # parallel=: compiled from the same function, the serial row loop (compiled
+    # first, e.g. by a one-thread call) was loaded for the parallel one, which
+    # then ran on one thread. Each variant must have its own index file.
+    import skdict.solvers._kernels.lars as lk
+
+    paths = {d._cache._cache_file._index_path for d in (lk._lars_batch, lk._lars_batch_serial)}
+    assert len(paths) == 2
+    assert lk._lars_batch_serial.py_func.__code__ is lk._lars_batch.py_func.__code__
+
+
 def test_kernel_retries_uncertified_float32_rows_with_float64_passes(monkeypatch):
     from skdict.solvers._kernels import lars as lk
 

@@ -60,6 +60,7 @@ reaches the same certified optimum; tests/test_speed_paths.py compares the two.
 from __future__ import annotations
 
 import threading
+from types import FunctionType
 
 import numpy as np
 import torch
@@ -845,9 +846,20 @@ def _lars_batch(C, Dx, G, Gw, alpha, positive, max_steps, kkt_tol, gmax, eps_w, 
                     val_out[r, i] = 0.0
 
 
+def _renamed(fn, name):
+    """``fn`` under another name. numba names a function's cache files after its
+    qualified name and first line, and its index does not record ``parallel``:
+    two compilations of one function share the entries, so whichever compiled
+    first (e.g. the serial one) was loaded for the other."""
+    g = FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    g.__qualname__ = name
+    return g
+
+
 # the same row loop without the thread pool: for one thread, and for calls from
 # worker threads (Dask, joblib threading) whose pools already use the cores
-_lars_batch_serial = njit(cache=True, nogil=True)(_lars_batch.py_func)
+_lars_batch_serial = njit(cache=True, nogil=True)(_renamed(_lars_batch.py_func,
+                                                           "_lars_batch_serial"))
 
 
 # uncertified rows of a call from which the float32-pass kernel retries them
