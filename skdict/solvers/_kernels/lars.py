@@ -351,23 +351,31 @@ def _first_join(cand, nc, corr, u, cmax, g0, positive, tcand):
     return gamma, event, who
 
 
+@njit(cache=True, nogil=True)
+def _min_bits(bits, n):
+    """The smallest of ``bits[:n]``: on the bit patterns of positive floats, which
+    order as the floats do (an integer minimum vectorises where a float one does
+    not)."""
+    m = bits[0]
+    for k in range(n):
+        v = bits[k]
+        m = v if v < m else m
+    return m
+
+
 @njit(cache=True, nogil=True, error_model="numpy",
       fastmath={"nnan", "ninf", "nsz", "arcp", "contract", "afn"})
 def _first_drop(beta, w, m, gamma, tt):
     """The first active atom whose coefficient reaches zero before ``gamma``:
     (its step, its position), or (gamma, -1). The steps ``-beta_i / w_i``
     (positive where ``beta_i w_i < 0``) in one vectorised pass, their minimum
-    on the bits (as in :func:`_join_window`), then the first position that has
-    it."""
+    on the bits (:func:`_min_bits`), then the first position that has it."""
     for i in range(m):
         b = beta[i]
         wi = w[i]
         tt[i] = -b / wi if b * wi < 0.0 else 1e300
     bits = tt.view(np.int64)
-    mb = bits[0]
-    for i in range(m):
-        v = bits[i]
-        mb = v if v < mb else mb
+    mb = _min_bits(bits, m)
     for i in range(m):
         if bits[i] == mb:
             if tt[i] < gamma:
@@ -399,8 +407,7 @@ def _join_window(corr, u, flag, tlo, thi, positive, sc):
     ``eta / d``). Denominators near 0 (``u`` near 1) are exact differences, so the
     float64 test ``d > 1e-12`` sees the same ``d``; the floors on either side
     only make the bounds looser. The upper bounds go to ``thi`` and their
-    minimum is taken on the bits (positive floats order as their bit patterns;
-    an integer minimum vectorises where a float one does not)."""
+    minimum is taken on the bits (:func:`_min_bits`)."""
     chi = sc[3]
     clo = sc[4]
     eta = sc[5]
@@ -431,12 +438,7 @@ def _join_window(corr, u, flag, tlo, thi, positive, sc):
             hi = hi2 if hi2 < hi else hi
         tlo[k] = lo
         thi[k] = hi if flag[k] != 0 else big  # > 0: t >= 0, e > 0
-    bits = _int_view(thi)
-    m = bits[0]
-    for k in range(bits.shape[0]):
-        v = bits[k]
-        m = v if v < m else m
-    _int_view(sc)[13] = m
+    _int_view(sc)[13] = _min_bits(_int_view(thi), thi.shape[0])
     return sc[13]
 
 
