@@ -368,7 +368,8 @@ def test_check_rolls_back_a_spike_small_against_the_gain_large_against_the_gap()
             W.add_(shift * W.std() * torch.randn(W.shape, generator=g, dtype=W.dtype))
         return lr
 
-    floor = learner_at(0.0)._val_floor(learner_at(0.0).module)
+    base = learner_at(0.0)
+    floor = base._val_floor(base.module)
     outcomes = set()
     for shift in (0.1, 0.3, 0.5):
         lr = learner_at(shift)
