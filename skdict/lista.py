@@ -95,7 +95,8 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
         (Chen et al. 2018), one learned matrix and threshold per layer.
         ``"lista"``: untied weights ``W_k``, ``S_k`` and per-atom thresholds in
         every layer. ``"lfista"``: learned FISTA, ``"lista_cp"`` with a learned
-        momentum per layer and per-atom thresholds, starting as FISTA; the most
+        momentum per layer, per-atom thresholds and a learned weight of a
+        per-row (Barzilai-Borwein) step, starting as FISTA; the most
         accurate on coherent dictionaries (learned from natural data), where
         FISTA's momentum is what beats ISTA. ``"auto"`` takes ``"alista"`` when
         its untrained network codes the validation rows at least as well as
@@ -130,8 +131,8 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
         ``"lista_cp"`` and ``"alista"``, 0.03 for ``"lista"`` (whose ``S_k`` are
         near the identity, so the same relative step moves them much further).
         ``"lfista"`` counts in FISTA's step ``1 / L`` instead (default 0.03:
-        thresholds move by ``lr / L``, weights by a third of it, momentum by
-        ``lr / 10`` per step): its momentum turns the iteration unstable when
+        thresholds move by ``lr / L``, weights by a third of it, momentum and
+        the per-row step's weight by ``lr / 10`` per step): its momentum turns the iteration unstable when
         the weights outgrow the step.
         ``fit`` decays it to zero over its steps (cosine); ``partial_fit`` uses
         it as is.

@@ -78,6 +78,70 @@ def test_untrained_lfista_layers_are_fista_iterates():
                                rtol=1e-12)
 
 
+def _fista_bb_numpy(X, D, alpha, n_iter, rho, cap=8.0):
+    """FISTA whose step and threshold on row i are scaled by ``1 + rho (c_i -
+    1)``, ``c_i`` the Barzilai-Borwein ratio ``L ||s||^2 / ||s D||^2`` of the
+    row's last move ``s`` clipped to ``[1, cap]``: the oracle of lfista's
+    per-row step, written from its definition."""
+    L = np.linalg.eigvalsh(D @ D.T)[-1]
+    a = prev = np.zeros((X.shape[0], D.shape[0]))
+    t = [1.0]
+    for _ in range(n_iter):
+        t.append((1 + np.sqrt(1 + 4 * t[-1] ** 2)) / 2)
+    out = []
+    for k in range(n_iter):
+        beta = (t[k - 1] - 1) / t[k] if k else 0.0
+        g = np.ones((X.shape[0], 1))
+        if k:
+            s = a - prev
+            num, den = (s * s).sum(1), ((s @ D) ** 2).sum(1)
+            c = np.ones_like(num)
+            moved = den > 0
+            c[moved] = np.clip(L * num[moved] / den[moved], 1.0, cap)
+            g = (1 + rho * (c - 1))[:, None]
+        z = a + beta * (a - prev)
+        v = z + g * (X - z @ D) @ D.T / L
+        prev, a = a, np.sign(v) * np.maximum(np.abs(v) - g * alpha / L, 0.0)
+        out.append(a)
+    return out
+
+
+def test_lfista_per_row_step_matches_its_definition():
+    D, X, _ = _problem(n=50)
+    net = LISTA(torch.as_tensor(D), n_layers=8, alpha=0.1, variant="lfista")
+    with torch.no_grad():
+        net.rho.fill_(0.5)
+        layers = net(torch.as_tensor(X), all_layers=True)
+    ref = _fista_bb_numpy(X, D, 0.1, 8, 0.5)
+    for a, r in zip(layers, ref, strict=True):
+        np.testing.assert_allclose(a.numpy(), r, rtol=1e-10, atol=1e-12)
+    # the gain acts from the second layer on (the first move is the first layer's)
+    plain = _fista_numpy(X, D, 0.1, 8)
+    np.testing.assert_allclose(ref[0], plain[0], rtol=1e-12)
+    assert np.abs(ref[1] - plain[1]).max() > 1e-3
+    # and the reason for it: on this 2x overcomplete dictionary the untrained
+    # gain already lowers the lasso objective reached in 8 layers
+    def obj(a):
+        return (0.5 * ((X - a @ D) ** 2).sum() + 0.1 * np.abs(a).sum())
+    assert obj(ref[-1]) < obj(plain[-1])
+
+
+def test_lfista_per_row_step_finite_gradients_on_rows_that_do_not_move():
+    """A zero row never moves (its ratio is 0 / 0) and a row at its fixed point
+    stops moving: the gain is 1 there and every gradient stays finite."""
+    D, X, _ = _problem(n=20, dtype=np.float32)
+    X[:3] = 0.0
+    net = LISTA(torch.as_tensor(D), n_layers=6, alpha=0.1, variant="lfista")
+    with torch.no_grad():
+        net.rho.fill_(1.0)
+    x = torch.as_tensor(X)
+    out = net(x)
+    assert torch.all(out[:3] == 0)
+    net.objective(x, out).sum().backward()
+    for name, p in net.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_one_layer_is_first_ista_iterate(variant):
     """n_layers=1 is ISTA's first step from zero (for ALISTA with its own weight:
@@ -132,6 +196,8 @@ def test_lista_gradcheck(variant):
         return torch.func.functional_call(net, dict(zip(names, ps, strict=True)), (x,))
 
     inputs = (x, *[p.detach().clone().requires_grad_(True) for p in params])
+    if variant == "lfista":  # through the per-row step too (it starts at weight 0)
+        inputs[1 + names.index("rho")].data.fill_(0.5)
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5)
 
 

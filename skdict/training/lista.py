@@ -40,7 +40,7 @@ _SPIKE_EXCESS = 0.5
 # on 8x8 patches W at the thresholds' rate (lr / L) spiked the held-out gap to
 # 1e6 within 6 epochs, at a third of it it trains (0.0027 after 12 epochs)
 _LFISTA_LR_UNITS = {"W": 1 / 3, "theta": 1.0}
-_LFISTA_BETA_UNIT = 0.1
+_LFISTA_BETA_UNIT = 0.1  # and of the per-row step's weight rho (also absolute)
 
 
 @dataclass
@@ -299,7 +299,7 @@ class LISTALearner:
         unit = 1.0 / module.lipschitz
         if self.variant == "lfista":
             lr_scale = {k: _LFISTA_LR_UNITS[k] * unit for k in ("W", "theta")}
-            lr_scale["beta"] = _LFISTA_BETA_UNIT
+            lr_scale["beta"] = lr_scale["rho"] = _LFISTA_BETA_UNIT
         else:
             lr_scale = {k: (_rms(p) or unit) for k, p in params.items()}
         return LISTAState(params=params, lr_scale=lr_scale, generator=generator)
