@@ -132,8 +132,8 @@ class LISTAEncoder(TrainedEstimatorMixin, BaseSparseCoder):
         near the identity, so the same relative step moves them much further).
         ``"lfista"`` counts in FISTA's step ``1 / L`` instead (default 0.03:
         thresholds move by ``lr / L``, weights by a third of it, momentum and
-        the per-row step's weight by ``lr / 10`` per step): its momentum turns the iteration unstable when
-        the weights outgrow the step.
+        the per-row step's weight by ``lr / 10`` per step): its momentum turns
+        the iteration unstable when the weights outgrow the step.
         ``fit`` decays it to zero over its steps (cosine); ``partial_fit`` uses
         it as is.
     validation_fraction : float, default=0.1
