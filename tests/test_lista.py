@@ -62,14 +62,23 @@ def _fista_numpy(X, D, alpha, n_iter):
     return out
 
 
-def test_untrained_lfista_layers_are_fista_iterates():
+def _lfista_matches(oracle, rho=0.0, n_layers=8, alpha=0.1):
+    """Run an lfista network (per-row step weight ``rho``) and ``oracle(X, D,
+    alpha, n_layers)`` on one problem; assert every layer equal. Returns the
+    problem, the network and the oracle's iterates."""
     D, X, _ = _problem(n=50)
-    net = LISTA(torch.as_tensor(D), n_layers=8, alpha=0.1, variant="lfista")
+    net = LISTA(torch.as_tensor(D), n_layers=n_layers, alpha=alpha, variant="lfista")
     with torch.no_grad():
+        net.rho.fill_(rho)
         layers = net(torch.as_tensor(X), all_layers=True)
-    ref = _fista_numpy(X, D, 0.1, 8)
+    ref = oracle(X, D, alpha, n_layers)
     for a, r in zip(layers, ref, strict=True):
         np.testing.assert_allclose(a.numpy(), r, rtol=1e-10, atol=1e-12)
+    return D, X, net, ref
+
+
+def test_untrained_lfista_layers_are_fista_iterates():
+    D, X, net, ref = _lfista_matches(_fista_numpy)
     # and not ISTA's: momentum changes the iterates from the third on
     assert np.abs(ref[2] - _ista(X, D, 0.1, 3).numpy()).max() > 1e-3
     # FISTA's momentum: 0 for the first two layers, then (t_k - 1) / t_{k+1}
@@ -107,14 +116,8 @@ def _fista_bb_numpy(X, D, alpha, n_iter, rho, cap=8.0):
 
 
 def test_lfista_per_row_step_matches_its_definition():
-    D, X, _ = _problem(n=50)
-    net = LISTA(torch.as_tensor(D), n_layers=8, alpha=0.1, variant="lfista")
-    with torch.no_grad():
-        net.rho.fill_(0.5)
-        layers = net(torch.as_tensor(X), all_layers=True)
-    ref = _fista_bb_numpy(X, D, 0.1, 8, 0.5)
-    for a, r in zip(layers, ref, strict=True):
-        np.testing.assert_allclose(a.numpy(), r, rtol=1e-10, atol=1e-12)
+    D, X, _, ref = _lfista_matches(
+        lambda X, D, alpha, n: _fista_bb_numpy(X, D, alpha, n, 0.5), rho=0.5)
     # the gain acts from the second layer on (the first move is the first layer's)
     plain = _fista_numpy(X, D, 0.1, 8)
     np.testing.assert_allclose(ref[0], plain[0], rtol=1e-12)
@@ -127,8 +130,8 @@ def test_lfista_per_row_step_matches_its_definition():
 
 
 def test_lfista_per_row_step_finite_gradients_on_rows_that_do_not_move():
-    """A zero row never moves (its ratio is 0 / 0) and a row at its fixed point
-    stops moving: the gain is 1 there and every gradient stays finite."""
+    """A zero row never moves (its ratio is 0 / 0): its codes stay zero and
+    every gradient stays finite."""
     D, X, _ = _problem(n=20, dtype=np.float32)
     X[:3] = 0.0
     net = LISTA(torch.as_tensor(D), n_layers=6, alpha=0.1, variant="lfista")
